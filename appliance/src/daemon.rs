@@ -1,0 +1,132 @@
+//! The daemon: loads capture, starts the engine, attaches the selected cgroups, and runs until
+//! told to stop.
+
+use std::os::fd::AsRawFd as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::capture::{self, Attachment, Capture, CaptureSettings, Cgroup};
+use crate::engine::{Engine, EngineSettings};
+
+/// Everything the daemon needs to run.
+#[derive(Clone, Debug)]
+pub struct DaemonSettings {
+    /// eBPF setup.
+    pub capture: CaptureSettings,
+    /// Engine setup.
+    pub engine: EngineSettings,
+    /// Parent cgroup of `appliance exec` cgroups; created when missing, always intercepted.
+    pub agents_cgroup: PathBuf,
+    /// Further cgroups to intercept; they must exist.
+    pub cgroups: Vec<PathBuf>,
+    /// How long open connections may finish after a stop signal.
+    pub drain: Duration,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(settings: DaemonSettings) -> anyhow::Result<()> {
+    let mut capture = Capture::load(&settings.capture).context("starting capture")?;
+    spawn_ebpf_log_reader(&mut capture)?;
+
+    let destinations = Arc::new(capture.original_destinations()?);
+    // Listen before attaching, so the first redirected connection finds the engine.
+    let engine = Engine::bind(settings.engine.clone(), destinations).await?;
+    let listening = engine.local_addrs();
+
+    let mut selected = vec![Cgroup::create(&settings.agents_cgroup)
+        .context("creating the agents cgroup (--agents-cgroup)")?];
+    for path in &settings.cgroups {
+        selected.push(Cgroup::open(path).context("opening a selected cgroup (--cgroup)")?);
+    }
+    warn_if_self_selected(&selected);
+    for cgroup in &selected {
+        let outcome = capture
+            .attach(cgroup)
+            .with_context(|| format!("attaching to cgroup {}", cgroup.path().display()))?;
+        let action = match outcome {
+            Attachment::Adopted => "adopted",
+            Attachment::Attached => "attached",
+        };
+        info!(cgroup = %cgroup.path().display(), cgroup_id = cgroup.id().0, action, "cgroup intercepted");
+    }
+    for stale in capture.attached()? {
+        if !selected.iter().any(|cgroup| cgroup.id() == stale) {
+            capture.detach(stale)?;
+            info!(
+                cgroup_id = stale.0,
+                "detached a cgroup that is no longer selected"
+            );
+        }
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let served = tokio::spawn(engine.serve(stop_rx, settings.drain));
+    info!(
+        event = "ready",
+        listen = ?listening,
+        ports = ?settings.capture.intercepted_ports,
+        "appliance ready"
+    );
+
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = terminate.recv() => info!("SIGTERM received; stopping"),
+        _ = interrupt.recv() => info!("SIGINT received; stopping"),
+    }
+    // Redirection stays pinned: while the daemon is away, intercepted connections fail
+    // instead of bypassing it. `appliance daemon --detach-all` ends interception.
+    let _ = stop_tx.send(true);
+    served.await.context("engine task failed")?;
+    info!("appliance stopped");
+    Ok(())
+}
+
+/// The engine's own sockets carry a mark that capture skips, so selecting the daemon's own
+/// cgroup (or an ancestor) works; it is still worth knowing about.
+fn warn_if_self_selected(selected: &[Cgroup]) {
+    let own = match capture::cgroup::own_cgroup_path() {
+        Ok(own) => own,
+        Err(error) => {
+            warn!(%error, "cannot tell which cgroup the daemon runs in");
+            return;
+        }
+    };
+    for cgroup in selected.iter().filter(|cgroup| cgroup.contains(&own)) {
+        warn!(
+            cgroup = %cgroup.path().display(),
+            daemon_cgroup = %own.display(),
+            "a selected cgroup contains the daemon itself; its upstream connections are exempt by SO_MARK, other processes there are intercepted"
+        );
+    }
+}
+
+fn spawn_ebpf_log_reader(capture: &mut Capture) -> anyhow::Result<()> {
+    let logger = capture.logger()?;
+    // SAFETY: the logger owns its ring buffer's file descriptor for as long as it lives, and
+    // always reports that same descriptor.
+    let mut readable = unsafe { AsyncFd::register(logger) }
+        .map_err(|error| error.into_parts().1)
+        .context("registering the eBPF log ring buffer with tokio")?;
+    tokio::spawn(async move {
+        loop {
+            let mut guard = match readable.readable_mut().await {
+                Ok(guard) => guard,
+                Err(error) => {
+                    warn!(%error, fd = readable.get_ref().as_raw_fd(), "eBPF log reader stopped");
+                    return;
+                }
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}

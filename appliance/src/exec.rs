@@ -1,0 +1,139 @@
+//! `appliance exec`: run a command inside a fresh intercepted cgroup.
+
+use std::ffi::{CString, OsString};
+use std::io;
+use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
+use std::path::Path;
+use std::process::Command;
+
+use crate::capture::{self, CaptureError, Cgroup};
+
+/// Errors of `appliance exec`.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The cgroup name is unusable.
+    #[error("invalid --cgroup name {name:?}: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'")]
+    InvalidName {
+        /// The name given.
+        name: String,
+    },
+    /// The agents cgroup does not exist.
+    #[error("the agents cgroup {} does not exist; is the appliance daemon running (and using the same --agents-cgroup)?", path.display())]
+    NoAgentsCgroup {
+        /// Where it was looked for.
+        path: std::path::PathBuf,
+    },
+    /// The cgroup would not be intercepted.
+    #[error("cgroup {} is not intercepted by the appliance; is the daemon running (and using the same --agents-cgroup)? Pass --allow-unprotected to run anyway", path.display())]
+    NotIntercepted {
+        /// The cgroup.
+        path: std::path::PathBuf,
+    },
+    /// A cgroup operation failed.
+    #[error(transparent)]
+    Cgroup(#[from] CaptureError),
+    /// The command could not be started.
+    #[error("starting {program:?} failed")]
+    Spawn {
+        /// The program.
+        program: OsString,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.'))
+}
+
+/// Runs `command` in `<agents_cgroup>/<name>` (default `exec-<pid>`) and returns its exit code
+/// (128 + signal number when it was killed by a signal). The cgroup is removed afterwards when
+/// this call created it and it is empty.
+pub fn run(
+    agents_cgroup: &Path,
+    name: Option<&str>,
+    command: &[OsString],
+    allow_unprotected: bool,
+) -> Result<i32, ExecError> {
+    let name = name.map_or_else(|| format!("exec-{}", std::process::id()), str::to_owned);
+    if !valid_name(&name) {
+        return Err(ExecError::InvalidName { name });
+    }
+    let root = Cgroup::open(agents_cgroup).map_err(|error| match error {
+        CaptureError::CgroupNotFound { path } => ExecError::NoAgentsCgroup { path },
+        other => other.into(),
+    })?;
+    let path = root.path().join(&name);
+    let created = !path.exists();
+    let cgroup = Cgroup::create(&path)?;
+    let outcome = run_in(&cgroup, command, allow_unprotected);
+    if created {
+        // Still busy when the command left background processes behind; leave it then.
+        if let Err(error) = std::fs::remove_dir(cgroup.path()) {
+            tracing::debug!(%error, cgroup = %cgroup.path().display(), "cgroup left in place");
+        }
+    }
+    outcome
+}
+
+fn run_in(
+    cgroup: &Cgroup,
+    command: &[OsString],
+    allow_unprotected: bool,
+) -> Result<i32, ExecError> {
+    if !allow_unprotected && !capture::is_intercepted(cgroup)? {
+        return Err(ExecError::NotIntercepted {
+            path: cgroup.path().into(),
+        });
+    }
+    let procs =
+        CString::new(cgroup.path().join("cgroup.procs").as_os_str().as_bytes()).map_err(|_| {
+            CaptureError::NotACgroup {
+                path: cgroup.path().into(),
+            }
+        })?;
+    let (program, args) = command.split_first().expect("clap requires a command");
+    let mut child = Command::new(program);
+    child.args(args);
+    // SAFETY: the hook only makes async-signal-safe calls (open, write, close).
+    unsafe {
+        child.pre_exec(move || capture::cgroup::move_self_into(&procs));
+    }
+    let mut child = child.spawn().map_err(|source| ExecError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    // The terminal's Ctrl-C reaches the child directly; stay alive to clean up after it.
+    // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+    }
+    let status = child.wait().map_err(|source| ExecError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_name;
+
+    #[test]
+    fn cgroup_names_are_single_safe_components() {
+        for good in ["agent", "exec-1234", "claude_code.v2", "A"] {
+            assert!(valid_name(good), "{good}");
+        }
+        for bad in ["", ".hidden", "a/b", "..", "a b", &"x".repeat(65)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+}

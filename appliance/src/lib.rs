@@ -1,0 +1,14 @@
+//! appliance: a transparent credential-injecting network appliance.
+//!
+//! Layers, each owning its types:
+//! - [`capture`]: eBPF programs that redirect selected cgroups' outbound connections to the
+//!   engine, and the lookup of each connection's original destination;
+//! - [`engine`]: accepts redirected connections and carries them to their destination;
+//! - [`daemon`]: wires the layers together; [`exec`]: runs a command in an intercepted cgroup.
+
+pub mod addr;
+pub mod capture;
+pub mod daemon;
+pub mod engine;
+pub mod exec;
+pub mod logging;

@@ -1,0 +1,220 @@
+//! The `appliance` command: daemon and client.
+
+use std::ffi::OsString;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use appliance::capture::{self, CaptureSettings};
+use appliance::daemon::{self, DaemonSettings};
+use appliance::engine::EngineSettings;
+use appliance::logging::{self, LogFormat};
+
+const DEFAULT_AGENTS_CGROUP: &str = "appliance-agents";
+const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/appliance";
+
+/// Transparent credential-injecting network appliance.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the appliance: load the eBPF programs, intercept the selected cgroups, serve.
+    Daemon(DaemonArgs),
+    /// Run a command inside a fresh intercepted cgroup.
+    Exec(ExecArgs),
+}
+
+/// What to do with intercepted connections from another network namespace.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ForeignNetns {
+    /// Fail them: the engine cannot be reached from there, and nothing may bypass it.
+    Refuse,
+    /// Let them go out unredirected.
+    Allow,
+}
+
+#[derive(Args)]
+struct DaemonArgs {
+    /// IPv4 address of the engine listener.
+    #[arg(long, default_value_t = Ipv4Addr::LOCALHOST)]
+    listen_v4: Ipv4Addr,
+    /// IPv6 address of the engine listener.
+    #[arg(long, default_value_t = Ipv6Addr::LOCALHOST)]
+    listen_v6: Ipv6Addr,
+    /// Port of the engine listener (both families).
+    #[arg(long, default_value_t = 15443)]
+    port: u16,
+    /// Destination port to intercept (repeat for several).
+    #[arg(long = "intercept-port", default_values_t = [443u16])]
+    intercept_ports: Vec<u16>,
+    /// Parent cgroup of `appliance exec` cgroups, absolute or relative to the cgroup2 mount;
+    /// created when missing and always intercepted.
+    #[arg(long, env = "APPLIANCE_AGENTS_CGROUP", default_value = DEFAULT_AGENTS_CGROUP)]
+    agents_cgroup: PathBuf,
+    /// Another cgroup to intercept, with its descendants (repeat for several).
+    #[arg(long = "cgroup")]
+    cgroups: Vec<PathBuf>,
+    /// bpffs directory where programs' links and maps are pinned.
+    #[arg(long, env = "APPLIANCE_BPFFS_DIR", default_value = DEFAULT_BPFFS_DIR)]
+    bpffs_dir: PathBuf,
+    /// SO_MARK of the appliance's own upstream connections, which are never intercepted
+    /// (decimal or 0x-hex, not 0).
+    #[arg(long, default_value = "0x61706c69", value_parser = parse_mark)]
+    mark: u32,
+    /// Intercepted connections from other network namespaces.
+    #[arg(long, value_enum, default_value_t = ForeignNetns::Refuse)]
+    foreign_netns: ForeignNetns,
+    /// Seconds to wait for open connections at shutdown.
+    #[arg(long, default_value_t = 10)]
+    drain_seconds: u64,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Remove every pinned program and map (all interception stops) and exit.
+    #[arg(long)]
+    detach_all: bool,
+}
+
+#[derive(Args)]
+struct ExecArgs {
+    /// Name of the cgroup to create under the agents cgroup (default: exec-<pid>).
+    #[arg(long)]
+    cgroup: Option<String>,
+    /// The daemon's agents cgroup.
+    #[arg(long, env = "APPLIANCE_AGENTS_CGROUP", default_value = DEFAULT_AGENTS_CGROUP)]
+    agents_cgroup: PathBuf,
+    /// Run even when the cgroup is not intercepted (no appliance protects the command).
+    #[arg(long)]
+    allow_unprotected: bool,
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<OsString>,
+}
+
+fn parse_mark(text: &str) -> Result<u32, String> {
+    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    match parsed {
+        Ok(0) => Err("0 means no mark; choose a non-zero mark no other software uses".into()),
+        Ok(mark) => Ok(mark),
+        Err(_) => Err(format!(
+            "{text:?} is not a 32-bit number (decimal or 0x-hex)"
+        )),
+    }
+}
+
+impl DaemonArgs {
+    fn into_settings(self) -> anyhow::Result<DaemonSettings> {
+        if self.intercept_ports.contains(&self.port) {
+            bail!(
+                "--intercept-port {} is the engine's own --port; choose different ports",
+                self.port
+            );
+        }
+        if self.intercept_ports.contains(&0) {
+            bail!("--intercept-port 0 is not a port; give 1-65535");
+        }
+        if self.intercept_ports.len() > appliance_common::MAX_INTERCEPTED_PORTS as usize {
+            bail!(
+                "--intercept-port was given {} times; at most {} ports can be intercepted",
+                self.intercept_ports.len(),
+                appliance_common::MAX_INTERCEPTED_PORTS
+            );
+        }
+        let capture = CaptureSettings {
+            bpffs_dir: self.bpffs_dir,
+            engine_v4: self.listen_v4,
+            engine_v6: self.listen_v6,
+            engine_port: self.port,
+            intercepted_ports: self.intercept_ports,
+            own_mark: self.mark,
+            refuse_foreign_netns: matches!(self.foreign_netns, ForeignNetns::Refuse),
+            ebpf_log_level: if tracing::enabled!(target: "appliance_ebpf", tracing::Level::DEBUG) {
+                4
+            } else {
+                3
+            },
+        };
+        let engine = EngineSettings {
+            listen: vec![
+                SocketAddr::new(self.listen_v4.into(), self.port),
+                SocketAddr::new(self.listen_v6.into(), self.port),
+            ],
+            own_mark: self.mark,
+            connect_timeout: Duration::from_secs(10),
+        };
+        Ok(DaemonSettings {
+            capture,
+            engine,
+            agents_cgroup: self.agents_cgroup,
+            cgroups: self.cgroups,
+            drain: Duration::from_secs(self.drain_seconds),
+        })
+    }
+}
+
+fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
+    logging::init(args.log_format, "info");
+    if args.detach_all {
+        let cgroups = capture::detach_all(&args.bpffs_dir)?;
+        tracing::info!(cgroups, bpffs_dir = %args.bpffs_dir.display(), "detached everything");
+        return Ok(());
+    }
+    let settings = args.into_settings()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(daemon::run(settings))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Daemon(args) => run_daemon(args).map(|()| 0),
+        Command::Exec(args) => {
+            logging::init(LogFormat::Text, "warn");
+            appliance::exec::run(
+                &args.agents_cgroup,
+                args.cgroup.as_deref(),
+                &args.command,
+                args.allow_unprotected,
+            )
+            .map_err(anyhow::Error::from)
+        }
+    };
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)),
+        Err(error) => {
+            eprintln!("appliance: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_mark;
+
+    #[test]
+    fn marks_parse_in_decimal_and_hex_and_refuse_zero() {
+        assert_eq!(parse_mark("0x10"), Ok(16));
+        assert_eq!(parse_mark("16"), Ok(16));
+        assert!(parse_mark("0").unwrap_err().contains("non-zero"));
+        assert!(parse_mark("0x").is_err());
+        assert!(parse_mark("lots")
+            .unwrap_err()
+            .contains("not a 32-bit number"));
+    }
+}
