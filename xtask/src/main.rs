@@ -1,1 +1,237 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build | run | test`.
+//!
+//! `setup` installs what a fresh machine lacks to build and test the appliance. Every step
+//! checks first, so a second run does nothing and takes a second.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+/// bpf-linker release verified with the nightly toolchain's LLVM on these machines.
+const BPF_LINKER_VERSION: &str = "0.13";
+/// Debian packages the tests and operators use: bpftool (inspect programs and maps),
+/// iproute2 (network namespaces), curl (a real client), nftables, util-linux (setpriv).
+const DEBIAN_PACKAGES: &[&str] = &["bpftool", "iproute2", "curl", "nftables", "util-linux"];
+
+#[derive(Parser)]
+#[command(about = "Project tasks for the appliance")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain and test tools a fresh machine lacks.
+    Setup,
+    /// Set up, then build the release binary (target/release/appliance).
+    Build,
+    /// Set up, build, and run the daemon in the foreground (needs root).
+    Run {
+        /// Arguments passed to `appliance daemon`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, check formatting and lints, and run every test, privileged ones included
+    /// (needs root).
+    Test,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::Build => {
+            setup()?;
+            build_release()
+        }
+        Task::Run { args } => {
+            setup()?;
+            build_release()?;
+            require_root("running the daemon")?;
+            let binary = workspace_root().join("target/release/appliance");
+            run(Command::new(binary).arg("daemon").args(args))
+        }
+        Task::Test => {
+            setup()?;
+            require_root("the privileged tests (cgroups, eBPF)")?;
+            test()
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout, or `None` when it cannot run or fails.
+fn output_of(program: impl AsRef<OsStr>, args: &[&str]) -> Option<String> {
+    let output = Command::new(program).args(args).output().ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    output_of("id", &["-u"]).is_some_and(|uid| uid.trim() == "0")
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("{what} need root; run again with sudo");
+    }
+    Ok(())
+}
+
+fn step(name: &str) {
+    eprintln!("xtask: {name}");
+}
+
+fn setup() -> anyhow::Result<()> {
+    if output_of("rustup", &["--version"]).is_none() {
+        bail!("rustup is not installed; the eBPF build needs rustup's nightly toolchain (see https://rustup.rs)");
+    }
+    if output_of("rustup", &["run", "nightly", "rustc", "--version"]).is_none() {
+        step("installing the nightly toolchain (the eBPF programs need -Z build-std)");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+    }
+    let installed = output_of(
+        "rustup",
+        &["component", "list", "--toolchain", "nightly", "--installed"],
+    )
+    .unwrap_or_default();
+    if !installed.lines().any(|line| line.starts_with("rust-src")) {
+        step("adding rust-src to the nightly toolchain");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    install_bpf_linker()?;
+    install_debian_packages()
+}
+
+fn install_bpf_linker() -> anyhow::Result<()> {
+    let wanted = format!("bpf-linker {BPF_LINKER_VERSION}.");
+    if output_of("bpf-linker", &["--version"]).is_some_and(|version| version.starts_with(&wanted)) {
+        return Ok(());
+    }
+    step("building bpf-linker against the nightly toolchain's LLVM (about a minute)");
+    let sysroot = output_of("rustc", &["+nightly", "--print", "sysroot"])
+        .context("cannot ask the nightly rustc for its sysroot")?;
+    let sysroot = PathBuf::from(sysroot.trim());
+    let lib_dir = sysroot.join("lib");
+    let llvm_library = std::fs::read_dir(&lib_dir)
+        .with_context(|| format!("listing {}", lib_dir.display()))?
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .find_map(|name| {
+            let stem = name.strip_prefix("lib")?.strip_suffix(".so")?;
+            stem.starts_with("LLVM-").then(|| stem.to_owned())
+        })
+        .with_context(|| {
+            format!(
+                "the nightly toolchain ships no libLLVM in {}; bpf-linker cannot be built",
+                lib_dir.display()
+            )
+        })?;
+    let version = output_of("rustc", &["+nightly", "-vV"]).unwrap_or_default();
+    let llvm_major = version
+        .lines()
+        .find_map(|line| line.strip_prefix("LLVM version: "))
+        .and_then(|full| full.split('.').next())
+        .context("cannot read the nightly toolchain's LLVM version")?;
+    let lib_dir = lib_dir.display();
+    run(Command::new("cargo")
+        .args([
+            "+nightly",
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--version",
+            &format!("^{BPF_LINKER_VERSION}"),
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{llvm_major},no-llvm-linking"),
+        ])
+        .env(
+            "RUSTFLAGS",
+            format!("-L {lib_dir} -l dylib={llvm_library} -C link-arg=-Wl,-rpath,{lib_dir}"),
+        ))
+}
+
+fn install_debian_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|package| {
+            !output_of("dpkg-query", &["-W", "-f=${Status}", package])
+                .is_some_and(|status| status.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if output_of("apt-get", &["--version"]).is_none() {
+        bail!("missing packages {missing:?} and no apt-get to install them; install them by hand");
+    }
+    if !is_root() {
+        bail!(
+            "missing packages {missing:?}; install them with: sudo apt-get install {}",
+            missing.join(" ")
+        );
+    }
+    step(&format!("installing Debian packages {missing:?}"));
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn build_release() -> anyhow::Result<()> {
+    step("building target/release/appliance");
+    run(cargo().args(["build", "--release", "--package", "appliance"]))
+}
+
+fn test() -> anyhow::Result<()> {
+    step("checking formatting");
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    step("linting");
+    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    step("running every test");
+    run(cargo().args(["test", "--workspace"]))
+}

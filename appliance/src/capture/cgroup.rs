@@ -8,8 +8,6 @@ use std::path::{Component, Path, PathBuf};
 
 use super::CaptureError;
 
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-
 /// A cgroup v2 id: the inode number of the cgroup's directory, as
 /// `bpf_get_current_cgroup_id()` reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -136,7 +134,7 @@ fn resolve(path: &Path) -> Result<PathBuf, CaptureError> {
 
 fn is_cgroup2(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
-        .map(|stat| stat.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC)
+        .map(|stat| stat.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
         .unwrap_or(false)
 }
 

@@ -37,7 +37,6 @@ pub use origdst::FixedOriginalDestinations;
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/appliance-ebpf"));
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 
 /// Errors of the capture layer.
@@ -171,7 +170,7 @@ fn io_error<'a>(
 
 fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
-        .map(|stat| stat.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .map(|stat| stat.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
         .unwrap_or(false)
 }
 

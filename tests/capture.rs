@@ -1,0 +1,354 @@
+//! Capture, end to end on the real kernel: the daemon's eBPF programs redirect connections
+//! from selected cgroups to the engine, which carries them to a loopback upstream.
+
+mod common;
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+fn redirected_events(daemon: &Daemon) -> Vec<Value> {
+    daemon.lines_with("event", "redirected")
+}
+
+fn assert_event(daemon: &Daemon, original: SocketAddr, pid: u64, cgroup_id: u64) {
+    let events = redirected_events(daemon);
+    let found = events.iter().any(|event| {
+        event["original_dst"].as_str() == Some(&original.to_string())
+            && event["pid"].as_u64() == Some(pid)
+            && event["cgroup_id"].as_u64() == Some(cgroup_id)
+    });
+    assert!(
+        found,
+        "no redirected event for {original} pid {pid} cgroup {cgroup_id}; events: {events:#?}"
+    );
+}
+
+/// The connection went through the engine: the upstream saw another socket than the client's.
+fn assert_proxied(probe: &Value) {
+    assert_ne!(
+        reported_peer(probe),
+        probe_local(probe),
+        "upstream saw the client itself: {probe}"
+    );
+}
+
+fn assert_direct(probe: &Value) {
+    assert_eq!(
+        reported_peer(probe),
+        probe_local(probe),
+        "upstream did not see the client itself: {probe}"
+    );
+}
+
+#[test]
+fn ipv4_connections_from_a_selected_cgroup_reach_the_engine_with_their_origin() {
+    require_root();
+    let slot = 1;
+    let upstream = Upstream::start(upstream_ip(slot).into(), 443);
+    let daemon = Daemon::start(slot, &[]);
+    let cgroup_id = daemon.agent_cgroup("agent");
+
+    let host = upstream.addr.ip().to_string();
+    let probe = python_json(daemon.exec_python("agent"), &python_probe(&host, "AF_INET"));
+    assert_proxied(&probe);
+    assert_eq!(
+        probe_peer(&probe),
+        upstream.addr,
+        "getpeername shows the engine"
+    );
+    assert_event(
+        &daemon,
+        upstream.addr,
+        probe["pid"].as_u64().unwrap(),
+        cgroup_id,
+    );
+
+    // A dual-stack socket reaching an IPv4 destination through its mapped form.
+    let mapped = format!("::ffff:{host}");
+    let probe = python_json(
+        daemon.exec_python("agent"),
+        &python_probe(&mapped, "AF_INET6"),
+    );
+    assert_proxied(&probe);
+    assert_eq!(
+        probe_peer(&probe),
+        SocketAddr::new(mapped.parse().unwrap(), 443),
+        "getpeername shows the engine for a mapped address"
+    );
+    assert_event(
+        &daemon,
+        upstream.addr,
+        probe["pid"].as_u64().unwrap(),
+        cgroup_id,
+    );
+}
+
+#[test]
+fn ipv6_loopback_connections_are_redirected() {
+    require_root();
+    let slot = 2;
+    let upstream = Upstream::start(IpAddr::V6(Ipv6Addr::LOCALHOST), 443);
+    let daemon = Daemon::start(slot, &[]);
+    let cgroup_id = daemon.agent_cgroup("agent6");
+    let probe = python_json(
+        daemon.exec_python("agent6"),
+        &python_probe("::1", "AF_INET6"),
+    );
+    assert_proxied(&probe);
+    assert_eq!(probe_peer(&probe), upstream.addr);
+    assert_event(
+        &daemon,
+        upstream.addr,
+        probe["pid"].as_u64().unwrap(),
+        cgroup_id,
+    );
+}
+
+#[test]
+fn unselected_processes_and_the_appliance_itself_connect_directly() {
+    require_root();
+    let slot = 3;
+    let upstream = Upstream::start(upstream_ip(slot).into(), 443);
+    // The daemon runs inside a cgroup the operator also selects: its own upstream
+    // connections must still go out directly, or every connection would loop.
+    let (home, _) = make_cgroup(&unique(slot, "home"));
+    let daemon = Daemon::start_in(
+        slot,
+        &["--cgroup", home.to_str().unwrap()],
+        Some(home.as_path()),
+    );
+    assert!(
+        daemon.log_text().contains("contains the daemon itself"),
+        "no warning about selecting the daemon's own cgroup:\n{}",
+        daemon.log_text()
+    );
+    let (neighbour, neighbour_id) = make_cgroup(&format!("{}/neighbour", unique(slot, "home")));
+
+    let host = upstream.addr.ip().to_string();
+    let probe = python_json(
+        command_in_cgroup(&neighbour, "python3"),
+        &python_probe(&host, "AF_INET"),
+    );
+    assert_proxied(&probe);
+    assert_event(
+        &daemon,
+        upstream.addr,
+        probe["pid"].as_u64().unwrap(),
+        neighbour_id,
+    );
+
+    let outside = python_json(Command::new("python3"), &python_probe(&host, "AF_INET"));
+    assert_direct(&outside);
+    let events = redirected_events(&daemon).len();
+    assert_eq!(events, 1, "only the selected process was redirected");
+    drop(daemon);
+    remove_cgroup_tree(&home);
+}
+
+#[test]
+fn descendants_are_intercepted_until_detached() {
+    require_root();
+    let slot = 4;
+    let upstream = Upstream::start(upstream_ip(slot).into(), 443);
+    let (selected, _) = make_cgroup(&unique(slot, "selected"));
+    let (nested, nested_id) = make_cgroup(&format!("{}/a/b", unique(slot, "selected")));
+    let daemon = Daemon::start(slot, &["--cgroup", selected.to_str().unwrap()]);
+    let host = upstream.addr.ip().to_string();
+
+    let probe = python_json(
+        command_in_cgroup(&nested, "python3"),
+        &python_probe(&host, "AF_INET"),
+    );
+    assert_proxied(&probe);
+    assert_event(
+        &daemon,
+        upstream.addr,
+        probe["pid"].as_u64().unwrap(),
+        nested_id,
+    );
+
+    let detached = daemon.detach_all();
+    assert!(detached.status.success(), "{detached:?}");
+    assert!(attached_programs(&selected).is_empty());
+    let probe = python_json(
+        command_in_cgroup(&nested, "python3"),
+        &python_probe(&host, "AF_INET"),
+    );
+    assert_direct(&probe);
+    drop(daemon);
+    remove_cgroup_tree(&selected);
+}
+
+#[test]
+fn udp_to_intercepted_ports_is_refused_only_in_selected_cgroups() {
+    require_root();
+    let slot = 5;
+    let daemon = Daemon::start(slot, &[]);
+    let ip = upstream_ip(slot);
+    let receiver_443 = UdpSocket::bind((ip, 443)).unwrap();
+    let receiver_other = UdpSocket::bind((ip, 0)).unwrap();
+    let other_port = receiver_other.local_addr().unwrap().port();
+    for receiver in [&receiver_443, &receiver_other] {
+        receiver
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+    }
+    let program = format!(
+        r#"
+import json, socket
+result = {{}}
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for name, port in (("443", 443), ("other", {other_port})):
+    try:
+        u.sendto(b"from-cgroup", ("{ip}", port))
+        result[name] = "sent"
+    except PermissionError:
+        result[name] = "refused"
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    c.connect(("{ip}", 443))
+    result["connect"] = "connected"
+except PermissionError:
+    result["connect"] = "refused"
+print(json.dumps(result))
+"#
+    );
+    let inside = python_json(daemon.exec_python("udp"), &program);
+    assert_eq!(inside["443"], "refused");
+    assert_eq!(inside["connect"], "refused");
+    assert_eq!(inside["other"], "sent");
+    let mut buf = [0u8; 64];
+    let (len, _) = receiver_other.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..len], b"from-cgroup");
+
+    let outside = python_json(Command::new("python3"), &program);
+    assert_eq!(outside["443"], "sent");
+    assert_eq!(outside["connect"], "connected");
+    let (len, _) = receiver_443.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..len], b"from-cgroup");
+}
+
+#[test]
+fn a_restarted_daemon_adopts_its_pinned_links() {
+    require_root();
+    let slot = 6;
+    let upstream = Upstream::start(upstream_ip(slot).into(), 443);
+    let mut daemon = Daemon::start(slot, &[]);
+    let expected: Vec<String> = {
+        let mut names = [
+            "connect4",
+            "connect6",
+            "getpeername4",
+            "getpeername6",
+            "sendmsg4",
+            "sendmsg6",
+            "sock_ops_track",
+        ]
+        .map(String::from)
+        .to_vec();
+        names.sort();
+        names
+    };
+    assert_eq!(attached_programs(&daemon.agents_cgroup), expected);
+    let host = upstream.addr.ip().to_string();
+
+    daemon.kill_hard();
+    // Interception stays while the daemon is away: the connection fails, it never bypasses.
+    let down = Command::new(APPLIANCE)
+        .arg("exec")
+        .arg("--agents-cgroup")
+        .arg(&daemon.agents_cgroup)
+        .args(["--cgroup", "down", "--", "python3", "-c"])
+        .arg(format!(
+            "import socket; socket.create_connection(('{host}', 443), timeout=5)"
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        !down.status.success(),
+        "connected while the daemon was down"
+    );
+    assert!(
+        String::from_utf8_lossy(&down.stderr).contains("ConnectionRefusedError"),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+
+    daemon.spawn();
+    let adopted = daemon.lines_with("action", "adopted");
+    assert_eq!(adopted.len(), 1, "{}", daemon.log_text());
+    assert_eq!(
+        attached_programs(&daemon.agents_cgroup),
+        expected,
+        "programs attached twice"
+    );
+    let probe = python_json(daemon.exec_python("after"), &python_probe(&host, "AF_INET"));
+    assert_proxied(&probe);
+}
+
+#[test]
+fn ten_thousand_short_connections_leave_the_maps_empty() {
+    require_root();
+    let slot = 7;
+    let upstream = Upstream::start(upstream_ip(slot).into(), 443);
+    let daemon = Daemon::start(slot, &[]);
+    let host = upstream.addr.ip().to_string();
+    let program = format!(
+        r#"
+import json, socket
+ok = 0
+for _ in range(10000):
+    s = socket.create_connection(("{host}", 443), timeout=10)
+    if s.recv(100).startswith(b"peer="):
+        ok += 1
+    s.close()
+print(json.dumps({{"ok": ok}}))
+"#
+    );
+    let result = python_json(daemon.exec_python("many"), &program);
+    assert_eq!(result["ok"], 10000);
+
+    let maps = daemon.bpffs_dir.join("maps");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let sockets = map_entries(&maps.join("SOCKETS"));
+        let pending = map_entries(&maps.join("ORIG_DST"));
+        if sockets == 0 && pending == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "maps not drained: SOCKETS {sockets}, ORIG_DST {pending}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn exec_refuses_a_cgroup_no_appliance_intercepts() {
+    require_root();
+    let slot = 8;
+    let (agents, _) = make_cgroup(&unique(slot, "unwatched"));
+    let output = Command::new(APPLIANCE)
+        .arg("exec")
+        .arg("--agents-cgroup")
+        .arg(&agents)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("is not intercepted"), "{stderr}");
+    assert!(stderr.contains("--allow-unprotected"), "{stderr}");
+    let cgroup_count = std::fs::read_dir(&agents).unwrap().filter(|entry| {
+        entry
+            .as_ref()
+            .is_ok_and(|entry| entry.file_type().unwrap().is_dir())
+    });
+    assert_eq!(cgroup_count.count(), 0, "exec left its cgroup behind");
+    remove_cgroup_tree(&agents);
+}
