@@ -303,6 +303,7 @@ import json, socket
 ok = 0
 for _ in range(10000):
     s = socket.create_connection(("{host}", 443), timeout=10)
+    s.sendall(b"hello\n")
     if s.recv(100).startswith(b"peer="):
         ok += 1
     s.close()

@@ -13,15 +13,26 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::capture::{self, Attachment, Capture, CaptureSettings, Cgroup};
-use crate::engine::{Engine, EngineSettings};
+use crate::engine::Engine;
+use crate::injection::NoSecrets;
+use crate::proxy::{Proxy, ProxySettings};
+use crate::tls::{CertificateAuthority, LeafCache, UpstreamTls};
 
 /// Everything the daemon needs to run.
 #[derive(Clone, Debug)]
 pub struct DaemonSettings {
     /// eBPF setup.
     pub capture: CaptureSettings,
-    /// Engine setup.
-    pub engine: EngineSettings,
+    /// Engine listener addresses.
+    pub listen: Vec<std::net::SocketAddr>,
+    /// Proxy limits and policies.
+    pub proxy: ProxySettings,
+    /// Directory of the daemon's persistent state (the CA).
+    pub state_dir: PathBuf,
+    /// CA files trusted for upstreams besides the system store.
+    pub upstream_ca_files: Vec<PathBuf>,
+    /// Leaf certificates kept in memory.
+    pub leaf_cache_capacity: usize,
     /// Parent cgroup of `appliance exec` cgroups; created when missing, always intercepted.
     pub agents_cgroup: PathBuf,
     /// Further cgroups to intercept; they must exist.
@@ -35,9 +46,20 @@ pub async fn run(settings: DaemonSettings) -> anyhow::Result<()> {
     let mut capture = Capture::load(&settings.capture).context("starting capture")?;
     spawn_ebpf_log_reader(&mut capture)?;
 
+    let ca_dir = settings.state_dir.join("ca");
+    let ca = CertificateAuthority::load_or_create(&ca_dir).context("loading the appliance CA")?;
+    let leaves = Arc::new(LeafCache::new(ca, settings.leaf_cache_capacity));
+    let upstream_tls = UpstreamTls::new(&settings.upstream_ca_files)
+        .context("loading trusted upstream certificates")?;
+    let proxy = Proxy::new(
+        Arc::new(NoSecrets),
+        leaves,
+        upstream_tls,
+        settings.proxy.clone(),
+    )?;
     let destinations = Arc::new(capture.original_destinations()?);
     // Listen before attaching, so the first redirected connection finds the engine.
-    let engine = Engine::bind(settings.engine.clone(), destinations).await?;
+    let engine = Engine::bind(&settings.listen, destinations, Arc::new(proxy)).await?;
     let listening = engine.local_addrs();
 
     let mut selected = vec![Cgroup::create(&settings.agents_cgroup)

@@ -1,18 +1,19 @@
-//! The engine: accepts redirected connections, learns where each was going, and carries it
-//! there on a socket that capture never redirects.
+//! The engine: accepts redirected connections, learns where each was going from capture, and
+//! hands it to the proxy.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{debug, info, warn, Instrument as _};
+use tracing::{info, warn, Instrument as _};
 
-use crate::addr::{ClientAddr, UpstreamAddr};
+use crate::addr::ClientAddr;
 use crate::capture::{OriginalDestinations, Redirect};
+use crate::proxy::{stop_requested, Proxy};
 
 /// Errors that stop the engine from starting.
 #[derive(Debug, thiserror::Error)]
@@ -28,45 +29,22 @@ pub enum EngineError {
     },
 }
 
-/// Errors of one proxied connection; they end that connection only.
-#[derive(Debug, thiserror::Error)]
-enum ConnectionError {
-    #[error("connecting to upstream {upstream} failed")]
-    Connect {
-        upstream: UpstreamAddr,
-        #[source]
-        source: io::Error,
-    },
-    #[error("connecting to upstream {upstream} timed out")]
-    ConnectTimeout { upstream: UpstreamAddr },
-}
-
-/// How the engine listens and connects.
-#[derive(Clone, Debug)]
-pub struct EngineSettings {
-    /// Listener addresses; capture redirects to these.
-    pub listen: Vec<SocketAddr>,
-    /// `SO_MARK` set on upstream sockets so capture lets them through; 0 sets none.
-    pub own_mark: u32,
-    /// Limit on establishing an upstream connection.
-    pub connect_timeout: Duration,
-}
-
 /// A bound engine, ready to serve.
 pub struct Engine {
     listeners: Vec<TcpListener>,
     destinations: Arc<dyn OriginalDestinations>,
-    settings: EngineSettings,
+    proxy: Arc<Proxy>,
 }
 
 impl Engine {
-    /// Binds every listener in `settings`.
+    /// Binds a listener on each of `listen`.
     pub async fn bind(
-        settings: EngineSettings,
+        listen: &[SocketAddr],
         destinations: Arc<dyn OriginalDestinations>,
+        proxy: Arc<Proxy>,
     ) -> Result<Self, EngineError> {
-        let mut listeners = Vec::with_capacity(settings.listen.len());
-        for &addr in &settings.listen {
+        let mut listeners = Vec::with_capacity(listen.len());
+        for &addr in listen {
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|source| EngineError::Bind { addr, source })?;
@@ -75,7 +53,7 @@ impl Engine {
         Ok(Self {
             listeners,
             destinations,
-            settings,
+            proxy,
         })
     }
 
@@ -87,10 +65,9 @@ impl Engine {
             .collect()
     }
 
-    /// Serves until `shutdown` turns true, then stops accepting and waits for open
-    /// connections up to `drain`.
-    pub async fn serve(self, mut shutdown: watch::Receiver<bool>, drain: Duration) {
-        let settings = Arc::new(self.settings);
+    /// Serves until `shutdown` turns true, then stops accepting, asks open connections to
+    /// finish, and waits for them up to `drain`.
+    pub async fn serve(self, shutdown: watch::Receiver<bool>, drain: Duration) {
         let mut connections = JoinSet::new();
         let mut acceptors = JoinSet::new();
         let (accepted_tx, mut accepted_rx) = tokio::sync::mpsc::channel(1024);
@@ -114,15 +91,21 @@ impl Engine {
             });
         }
         drop(accepted_tx);
+        let mut stop = shutdown.clone();
         loop {
             tokio::select! {
-                _ = shutdown.wait_for(|stop| *stop) => break,
+                () = stop_requested(&mut stop) => break,
                 Some((stream, peer)) = accepted_rx.recv() => {
                     let client = ClientAddr(peer);
-                    let destinations = Arc::clone(&self.destinations);
-                    let settings = Arc::clone(&settings);
                     let span = tracing::info_span!("connection", %client);
-                    connections.spawn(handle(stream, client, destinations, settings).instrument(span));
+                    let handled = handle(
+                        stream,
+                        client,
+                        Arc::clone(&self.destinations),
+                        Arc::clone(&self.proxy),
+                        shutdown.clone(),
+                    );
+                    connections.spawn(handled.instrument(span));
                 }
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
@@ -148,10 +131,11 @@ impl Engine {
 }
 
 async fn handle(
-    client_stream: TcpStream,
+    stream: TcpStream,
     client: ClientAddr,
     destinations: Arc<dyn OriginalDestinations>,
-    settings: Arc<EngineSettings>,
+    proxy: Arc<Proxy>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let redirect = match destinations.take(client) {
         Ok(Some(redirect)) => redirect,
@@ -176,44 +160,7 @@ async fn handle(
         pid,
         "accepted redirected connection"
     );
-    let upstream = UpstreamAddr::from(original_dst);
-    match pass_through(client_stream, upstream, &settings).await {
-        Ok((sent, received)) => debug!(%upstream, sent, received, "connection closed"),
-        Err(error) => warn!(error = %error, "connection failed"),
-    }
-}
-
-/// Opens a socket to `upstream` carrying the appliance's mark, so that capture does not send
-/// it back to the engine even when the daemon runs inside an intercepted cgroup.
-async fn connect_upstream(
-    upstream: UpstreamAddr,
-    settings: &EngineSettings,
-) -> Result<TcpStream, ConnectionError> {
-    let connect_error = |source| ConnectionError::Connect { upstream, source };
-    let socket = match upstream.0 {
-        SocketAddr::V4(_) => TcpSocket::new_v4(),
-        SocketAddr::V6(_) => TcpSocket::new_v6(),
-    }
-    .map_err(connect_error)?;
-    if settings.own_mark != 0 {
-        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &settings.own_mark)
-            .map_err(|errno| connect_error(errno.into()))?;
-    }
-    tokio::time::timeout(settings.connect_timeout, socket.connect(upstream.0))
-        .await
-        .map_err(|_| ConnectionError::ConnectTimeout { upstream })?
-        .map_err(connect_error)
-}
-
-async fn pass_through(
-    mut client: TcpStream,
-    upstream: UpstreamAddr,
-    settings: &EngineSettings,
-) -> Result<(u64, u64), ConnectionError> {
-    let mut upstream_stream = connect_upstream(upstream, settings).await?;
-    tokio::io::copy_bidirectional(&mut client, &mut upstream_stream)
-        .await
-        .map_err(|source| ConnectionError::Connect { upstream, source })
+    proxy.serve(stream, redirect, shutdown).await;
 }
 
 #[cfg(test)]
@@ -221,16 +168,9 @@ mod tests {
     use super::*;
     use crate::addr::OrigDstAddr;
     use crate::capture::{CgroupId, FixedOriginalDestinations};
+    use crate::test_support::test_proxy;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-    fn settings() -> EngineSettings {
-        EngineSettings {
-            listen: vec!["127.0.0.1:0".parse().unwrap()],
-            // Marking needs CAP_NET_ADMIN, and these tests run unprivileged.
-            own_mark: 0,
-            connect_timeout: Duration::from_secs(5),
-        }
-    }
+    use tokio::net::TcpSocket;
 
     async fn echo_upstream() -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -249,7 +189,10 @@ mod tests {
     async fn start(
         destinations: Arc<FixedOriginalDestinations>,
     ) -> (SocketAddr, watch::Sender<bool>) {
-        let engine = Engine::bind(settings(), destinations).await.unwrap();
+        let listen = ["127.0.0.1:0".parse().unwrap()];
+        let engine = Engine::bind(&listen, destinations, test_proxy())
+            .await
+            .unwrap();
         let addr = engine.local_addrs()[0];
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(engine.serve(stop_rx, Duration::from_secs(1)));
@@ -257,7 +200,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn redirected_connection_reaches_its_original_destination() {
+    async fn a_connection_that_is_not_tls_passes_through_to_its_original_destination() {
         let upstream = echo_upstream().await;
         let destinations = Arc::new(FixedOriginalDestinations::default());
         let (engine_addr, _stop) = start(Arc::clone(&destinations)).await;

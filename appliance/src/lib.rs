@@ -3,7 +3,8 @@
 //! Layers, each owning its types:
 //! - [`capture`]: eBPF programs that redirect selected cgroups' outbound connections to the
 //!   engine, and the lookup of each connection's original destination;
-//! - [`engine`]: accepts redirected connections and carries them to their destination;
+//! - [`engine`]: accepts redirected connections and hands them to the [`proxy`], which passes
+//!   them through or terminates TLS ([`tls`]) and forwards HTTP through [`injection`];
 //! - [`daemon`]: wires the layers together; [`exec`]: runs a command in an intercepted cgroup.
 
 pub mod addr;
@@ -11,5 +12,10 @@ pub mod capture;
 pub mod daemon;
 pub mod engine;
 pub mod exec;
+pub mod injection;
 pub mod logging;
+pub mod proxy;
 pub mod tls;
+
+#[cfg(test)]
+mod test_support;

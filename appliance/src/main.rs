@@ -11,11 +11,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use appliance::capture::{self, CaptureSettings};
 use appliance::daemon::{self, DaemonSettings};
-use appliance::engine::EngineSettings;
 use appliance::logging::{self, LogFormat};
+use appliance::proxy::{ProxySettings, Unintercepted};
 
 const DEFAULT_AGENTS_CGROUP: &str = "appliance-agents";
 const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/appliance";
+const DEFAULT_STATE_DIR: &str = "/var/lib/appliance";
 
 /// Transparent credential-injecting network appliance.
 #[derive(Parser)]
@@ -31,6 +32,28 @@ enum Command {
     Daemon(DaemonArgs),
     /// Run a command inside a fresh intercepted cgroup.
     Exec(ExecArgs),
+    /// The appliance's certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Print the CA certificate (PEM), for clients to trust.
+    Export {
+        /// The daemon's state directory.
+        #[arg(long, env = "APPLIANCE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+}
+
+/// Connections to hosts without a secret, without SNI, or not TLS.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum UninterceptedPolicy {
+    /// Carry them to their destination untouched.
+    PassThrough,
+    /// Close them.
+    Refuse,
 }
 
 /// What to do with intercepted connections from another network namespace.
@@ -73,6 +96,25 @@ struct DaemonArgs {
     /// Intercepted connections from other network namespaces.
     #[arg(long, value_enum, default_value_t = ForeignNetns::Refuse)]
     foreign_netns: ForeignNetns,
+    /// Directory of persistent state (the CA lives in <state-dir>/ca).
+    #[arg(long, env = "APPLIANCE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// PEM file of CA certificates trusted for upstreams besides the system store
+    /// (repeat for several).
+    #[arg(long = "upstream-ca")]
+    upstream_ca_files: Vec<PathBuf>,
+    /// Connections to hosts with no secret (or without SNI, or not TLS).
+    #[arg(long, value_enum, default_value_t = UninterceptedPolicy::PassThrough)]
+    unintercepted: UninterceptedPolicy,
+    /// Seconds allowed for connecting to an upstream.
+    #[arg(long, default_value_t = 10)]
+    connect_timeout_seconds: u64,
+    /// Seconds allowed for a client's TLS handshake, and for each request's headers.
+    #[arg(long, default_value_t = 15)]
+    client_timeout_seconds: u64,
+    /// Largest request header block accepted, in bytes.
+    #[arg(long, default_value_t = 64 * 1024)]
+    max_header_bytes: usize,
     /// Seconds to wait for open connections at shutdown.
     #[arg(long, default_value_t = 10)]
     drain_seconds: u64,
@@ -146,17 +188,28 @@ impl DaemonArgs {
                 3
             },
         };
-        let engine = EngineSettings {
+        let client_timeout = Duration::from_secs(self.client_timeout_seconds);
+        let proxy = ProxySettings {
+            own_mark: self.mark,
+            connect_timeout: Duration::from_secs(self.connect_timeout_seconds),
+            handshake_timeout: client_timeout,
+            header_read_timeout: client_timeout,
+            max_header_bytes: self.max_header_bytes,
+            unintercepted: match self.unintercepted {
+                UninterceptedPolicy::PassThrough => Unintercepted::PassThrough,
+                UninterceptedPolicy::Refuse => Unintercepted::Refuse,
+            },
+        };
+        Ok(DaemonSettings {
+            capture,
             listen: vec![
                 SocketAddr::new(self.listen_v4.into(), self.port),
                 SocketAddr::new(self.listen_v6.into(), self.port),
             ],
-            own_mark: self.mark,
-            connect_timeout: Duration::from_secs(10),
-        };
-        Ok(DaemonSettings {
-            capture,
-            engine,
+            proxy,
+            state_dir: self.state_dir,
+            upstream_ca_files: self.upstream_ca_files,
+            leaf_cache_capacity: 10_000,
             agents_cgroup: self.agents_cgroup,
             cgroups: self.cgroups,
             drain: Duration::from_secs(self.drain_seconds),
@@ -192,6 +245,20 @@ fn main() -> ExitCode {
                 args.allow_unprotected,
             )
             .map_err(anyhow::Error::from)
+        }
+        Command::Ca(CaCommand::Export { state_dir }) => {
+            let path = state_dir.join("ca").join("ca.crt");
+            std::fs::read_to_string(&path)
+                .with_context(|| {
+                    format!(
+                        "reading {}; has the daemon run once with this --state-dir?",
+                        path.display()
+                    )
+                })
+                .map(|pem| {
+                    print!("{pem}");
+                    0
+                })
         }
     };
     match result {

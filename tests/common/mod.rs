@@ -116,7 +116,7 @@ pub fn python_json(mut command: Command, program: &str) -> Value {
     })
 }
 
-/// Python that connects to `host:443`, and prints what it saw as JSON: its local address,
+/// Python that connects to `host:443`, says hello, and prints what it saw as JSON: its local address,
 /// the peer address from getpeername, the upstream's report of who connected, and its pid.
 pub fn python_probe(host: &str, family: &str) -> String {
     format!(
@@ -125,6 +125,7 @@ import json, os, socket
 s = socket.socket(socket.{family}, socket.SOCK_STREAM)
 s.settimeout(10)
 s.connect(("{host}", 443))
+s.sendall(b"hello\n")
 local = s.getsockname()
 peer = s.getpeername()
 reply = b""
@@ -138,7 +139,8 @@ print(json.dumps({{"local": [local[0], local[1]], "peer": [peer[0], peer[1]], "r
     )
 }
 
-/// An upstream on loopback that tells each client the address it saw, then closes.
+/// An upstream on loopback that reads one line from each client (clients speak first, as on
+/// port 443), answers with the address it saw, then closes.
 pub struct Upstream {
     pub addr: SocketAddr,
 }
@@ -151,7 +153,10 @@ impl Upstream {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
                 let peer = stream.peer_addr().unwrap();
-                let _ = writeln!(stream, "peer={peer}");
+                let mut line = String::new();
+                if BufReader::new(&mut stream).read_line(&mut line).is_ok() {
+                    let _ = writeln!(stream, "peer={peer}");
+                }
             }
         });
         Self { addr }
@@ -188,6 +193,7 @@ pub struct Daemon {
     pub port: u16,
     pub agents_cgroup: PathBuf,
     pub bpffs_dir: PathBuf,
+    pub state_dir: PathBuf,
     extra_args: Vec<String>,
     cgroup: Option<PathBuf>,
 }
@@ -206,6 +212,7 @@ impl Daemon {
             port: 16000 + u16::from(slot),
             agents_cgroup: cgroup2_mount().join(unique(slot, "agents")),
             bpffs_dir: PathBuf::from("/sys/fs/bpf").join(unique(slot, "pins")),
+            state_dir: std::env::temp_dir().join(unique(slot, "state")),
             extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
             cgroup: cgroup.map(Path::to_path_buf),
         };
@@ -232,6 +239,8 @@ impl Daemon {
             .arg(&self.agents_cgroup)
             .arg("--bpffs-dir")
             .arg(&self.bpffs_dir)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
             .args(&self.extra_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -332,6 +341,7 @@ impl Drop for Daemon {
         let _ = self.detach_all();
         remove_cgroup_tree(&self.agents_cgroup);
         let _ = fs::remove_file(&self.log);
+        let _ = fs::remove_dir_all(&self.state_dir);
     }
 }
 

@@ -1,0 +1,61 @@
+//! Injection: what to do with a request. The proxy asks this layer two questions and never
+//! sees where credentials come from:
+//! - before TLS: should connections to this host be terminated at all?
+//! - per request: rewrite the request (inject credentials) and forward it, or refuse it.
+
+use crate::capture::CgroupId;
+
+/// The workload a connection came from, as capture identified it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Workload {
+    /// cgroup v2 id of the connecting process.
+    pub cgroup_id: CgroupId,
+    /// Its process id.
+    pub pid: u32,
+}
+
+/// The decision for one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward the (possibly rewritten) request upstream.
+    Forward,
+    /// Refuse with 403; the request never reaches the upstream.
+    Block {
+        /// Shown to the client.
+        reason: String,
+    },
+}
+
+/// The injection layer as the proxy sees it.
+pub trait Injector: Send + Sync + 'static {
+    /// Whether TLS from `workload` to `host` (the client's SNI name) is terminated. Hosts
+    /// answered `false` are passed through byte for byte.
+    fn intercepts(&self, host: &str, workload: &Workload) -> bool;
+
+    /// Rewrites `request` (to a host [`Injector::intercepts`] accepted) and decides its fate.
+    fn prepare(
+        &self,
+        host: &str,
+        workload: &Workload,
+        request: &mut http::request::Parts,
+    ) -> Verdict;
+}
+
+/// The injector of an appliance that holds no secrets: every connection passes through.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoSecrets;
+
+impl Injector for NoSecrets {
+    fn intercepts(&self, _host: &str, _workload: &Workload) -> bool {
+        false
+    }
+
+    fn prepare(
+        &self,
+        _host: &str,
+        _workload: &Workload,
+        _request: &mut http::request::Parts,
+    ) -> Verdict {
+        Verdict::Forward
+    }
+}

@@ -1,0 +1,288 @@
+//! The proxy: per redirected connection, read the TLS ClientHello, then either pass the
+//! connection through untouched or terminate TLS and serve HTTP through the injection layer.
+//!
+//! Stages, each testable alone: [`read_client_hello`] (classify), [`Proxy::pass_through`]
+//! (byte copy), TLS termination with leaves from [`crate::tls::LeafCache`], [`request::serve`]
+//! (one request), [`upstream::UpstreamPool`] (verified upstream connections).
+
+pub mod headers;
+pub mod request;
+pub mod upstream;
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::server::{Accepted, Acceptor};
+use rustls::ServerConfig;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::StartHandshake;
+use tracing::{debug, info, warn};
+
+use crate::addr::UpstreamAddr;
+use crate::capture::Redirect;
+use crate::injection::{Injector, Workload};
+use crate::tls::{LeafCache, TlsConfigError, UpstreamTls};
+use request::ConnectionContext;
+use upstream::{PoolSettings, UpstreamPool};
+
+/// Largest ClientHello we wait for; real ones are a few kilobytes.
+const MAX_CLIENT_HELLO: usize = 64 * 1024;
+
+/// What happens to connections the appliance has no reason to intercept (no secret for the
+/// host, no SNI, or not TLS at all).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unintercepted {
+    /// Carry them to their destination byte for byte.
+    PassThrough,
+    /// Close them.
+    Refuse,
+}
+
+/// Limits and policies of the proxy.
+#[derive(Clone, Debug)]
+pub struct ProxySettings {
+    /// `SO_MARK` of upstream sockets (0: none).
+    pub own_mark: u32,
+    /// Limit on connecting (TCP and TLS) to an upstream.
+    pub connect_timeout: Duration,
+    /// Limit on receiving the ClientHello and completing the client TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Limit on receiving a request's headers (also the keep-alive idle limit).
+    pub header_read_timeout: Duration,
+    /// Largest request header block accepted.
+    pub max_header_bytes: usize,
+    /// Policy for connections not intercepted.
+    pub unintercepted: Unintercepted,
+}
+
+/// How a connection opened.
+enum Opening {
+    /// A complete TLS ClientHello, and every byte read so far.
+    Tls {
+        accepted: Box<Accepted>,
+        seen: Vec<u8>,
+    },
+    /// Not TLS (or not parseable): the bytes read so far.
+    Other { seen: Vec<u8> },
+}
+
+/// Reads until a whole ClientHello has arrived, keeping the bytes so that a connection that
+/// will not be intercepted can be replayed upstream unchanged.
+async fn read_client_hello(stream: &mut TcpStream) -> io::Result<Opening> {
+    let mut acceptor = Acceptor::default();
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let read = stream.read(&mut chunk).await?;
+        if read == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        seen.extend_from_slice(&chunk[..read]);
+        if seen.len() > MAX_CLIENT_HELLO {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "ClientHello too large",
+            ));
+        }
+        let mut fresh = &chunk[..read];
+        while !fresh.is_empty() {
+            if acceptor.read_tls(&mut fresh)? == 0 {
+                break;
+            }
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                return Ok(Opening::Tls {
+                    accepted: Box::new(accepted),
+                    seen,
+                })
+            }
+            Ok(None) => continue,
+            // Not TLS: `seen` already holds every byte, for a faithful replay.
+            Err(_) => return Ok(Opening::Other { seen }),
+        }
+    }
+}
+
+/// The proxy shared by all connections.
+pub struct Proxy {
+    injector: Arc<dyn Injector>,
+    server_config: Arc<ServerConfig>,
+    pool: Arc<UpstreamPool>,
+    settings: ProxySettings,
+}
+
+impl Proxy {
+    /// A proxy that terminates TLS with leaves from `leaves` and verifies upstreams with
+    /// `upstream_tls`.
+    pub fn new(
+        injector: Arc<dyn Injector>,
+        leaves: Arc<LeafCache>,
+        upstream_tls: UpstreamTls,
+        settings: ProxySettings,
+    ) -> Result<Self, TlsConfigError> {
+        let pool = UpstreamPool::new(
+            upstream_tls,
+            PoolSettings {
+                own_mark: settings.own_mark,
+                connect_timeout: settings.connect_timeout,
+                max_idle_per_key: 64,
+            },
+        );
+        Ok(Self {
+            injector,
+            server_config: crate::tls::server_config(leaves)?,
+            pool: Arc::new(pool),
+            settings,
+        })
+    }
+
+    /// Serves one redirected connection until it ends, or until `shutdown` asks HTTP
+    /// connections to finish their current requests and close.
+    pub async fn serve(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        redirect: Redirect,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let workload = Workload {
+            cgroup_id: redirect.cgroup_id,
+            pid: redirect.pid,
+        };
+        let upstream = UpstreamAddr::from(redirect.original_dst);
+        let opening = match tokio::time::timeout(
+            self.settings.handshake_timeout,
+            read_client_hello(&mut stream),
+        )
+        .await
+        {
+            Ok(Ok(opening)) => opening,
+            Ok(Err(error)) => {
+                debug!(%error, "connection closed before a ClientHello");
+                return;
+            }
+            Err(_) => {
+                debug!("no ClientHello in time; closing");
+                return;
+            }
+        };
+        let (accepted, seen, server_name) = match opening {
+            Opening::Tls { accepted, seen } => {
+                let name = accepted
+                    .client_hello()
+                    .server_name()
+                    .map(str::to_ascii_lowercase);
+                (Some(accepted), seen, name)
+            }
+            Opening::Other { seen } => (None, seen, None),
+        };
+        match (accepted, server_name) {
+            (Some(accepted), Some(name)) if self.injector.intercepts(&name, &workload) => {
+                info!(event = "intercepted", server_name = %name, "terminating TLS");
+                self.intercept(stream, *accepted, name, upstream, workload, shutdown)
+                    .await;
+            }
+            (_, name) => match self.settings.unintercepted {
+                Unintercepted::PassThrough => {
+                    debug!(server_name = ?name, "passing through");
+                    self.pass_through(stream, &seen, upstream).await;
+                }
+                Unintercepted::Refuse => {
+                    info!(event = "refused", server_name = ?name, "no secret for this host; refusing by policy");
+                }
+            },
+        }
+    }
+
+    async fn pass_through(&self, mut client: TcpStream, seen: &[u8], upstream: UpstreamAddr) {
+        let result = async {
+            let mut server = upstream::connect_marked(
+                upstream,
+                self.settings.own_mark,
+                self.settings.connect_timeout,
+            )
+            .await
+            .map_err(io::Error::other)?;
+            server.write_all(seen).await?;
+            tokio::io::copy_bidirectional(&mut client, &mut server).await
+        }
+        .await;
+        match result {
+            Ok((sent, received)) => debug!(%upstream, sent, received, "pass-through closed"),
+            Err(error) => debug!(%upstream, %error, "pass-through ended with an error"),
+        }
+    }
+
+    async fn intercept(
+        &self,
+        stream: TcpStream,
+        accepted: Accepted,
+        server_name: String,
+        upstream: UpstreamAddr,
+        workload: Workload,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let handshake = StartHandshake::from_parts(accepted, stream)
+            .into_stream(Arc::clone(&self.server_config));
+        let tls = match tokio::time::timeout(self.settings.handshake_timeout, handshake).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(error)) => {
+                // Typically a client that does not trust the appliance CA.
+                warn!(%server_name, %error, "client TLS handshake failed; does the client trust the appliance CA?");
+                return;
+            }
+            Err(_) => {
+                debug!(%server_name, "client TLS handshake timed out");
+                return;
+            }
+        };
+        let context = Arc::new(ConnectionContext {
+            server_name,
+            upstream,
+            workload,
+            injector: Arc::clone(&self.injector),
+            pool: Arc::clone(&self.pool),
+        });
+        let service = hyper::service::service_fn(move |request| {
+            request::serve(Arc::clone(&context), request)
+        });
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.settings.header_read_timeout)
+            .max_buf_size(self.settings.max_header_bytes.max(8192));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(self.settings.max_header_bytes).unwrap_or(u32::MAX))
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+        tokio::pin!(connection);
+        let finished = tokio::select! {
+            result = connection.as_mut() => Some(result),
+            () = stop_requested(&mut shutdown) => None,
+        };
+        let result = match finished {
+            Some(result) => result,
+            None => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(error) = result {
+            debug!(%error, "client HTTP connection ended with an error");
+        }
+    }
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+pub async fn stop_requested(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}

@@ -1,0 +1,190 @@
+//! One intercepted request: check its target, let the injection layer rewrite it, forward it
+//! upstream, stream the answer back.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use tracing::{info, warn};
+
+use super::headers::{is_upgrade, request_host, strip_hop_by_hop};
+use super::upstream::{self, PoolKey, Sender, UpstreamError, UpstreamPool};
+use crate::addr::UpstreamAddr;
+use crate::injection::{Injector, Verdict, Workload};
+
+/// Body of responses the proxy returns to clients.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// What every request on one intercepted connection shares.
+pub struct ConnectionContext {
+    /// The client's SNI name, verified by the TLS handshake with our leaf.
+    pub server_name: String,
+    /// Where the client was going.
+    pub upstream: UpstreamAddr,
+    /// Who the client is.
+    pub workload: Workload,
+    /// The injection layer.
+    pub injector: Arc<dyn Injector>,
+    /// Upstream connections.
+    pub pool: Arc<UpstreamPool>,
+}
+
+fn plain(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    let body = Full::new(Bytes::from(format!("appliance: {message}\n")))
+        .map_err(|never| match never {})
+        .boxed();
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Serves one request. Never fails: problems become error responses.
+pub async fn serve(
+    context: Arc<ConnectionContext>,
+    mut request: Request<Incoming>,
+) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+    let context = &*context;
+    // A request for another host than the TLS session was made for must not get that host's
+    // credentials (RFC 9110 §7.4, 421 Misdirected Request).
+    let default_port = context.upstream.0.port();
+    match request_host(request.uri(), request.headers()) {
+        Some((host, port))
+            if host == context.server_name && port.unwrap_or(default_port) == default_port => {}
+        _ => {
+            warn!(server_name = %context.server_name, uri = %request.uri(), "request for another host than the TLS server name");
+            return Ok(plain(
+                StatusCode::MISDIRECTED_REQUEST,
+                "this connection only serves the host named in its TLS handshake",
+            ));
+        }
+    }
+    let upgrade = request.version() == Version::HTTP_11 && is_upgrade(request.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let (mut parts, body) = request.into_parts();
+    let method = parts.method.clone();
+    let path = parts.uri.path().to_owned();
+    if let Verdict::Block { reason } =
+        context
+            .injector
+            .prepare(&context.server_name, &context.workload, &mut parts)
+    {
+        info!(event = "blocked", %method, %path, %reason, "request blocked");
+        return Ok(plain(StatusCode::FORBIDDEN, &reason));
+    }
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    // The client already got its 100 Continue from us as soon as the body was wanted.
+    parts.headers.remove(header::EXPECT);
+
+    let key = PoolKey {
+        upstream: context.upstream,
+        server_name: context.server_name.clone(),
+        http11_only: upgrade,
+    };
+    let result = async {
+        let mut sender = context.pool.checkout(&key).await?;
+        let request = upstream_request(parts, body, &sender, context)?;
+        let response = upstream::send(&mut sender, request).await?;
+        if let Sender::Http1(sender) = sender {
+            if !upgrade {
+                context.pool.recycle(key, sender);
+            }
+        }
+        Ok::<_, UpstreamError>(response)
+    }
+    .await;
+    let mut response = match result {
+        Ok(response) => response,
+        Err(error) => return Ok(upstream_failure(&error)),
+    };
+    let status = response.status();
+    info!(event = "forwarded", %method, %path, status = status.as_u16(), "request forwarded");
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(splice_upgraded(client_upgrade, upstream_upgrade));
+        }
+    }
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(
+        &mut parts.headers,
+        status == StatusCode::SWITCHING_PROTOCOLS,
+    );
+    Ok(Response::from_parts(parts, body.boxed()))
+}
+
+fn upstream_request(
+    mut parts: http::request::Parts,
+    body: Incoming,
+    sender: &Sender,
+    context: &ConnectionContext,
+) -> Result<Request<Incoming>, UpstreamError> {
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let port = context.upstream.0.port();
+    let authority_text = if port == 443 {
+        context.server_name.clone()
+    } else {
+        format!("{}:{port}", context.server_name)
+    };
+    let invalid = |_| UpstreamError::ServerName {
+        server_name: context.server_name.clone(),
+    };
+    let authority: Authority = authority_text.parse().map_err(invalid)?;
+    if sender.is_http2() {
+        parts.version = Version::HTTP_2;
+        parts.uri = Uri::builder()
+            .scheme(Scheme::HTTPS)
+            .authority(authority)
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|_| UpstreamError::ServerName {
+                server_name: context.server_name.clone(),
+            })?;
+        parts.headers.remove(header::HOST);
+    } else {
+        parts.version = Version::HTTP_11;
+        parts.uri = Uri::from(path_and_query);
+        let host =
+            HeaderValue::from_str(authority.as_str()).map_err(|_| UpstreamError::ServerName {
+                server_name: context.server_name.clone(),
+            })?;
+        parts.headers.insert(header::HOST, host);
+    }
+    Ok(Request::from_parts(parts, body))
+}
+
+fn upstream_failure(error: &UpstreamError) -> Response<ProxyBody> {
+    warn!(error = %error, "upstream request failed");
+    let status = match error {
+        UpstreamError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    plain(status, &error.to_string())
+}
+
+async fn splice_upgraded(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(error) => {
+            warn!(%error, "protocol upgrade failed");
+            return;
+        }
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(%error, "upgraded connection ended");
+    }
+}
