@@ -15,6 +15,7 @@ pub mod exec;
 pub mod injection;
 pub mod logging;
 pub mod proxy;
+pub mod secret;
 pub mod tls;
 
 #[cfg(test)]
