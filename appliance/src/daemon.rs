@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::capture::{self, Attachment, Capture, CaptureSettings, Cgroup};
 use crate::engine::Engine;
-use crate::injection::NoSecrets;
+use crate::injection::SecretInjector;
 use crate::proxy::{Proxy, ProxySettings};
 use crate::tls::{CertificateAuthority, LeafCache, UpstreamTls};
 
@@ -52,7 +52,8 @@ pub async fn run(settings: DaemonSettings) -> anyhow::Result<()> {
     let upstream_tls = UpstreamTls::new(&settings.upstream_ca_files)
         .context("loading trusted upstream certificates")?;
     let proxy = Proxy::new(
-        Arc::new(NoSecrets),
+        // Empty until the secret store lands: every connection passes through.
+        Arc::new(SecretInjector::default()),
         leaves,
         upstream_tls,
         settings.proxy.clone(),

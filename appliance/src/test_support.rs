@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::injection::NoSecrets;
+use crate::injection::SecretInjector;
 use crate::proxy::{Proxy, ProxySettings, Unintercepted};
 use crate::tls::{CertificateAuthority, LeafCache, UpstreamTls};
 
@@ -36,5 +36,13 @@ pub fn test_proxy() -> Arc<Proxy> {
         unintercepted: Unintercepted::PassThrough,
     };
     let leaves = Arc::new(LeafCache::new(ca, 16));
-    Arc::new(Proxy::new(Arc::new(NoSecrets), leaves, upstream_tls, settings).unwrap())
+    Arc::new(
+        Proxy::new(
+            Arc::new(SecretInjector::default()),
+            leaves,
+            upstream_tls,
+            settings,
+        )
+        .unwrap(),
+    )
 }

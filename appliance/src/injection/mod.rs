@@ -3,6 +3,12 @@
 //! - before TLS: should connections to this host be terminated at all?
 //! - per request: rewrite the request (inject credentials) and forward it, or refuse it.
 
+mod apply;
+mod index;
+
+pub use apply::ApplyError;
+pub use index::{LoadedSecret, SecretIndex, SecretInjector};
+
 use crate::capture::CgroupId;
 
 /// The workload a connection came from, as capture identified it.
@@ -39,23 +45,4 @@ pub trait Injector: Send + Sync + 'static {
         workload: &Workload,
         request: &mut http::request::Parts,
     ) -> Verdict;
-}
-
-/// The injector of an appliance that holds no secrets: every connection passes through.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct NoSecrets;
-
-impl Injector for NoSecrets {
-    fn intercepts(&self, _host: &str, _workload: &Workload) -> bool {
-        false
-    }
-
-    fn prepare(
-        &self,
-        _host: &str,
-        _workload: &Workload,
-        _request: &mut http::request::Parts,
-    ) -> Verdict {
-        Verdict::Forward
-    }
 }
