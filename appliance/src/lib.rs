@@ -16,6 +16,7 @@ pub mod injection;
 pub mod logging;
 pub mod proxy;
 pub mod secret;
+pub mod store;
 pub mod tls;
 
 #[cfg(test)]
