@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use appliance::addr::{ClientAddr, OrigDstAddr};
+use appliance::audit::{EventLog, SecretUse};
 use appliance::capture::{CgroupId, LookupError, OriginalDestinations, Redirect};
 use appliance::engine::Engine;
 use appliance::injection::{Injector, Verdict, Workload};
@@ -61,7 +62,16 @@ impl Injector for TestInjector {
         request
             .headers
             .insert(http::header::AUTHORIZATION, SECRET.parse().unwrap());
-        Verdict::Forward
+        Verdict::Forward {
+            injected: vec![SecretUse {
+                id: "sec_test".into(),
+                name: "test".into(),
+            }],
+        }
+    }
+
+    fn agent(&self, _workload: &Workload) -> Option<String> {
+        Some("tester".into())
     }
 }
 
@@ -200,6 +210,7 @@ struct Fixture {
     upstream_ca: PathBuf,
     seen: Arc<Mutex<Seen>>,
     release_sse: Arc<Notify>,
+    events: Arc<EventLog>,
     dir: PathBuf,
     _stop: watch::Sender<bool>,
 }
@@ -269,6 +280,7 @@ async fn start(name: &str) -> Fixture {
         });
     }
 
+    let events = Arc::new(EventLog::new(1024));
     let ca = CertificateAuthority::load_or_create(&dir.join("ca")).unwrap();
     let appliance_ca = dir.join("appliance-ca.pem");
     std::fs::write(&appliance_ca, ca.certificate_pem()).unwrap();
@@ -284,6 +296,7 @@ async fn start(name: &str) -> Fixture {
         Arc::new(TestInjector),
         Arc::new(LeafCache::new(ca, 64)),
         UpstreamTls::new(std::slice::from_ref(&upstream_ca)).unwrap(),
+        Arc::clone(&events),
         settings,
     )
     .unwrap();
@@ -308,6 +321,7 @@ async fn start(name: &str) -> Fixture {
         upstream_ca,
         seen,
         release_sse,
+        events,
         dir,
         _stop: stop,
     }
@@ -382,6 +396,20 @@ async fn curl_gets_the_injected_answer_over_http1_and_http2_with_an_appliance_le
             issuer_line(&output.stderr).contains("appliance local CA"),
             "certificate not issued by the appliance CA: {}",
             issuer_line(&output.stderr)
+        );
+    }
+    let events = fixture.events.since(0);
+    assert_eq!(events.len(), 2, "{events:?}");
+    for event in events {
+        assert_eq!(event["outcome"], "forwarded");
+        assert_eq!(event["status"], 200);
+        assert_eq!(event["host"], "api.test");
+        assert_eq!(event["path"], "/echo");
+        assert_eq!(event["agent"], "tester");
+        assert_eq!(event["secrets"][0]["name"], "test");
+        assert!(
+            !event.to_string().contains(SECRET),
+            "an event holds the secret"
         );
     }
 }
@@ -503,6 +531,13 @@ async fn misdirected_and_blocked_requests_never_reach_the_upstream() {
         .unwrap()
         .ends_with("\n403"));
     assert!(fixture.seen.lock().unwrap().authorizations.is_empty());
+    let outcomes: Vec<String> = fixture
+        .events
+        .since(0)
+        .iter()
+        .map(|event| event["outcome"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(outcomes, ["misdirected", "blocked"]);
 }
 
 #[tokio::test]

@@ -12,10 +12,13 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::api::{self, ApiSettings, ApiState};
+use crate::audit::EventLog;
 use crate::capture::{self, Attachment, Capture, CaptureSettings, Cgroup};
 use crate::engine::Engine;
 use crate::injection::SecretInjector;
 use crate::proxy::{Proxy, ProxySettings};
+use crate::store::{KeySource, MasterKey, Store};
 use crate::tls::{CertificateAuthority, LeafCache, UpstreamTls};
 
 /// Everything the daemon needs to run.
@@ -33,6 +36,10 @@ pub struct DaemonSettings {
     pub upstream_ca_files: Vec<PathBuf>,
     /// Leaf certificates kept in memory.
     pub leaf_cache_capacity: usize,
+    /// systemd's `$CREDENTIALS_DIRECTORY`, holding the master key when set.
+    pub credentials_dir: Option<PathBuf>,
+    /// Admin API.
+    pub api: ApiSettings,
     /// Parent cgroup of `appliance exec` cgroups; created when missing, always intercepted.
     pub agents_cgroup: PathBuf,
     /// Further cgroups to intercept; they must exist.
@@ -43,19 +50,37 @@ pub struct DaemonSettings {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(settings: DaemonSettings) -> anyhow::Result<()> {
+    let (key, key_source) =
+        MasterKey::load_or_create(settings.credentials_dir.as_deref(), &settings.state_dir)
+            .context("loading the master key")?;
+    match &key_source {
+        KeySource::Created(path) => {
+            warn!(path = %path.display(), "created a new master key; back it up with the store")
+        }
+        KeySource::File(path) | KeySource::Credential(path) => {
+            info!(path = %path.display(), "master key loaded")
+        }
+    }
+    let store =
+        Store::open(&settings.state_dir.join("store"), &key).context("opening the store")?;
+    drop(key);
+    let injector = Arc::new(SecretInjector::default());
+    let events = Arc::new(EventLog::new(10_000));
+
     let mut capture = Capture::load(&settings.capture).context("starting capture")?;
     spawn_ebpf_log_reader(&mut capture)?;
 
     let ca_dir = settings.state_dir.join("ca");
     let ca = CertificateAuthority::load_or_create(&ca_dir).context("loading the appliance CA")?;
     let leaves = Arc::new(LeafCache::new(ca, settings.leaf_cache_capacity));
+    let api_leaves = Arc::clone(&leaves);
     let upstream_tls = UpstreamTls::new(&settings.upstream_ca_files)
         .context("loading trusted upstream certificates")?;
     let proxy = Proxy::new(
-        // Empty until the secret store lands: every connection passes through.
-        Arc::new(SecretInjector::default()),
+        Arc::clone(&injector) as Arc<dyn crate::injection::Injector>,
         leaves,
         upstream_tls,
+        Arc::clone(&events),
         settings.proxy.clone(),
     )?;
     let destinations = Arc::new(capture.original_destinations()?);
@@ -89,10 +114,26 @@ pub async fn run(settings: DaemonSettings) -> anyhow::Result<()> {
         }
     }
 
+    let state = Arc::new(ApiState {
+        store,
+        injector,
+        leaves: api_leaves,
+        ca_dir,
+        events,
+        intercepted_cgroups: selected.len(),
+    });
+    let secrets = state
+        .reload_secrets()
+        .map_err(|error| anyhow::anyhow!(error.message))?;
+    info!(secrets, "secrets loaded");
+
+    let admin_api = api::bind(settings.api.clone()).context("starting the admin API")?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let api_task = tokio::spawn(admin_api.serve(state, stop_rx.clone()));
     let served = tokio::spawn(engine.serve(stop_rx, settings.drain));
     info!(
         event = "ready",
+        socket = %settings.api.socket.display(),
         listen = ?listening,
         ports = ?settings.capture.intercepted_ports,
         "appliance ready"
@@ -108,6 +149,7 @@ pub async fn run(settings: DaemonSettings) -> anyhow::Result<()> {
     // instead of bypassing it. `appliance daemon --detach-all` ends interception.
     let _ = stop_tx.send(true);
     served.await.context("engine task failed")?;
+    api_task.await.context("admin API task failed")?;
     info!("appliance stopped");
     Ok(())
 }

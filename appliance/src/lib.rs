@@ -8,7 +8,10 @@
 //! - [`daemon`]: wires the layers together; [`exec`]: runs a command in an intercepted cgroup.
 
 pub mod addr;
+pub mod api;
+pub mod audit;
 pub mod capture;
+pub mod client;
 pub mod daemon;
 pub mod engine;
 pub mod exec;

@@ -7,8 +7,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 
+mod commands;
+use commands::{ClientCommand, Output};
+
+use appliance::api::ApiSettings;
 use appliance::capture::{self, CaptureSettings};
 use appliance::daemon::{self, DaemonSettings};
 use appliance::logging::{self, LogFormat};
@@ -17,11 +21,18 @@ use appliance::proxy::{ProxySettings, Unintercepted};
 const DEFAULT_AGENTS_CGROUP: &str = "appliance-agents";
 const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/appliance";
 const DEFAULT_STATE_DIR: &str = "/var/lib/appliance";
+const DEFAULT_SOCKET: &str = "/run/appliance/admin.sock";
 
 /// Transparent credential-injecting network appliance.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "appliance", version, about)]
 struct Cli {
+    /// The daemon's admin socket.
+    #[arg(long, global = true, env = "APPLIANCE_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print JSON instead of tables (for scripts).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,22 +40,26 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the appliance: load the eBPF programs, intercept the selected cgroups, serve.
-    Daemon(DaemonArgs),
+    Daemon(Box<DaemonArgs>),
     /// Run a command inside a fresh intercepted cgroup.
     Exec(ExecArgs),
+    /// Manage secrets (values are read from stdin or a file, never from arguments).
+    #[command(subcommand)]
+    Secret(Box<commands::SecretCommand>),
     /// The appliance's certificate authority.
     #[command(subcommand)]
-    Ca(CaCommand),
-}
-
-#[derive(Subcommand)]
-enum CaCommand {
-    /// Print the CA certificate (PEM), for clients to trust.
-    Export {
-        /// The daemon's state directory.
-        #[arg(long, env = "APPLIANCE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
+    Ca(commands::CaCommand),
+    /// Show recent audit events.
+    Events(commands::EventsArgs),
+    /// Show the daemon's health.
+    Status,
+    /// Print a shell completion script.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
+    /// Print the man page (roff).
+    Man,
 }
 
 /// Connections to hosts without a secret, without SNI, or not TLS.
@@ -115,6 +130,9 @@ struct DaemonArgs {
     /// Largest request header block accepted, in bytes.
     #[arg(long, default_value_t = 64 * 1024)]
     max_header_bytes: usize,
+    /// Group whose members may use the admin socket (root and the daemon's user always may).
+    #[arg(long)]
+    admin_group: Option<String>,
     /// Seconds to wait for open connections at shutdown.
     #[arg(long, default_value_t = 10)]
     drain_seconds: u64,
@@ -157,7 +175,7 @@ fn parse_mark(text: &str) -> Result<u32, String> {
 }
 
 impl DaemonArgs {
-    fn into_settings(self) -> anyhow::Result<DaemonSettings> {
+    fn into_settings(self, socket: PathBuf) -> anyhow::Result<DaemonSettings> {
         if self.intercept_ports.contains(&self.port) {
             bail!(
                 "--intercept-port {} is the engine's own --port; choose different ports",
@@ -210,6 +228,13 @@ impl DaemonArgs {
             state_dir: self.state_dir,
             upstream_ca_files: self.upstream_ca_files,
             leaf_cache_capacity: 10_000,
+            credentials_dir: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+            api: ApiSettings {
+                socket,
+                admin_group: self.admin_group,
+                max_body_bytes: 256 * 1024,
+                request_timeout: Duration::from_secs(10),
+            },
             agents_cgroup: self.agents_cgroup,
             cgroups: self.cgroups,
             drain: Duration::from_secs(self.drain_seconds),
@@ -217,14 +242,14 @@ impl DaemonArgs {
     }
 }
 
-fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
+fn run_daemon(args: DaemonArgs, socket: PathBuf) -> anyhow::Result<()> {
     logging::init(args.log_format, "info");
     if args.detach_all {
         let cgroups = capture::detach_all(&args.bpffs_dir)?;
         tracing::info!(cgroups, bpffs_dir = %args.bpffs_dir.display(), "detached everything");
         return Ok(());
     }
-    let settings = args.into_settings()?;
+    let settings = args.into_settings(socket)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -234,8 +259,8 @@ fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Daemon(args) => run_daemon(args).map(|()| 0),
+    let outcome = match cli.command {
+        Command::Daemon(args) => run_daemon(*args, cli.socket).map(|()| 0),
         Command::Exec(args) => {
             logging::init(LogFormat::Text, "warn");
             appliance::exec::run(
@@ -246,26 +271,47 @@ fn main() -> ExitCode {
             )
             .map_err(anyhow::Error::from)
         }
-        Command::Ca(CaCommand::Export { state_dir }) => {
-            let path = state_dir.join("ca").join("ca.crt");
-            std::fs::read_to_string(&path)
-                .with_context(|| {
-                    format!(
-                        "reading {}; has the daemon run once with this --state-dir?",
-                        path.display()
-                    )
-                })
-                .map(|pem| {
-                    print!("{pem}");
-                    0
-                })
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "appliance",
+                &mut std::io::stdout(),
+            );
+            Ok(0)
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map(|()| 0)
+            .context("writing the man page"),
+        client_command => {
+            let output = if cli.json {
+                Output::Json
+            } else {
+                Output::Table
+            };
+            return commands::run(&cli.socket, output, client_command.into_client());
         }
     };
-    match result {
+    match outcome {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)),
         Err(error) => {
             eprintln!("appliance: error: {error:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+impl Command {
+    fn into_client(self) -> ClientCommand {
+        match self {
+            Self::Secret(command) => ClientCommand::Secret(command),
+            Self::Ca(command) => ClientCommand::Ca(command),
+            Self::Events(args) => ClientCommand::Events(args),
+            Self::Status => ClientCommand::Status,
+            Self::Daemon(_) | Self::Exec(_) | Self::Completions { .. } | Self::Man => {
+                unreachable!("handled in main")
+            }
         }
     }
 }

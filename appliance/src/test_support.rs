@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::audit::EventLog;
 use crate::injection::SecretInjector;
 use crate::proxy::{Proxy, ProxySettings, Unintercepted};
 use crate::tls::{CertificateAuthority, LeafCache, UpstreamTls};
@@ -36,13 +37,7 @@ pub fn test_proxy() -> Arc<Proxy> {
         unintercepted: Unintercepted::PassThrough,
     };
     let leaves = Arc::new(LeafCache::new(ca, 16));
-    Arc::new(
-        Proxy::new(
-            Arc::new(SecretInjector::default()),
-            leaves,
-            upstream_tls,
-            settings,
-        )
-        .unwrap(),
-    )
+    let events = Arc::new(EventLog::new(16));
+    let injector = Arc::new(SecretInjector::default());
+    Arc::new(Proxy::new(injector, leaves, upstream_tls, events, settings).unwrap())
 }

@@ -194,6 +194,7 @@ pub struct Daemon {
     pub agents_cgroup: PathBuf,
     pub bpffs_dir: PathBuf,
     pub state_dir: PathBuf,
+    pub socket: PathBuf,
     extra_args: Vec<String>,
     cgroup: Option<PathBuf>,
 }
@@ -213,6 +214,7 @@ impl Daemon {
             agents_cgroup: cgroup2_mount().join(unique(slot, "agents")),
             bpffs_dir: PathBuf::from("/sys/fs/bpf").join(unique(slot, "pins")),
             state_dir: std::env::temp_dir().join(unique(slot, "state")),
+            socket: std::env::temp_dir().join(format!("{}.sock", unique(slot, "admin"))),
             extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
             cgroup: cgroup.map(Path::to_path_buf),
         };
@@ -241,6 +243,8 @@ impl Daemon {
             .arg(&self.bpffs_dir)
             .arg("--state-dir")
             .arg(&self.state_dir)
+            .arg("--socket")
+            .arg(&self.socket)
             .args(&self.extra_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

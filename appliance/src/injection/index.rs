@@ -6,10 +6,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use http::request::Parts;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use super::apply::apply;
 use super::{Injector, Verdict, Workload};
+use crate::audit::SecretUse;
 use crate::secret::{HostPattern, SecretSpec, SecretValue};
 
 /// A secret ready for injection.
@@ -152,18 +153,18 @@ impl Injector for SecretInjector {
     fn prepare(&self, host: &str, workload: &Workload, request: &mut Parts) -> Verdict {
         let index = self.current();
         let path = request.uri.path().to_owned();
+        let mut injected = Vec::new();
         for reference in index.matching(host, &path, self.agent_of(workload)) {
             let secret = &index.secrets[reference.secret];
             let rule = &secret.spec.rules[reference.rule];
             match apply(&rule.injection, &secret.value, request) {
-                Ok(true) => info!(
-                    event = "injected",
-                    secret_id = %secret.id,
-                    secret = %secret.spec.name,
-                    %host,
-                    %path,
-                    "secret injected"
-                ),
+                Ok(true) => {
+                    debug!(secret_id = %secret.id, secret = %secret.spec.name, %host, %path, "secret injected");
+                    injected.push(SecretUse {
+                        id: secret.id.clone(),
+                        name: secret.spec.name.clone(),
+                    });
+                }
                 Ok(false) => {}
                 Err(error) => {
                     warn!(secret = %secret.spec.name, %error, "secret cannot be injected; refusing the request");
@@ -173,7 +174,11 @@ impl Injector for SecretInjector {
                 }
             }
         }
-        Verdict::Forward
+        Verdict::Forward { injected }
+    }
+
+    fn agent(&self, workload: &Workload) -> Option<String> {
+        self.agent_of(workload).map(str::to_owned)
     }
 }
 
@@ -210,10 +215,10 @@ mod tests {
             .unwrap()
             .into_parts()
             .0;
-        assert_eq!(
+        assert!(matches!(
             injector.prepare(host, &WORKLOAD, &mut parts),
-            Verdict::Forward
-        );
+            Verdict::Forward { .. }
+        ));
         parts
     }
 

@@ -9,6 +9,7 @@ mod index;
 pub use apply::ApplyError;
 pub use index::{LoadedSecret, SecretIndex, SecretInjector};
 
+use crate::audit::SecretUse;
 use crate::capture::CgroupId;
 
 /// The workload a connection came from, as capture identified it.
@@ -24,7 +25,10 @@ pub struct Workload {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// Forward the (possibly rewritten) request upstream.
-    Forward,
+    Forward {
+        /// The secrets that were injected into it.
+        injected: Vec<SecretUse>,
+    },
     /// Refuse with 403; the request never reaches the upstream.
     Block {
         /// Shown to the client.
@@ -45,4 +49,7 @@ pub trait Injector: Send + Sync + 'static {
         workload: &Workload,
         request: &mut http::request::Parts,
     ) -> Verdict;
+
+    /// The agent `workload` belongs to, for the audit trail.
+    fn agent(&self, workload: &Workload) -> Option<String>;
 }

@@ -23,6 +23,7 @@ use tokio_rustls::StartHandshake;
 use tracing::{debug, info, warn};
 
 use crate::addr::UpstreamAddr;
+use crate::audit::EventLog;
 use crate::capture::Redirect;
 use crate::injection::{Injector, Workload};
 use crate::tls::{LeafCache, TlsConfigError, UpstreamTls};
@@ -113,6 +114,7 @@ pub struct Proxy {
     injector: Arc<dyn Injector>,
     server_config: Arc<ServerConfig>,
     pool: Arc<UpstreamPool>,
+    events: Arc<EventLog>,
     settings: ProxySettings,
 }
 
@@ -123,6 +125,7 @@ impl Proxy {
         injector: Arc<dyn Injector>,
         leaves: Arc<LeafCache>,
         upstream_tls: UpstreamTls,
+        events: Arc<EventLog>,
         settings: ProxySettings,
     ) -> Result<Self, TlsConfigError> {
         let pool = UpstreamPool::new(
@@ -137,6 +140,7 @@ impl Proxy {
             injector,
             server_config: crate::tls::server_config(leaves)?,
             pool: Arc::new(pool),
+            events,
             settings,
         })
     }
@@ -247,6 +251,7 @@ impl Proxy {
             workload,
             injector: Arc::clone(&self.injector),
             pool: Arc::clone(&self.pool),
+            events: Arc::clone(&self.events),
         });
         let service = hyper::service::service_fn(move |request| {
             request::serve(Arc::clone(&context), request)

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use super::headers::{is_upgrade, request_host, strip_hop_by_hop};
 use super::upstream::{self, PoolKey, Sender, UpstreamError, UpstreamPool};
 use crate::addr::UpstreamAddr;
+use crate::audit::{AuditEvent, EventLog, SecretUse};
 use crate::injection::{Injector, Verdict, Workload};
 
 /// Body of responses the proxy returns to clients.
@@ -32,6 +33,31 @@ pub struct ConnectionContext {
     pub injector: Arc<dyn Injector>,
     /// Upstream connections.
     pub pool: Arc<UpstreamPool>,
+    /// Where requests are audited.
+    pub events: Arc<EventLog>,
+}
+
+impl ConnectionContext {
+    fn audit(
+        &self,
+        method: &http::Method,
+        path: &str,
+        secrets: Vec<SecretUse>,
+        status: StatusCode,
+        outcome: &'static str,
+    ) {
+        self.events.record(AuditEvent {
+            agent: self.injector.agent(&self.workload),
+            cgroup_id: self.workload.cgroup_id.0,
+            pid: self.workload.pid,
+            secrets,
+            host: self.server_name.clone(),
+            method: method.to_string(),
+            path: path.to_owned(),
+            status: status.as_u16(),
+            outcome,
+        });
+    }
 }
 
 fn plain(status: StatusCode, message: &str) -> Response<ProxyBody> {
@@ -61,6 +87,13 @@ pub async fn serve(
             if host == context.server_name && port.unwrap_or(default_port) == default_port => {}
         _ => {
             warn!(server_name = %context.server_name, uri = %request.uri(), "request for another host than the TLS server name");
+            context.audit(
+                request.method(),
+                request.uri().path(),
+                Vec::new(),
+                StatusCode::MISDIRECTED_REQUEST,
+                "misdirected",
+            );
             return Ok(plain(
                 StatusCode::MISDIRECTED_REQUEST,
                 "this connection only serves the host named in its TLS handshake",
@@ -72,14 +105,18 @@ pub async fn serve(
     let (mut parts, body) = request.into_parts();
     let method = parts.method.clone();
     let path = parts.uri.path().to_owned();
-    if let Verdict::Block { reason } =
-        context
+    let injected =
+        match context
             .injector
             .prepare(&context.server_name, &context.workload, &mut parts)
-    {
-        info!(event = "blocked", %method, %path, %reason, "request blocked");
-        return Ok(plain(StatusCode::FORBIDDEN, &reason));
-    }
+        {
+            Verdict::Forward { injected } => injected,
+            Verdict::Block { reason } => {
+                info!(%method, %path, %reason, "request blocked");
+                context.audit(&method, &path, Vec::new(), StatusCode::FORBIDDEN, "blocked");
+                return Ok(plain(StatusCode::FORBIDDEN, &reason));
+            }
+        };
     strip_hop_by_hop(&mut parts.headers, upgrade);
     // The client already got its 100 Continue from us as soon as the body was wanted.
     parts.headers.remove(header::EXPECT);
@@ -103,10 +140,14 @@ pub async fn serve(
     .await;
     let mut response = match result {
         Ok(response) => response,
-        Err(error) => return Ok(upstream_failure(&error)),
+        Err(error) => {
+            let response = upstream_failure(&error);
+            context.audit(&method, &path, injected, response.status(), "failed");
+            return Ok(response);
+        }
     };
     let status = response.status();
-    info!(event = "forwarded", %method, %path, status = status.as_u16(), "request forwarded");
+    context.audit(&method, &path, injected, status, "forwarded");
     if status == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut response);

@@ -1,0 +1,307 @@
+//! The routes of the admin API. [`ROUTES`] is the single list the server dispatches on and
+//! that `docs/openapi.yaml` is checked against.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use super::ApiError;
+use crate::audit::EventLog;
+use crate::injection::{SecretIndex, SecretInjector};
+use crate::secret::{Injection, SecretSpec};
+use crate::store::{SecretRecord, Store};
+use crate::tls::{CertificateAuthority, LeafCache};
+
+/// What a route does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handler {
+    /// Daemon, capture and store status.
+    Health,
+    /// The CA certificate.
+    CaGet,
+    /// Replace the CA.
+    CaRotate,
+    /// Recent audit events.
+    Events,
+    /// List secrets.
+    SecretList,
+    /// Create a secret.
+    SecretCreate,
+    /// Read a secret.
+    SecretGet,
+    /// Change a secret.
+    SecretUpdate,
+    /// Delete a secret.
+    SecretDelete,
+}
+
+/// One endpoint.
+#[derive(Debug)]
+pub struct Route {
+    /// HTTP method.
+    pub method: &'static str,
+    /// Path, with `{id}` for the record segment.
+    pub path: &'static str,
+    /// Whether it reads a JSON body.
+    pub takes_body: bool,
+    /// What it does.
+    pub handler: Handler,
+}
+
+const fn route(
+    method: &'static str,
+    path: &'static str,
+    takes_body: bool,
+    handler: Handler,
+) -> Route {
+    Route {
+        method,
+        path,
+        takes_body,
+        handler,
+    }
+}
+
+/// Every endpoint the daemon serves.
+pub const ROUTES: &[Route] = &[
+    route("GET", "/v1/health", false, Handler::Health),
+    route("GET", "/v1/ca", false, Handler::CaGet),
+    route("POST", "/v1/ca/rotate", false, Handler::CaRotate),
+    route("GET", "/v1/events", false, Handler::Events),
+    route("GET", "/v1/secrets", false, Handler::SecretList),
+    route("POST", "/v1/secrets", true, Handler::SecretCreate),
+    route("GET", "/v1/secrets/{id}", false, Handler::SecretGet),
+    route("PATCH", "/v1/secrets/{id}", true, Handler::SecretUpdate),
+    route("DELETE", "/v1/secrets/{id}", false, Handler::SecretDelete),
+];
+
+/// Matches `path` against `pattern`; `Some(Some(id))` when the pattern has `{id}`.
+pub fn matches(pattern: &str, path: &str) -> Option<Option<String>> {
+    let pattern_parts: Vec<&str> = pattern.split('/').collect();
+    let path_parts: Vec<&str> = path.split('/').collect();
+    if pattern_parts.len() != path_parts.len() {
+        return None;
+    }
+    let mut id = None;
+    for (expected, actual) in pattern_parts.iter().zip(&path_parts) {
+        if *expected == "{id}" {
+            if actual.is_empty() {
+                return None;
+            }
+            id = Some((*actual).to_owned());
+        } else if expected != actual {
+            return None;
+        }
+    }
+    Some(id)
+}
+
+/// The route for `method` and `path`.
+pub fn find(method: &Method, path: &str) -> Option<(&'static Route, Option<String>)> {
+    ROUTES.iter().find_map(|route| {
+        if route.method != method.as_str() {
+            return None;
+        }
+        matches(route.path, path).map(|id| (route, id))
+    })
+}
+
+/// What the daemon shares with the API.
+pub struct ApiState {
+    /// Secrets.
+    pub store: Store,
+    /// The injection layer to refresh when secrets change.
+    pub injector: Arc<SecretInjector>,
+    /// Leaf cache, whose CA `ca rotate` replaces.
+    pub leaves: Arc<LeafCache>,
+    /// Where the CA lives.
+    pub ca_dir: PathBuf,
+    /// Audit events.
+    pub events: Arc<EventLog>,
+    /// Number of intercepted cgroups, for health.
+    pub intercepted_cgroups: usize,
+}
+
+impl ApiState {
+    /// Rebuilds the injection index from the store.
+    pub fn reload_secrets(&self) -> Result<usize, ApiError> {
+        let secrets = self.store.load_all()?;
+        let count = secrets.len();
+        self.injector.replace(SecretIndex::new(secrets));
+        Ok(count)
+    }
+}
+
+/// A successful answer.
+pub enum Reply {
+    /// JSON with a status.
+    Json(StatusCode, Value),
+    /// 204.
+    Empty,
+    /// A PEM document.
+    Pem(String),
+}
+
+fn describe(injection: &Injection) -> Value {
+    match injection {
+        Injection::Headers(headers) => json!({
+            "kind": "headers",
+            "headers": headers.iter().map(|h| json!({
+                "headerName": h.name.as_str(),
+                "valueFormat": format!("{}{{value}}{}", h.format.prefix, h.format.suffix),
+            })).collect::<Vec<_>>(),
+        }),
+        Injection::Query { name, format } => json!({
+            "kind": "query", "paramName": name,
+            "paramFormat": format!("{}{{value}}{}", format.prefix, format.suffix),
+        }),
+        Injection::PathTemplate { prefix, suffix } => json!({
+            "kind": "pathTemplate", "pathTemplate": format!("{prefix}{{value}}{suffix}"),
+        }),
+        Injection::PathRegex { regex, replacement } => json!({
+            "kind": "pathRegex", "pathRegex": regex.as_str(), "pathReplacement": replacement,
+        }),
+        Injection::Basic { username } => json!({"kind": "basic", "username": username}),
+    }
+}
+
+fn secret_view(record: &SecretRecord, events: &EventLog) -> Value {
+    let auth = SecretSpec::from_json(&record.definition)
+        .map(|(spec, _)| {
+            json!({
+                "type": spec.provider.as_str(),
+                "agent": spec.agent,
+                "rules": spec.rules.iter().map(|rule| json!({
+                    "hosts": rule.hosts.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "pathPattern": rule.path.as_ref().map(|p| p.as_str()),
+                    "injection": describe(&rule.injection),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .unwrap_or(Value::Null);
+    json!({
+        "id": record.id,
+        "name": record.name,
+        "type": auth["type"],
+        "agent": auth["agent"],
+        "rules": auth["rules"],
+        "definition": record.definition,
+        "preview": record.preview,
+        "createdAt": record.created_at,
+        "updatedAt": record.updated_at,
+        "lastUsedAt": events.last_used(&record.id),
+    })
+}
+
+fn query_number(query: &str, key: &str) -> Result<u64, ApiError> {
+    match query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(name, _)| *name == key)
+    {
+        None => Ok(0),
+        Some((_, value)) => value.parse().map_err(|_| {
+            ApiError::from(crate::secret::ValidationError {
+                field: key.into(),
+                message: "must be a non-negative integer".into(),
+            })
+        }),
+    }
+}
+
+/// Store calls touch the disk (sled flushes before answering): keep them off the reactor.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(work)
+}
+
+/// Runs the handler of `route`.
+pub async fn dispatch(
+    state: &ApiState,
+    route: &Route,
+    id: Option<&str>,
+    query: &str,
+    body: Option<Value>,
+) -> Result<Reply, ApiError> {
+    let id = id.unwrap_or_default();
+    let body = body.unwrap_or(Value::Null);
+    let ok = |value| Ok(Reply::Json(StatusCode::OK, value));
+    match route.handler {
+        Handler::Health => {
+            let secrets = blocking(|| state.store.list_secrets())?.len();
+            ok(json!({
+                "status": "ok",
+                "capture": {"interceptedCgroups": state.intercepted_cgroups},
+                "store": {"status": "ok", "secrets": secrets},
+                "ca": {"leavesMinted": state.leaves.minted()},
+            }))
+        }
+        Handler::CaGet => Ok(Reply::Pem(state.leaves.ca().certificate_pem().to_owned())),
+        Handler::CaRotate => {
+            let ca = blocking(|| CertificateAuthority::rotate(&state.ca_dir))
+                .map_err(|error| ApiError::internal(&error))?;
+            let pem = ca.certificate_pem().to_owned();
+            state.leaves.replace_ca(ca);
+            tracing::info!(target: "appliance::audit", event = "ca_rotated", "appliance CA rotated");
+            Ok(Reply::Pem(pem))
+        }
+        Handler::Events => {
+            let after = query_number(query, "after")?;
+            let wait = query_number(query, "wait")?.min(60);
+            if wait > 0 && state.events.since(after).is_empty() {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(wait), state.events.wait_after(after))
+                        .await;
+            }
+            ok(json!({"events": state.events.since(after)}))
+        }
+        Handler::SecretList => {
+            let records = blocking(|| state.store.list_secrets())?;
+            ok(
+                json!({"secrets": records.iter().map(|r| secret_view(r, &state.events)).collect::<Vec<_>>()}),
+            )
+        }
+        Handler::SecretCreate => {
+            let record = blocking(|| state.store.create_secret(&body))?;
+            blocking(|| state.reload_secrets())?;
+            tracing::info!(target: "appliance::audit", event = "secret_created", id = %record.id, name = %record.name, "secret created");
+            Ok(Reply::Json(
+                StatusCode::CREATED,
+                secret_view(&record, &state.events),
+            ))
+        }
+        Handler::SecretGet => {
+            let record = blocking(|| state.store.get_secret(id))?;
+            ok(secret_view(&record, &state.events))
+        }
+        Handler::SecretUpdate => {
+            let record = blocking(|| state.store.update_secret(id, &body))?;
+            blocking(|| state.reload_secrets())?;
+            tracing::info!(target: "appliance::audit", event = "secret_updated", id = %record.id, name = %record.name, "secret updated");
+            ok(secret_view(&record, &state.events))
+        }
+        Handler::SecretDelete => {
+            blocking(|| state.store.delete_secret(id))?;
+            blocking(|| state.reload_secrets())?;
+            tracing::info!(target: "appliance::audit", event = "secret_deleted", id = %id, "secret deleted");
+            Ok(Reply::Empty)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_match_with_ids_and_nothing_else() {
+        let (route, id) = find(&Method::PATCH, "/v1/secrets/sec_1").unwrap();
+        assert_eq!(route.handler, Handler::SecretUpdate);
+        assert_eq!(id.as_deref(), Some("sec_1"));
+        assert!(find(&Method::GET, "/v1/secrets/").is_none());
+        assert!(find(&Method::GET, "/v1/secrets/a/b").is_none());
+        assert!(find(&Method::PUT, "/v1/secrets").is_none());
+    }
+}

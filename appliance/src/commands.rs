@@ -1,0 +1,524 @@
+//! Client commands of the `appliance` CLI: each becomes one or more admin API calls.
+//!
+//! Exit codes: 0 success, 1 local failure, 2 usage error (clap), 3 the daemon refused the
+//! request, 4 the daemon cannot be reached.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use appliance::client::{Answer, Client, ClientError};
+use clap::{Args, Subcommand};
+use http::Method;
+use serde_json::{json, Map, Value};
+use zeroize::Zeroizing;
+
+const EXIT_LOCAL: u8 = 1;
+const EXIT_API: u8 = 3;
+const EXIT_UNREACHABLE: u8 = 4;
+
+/// How results are printed.
+#[derive(Clone, Copy)]
+pub enum Output {
+    /// Human tables.
+    Table,
+    /// JSON, for scripts.
+    Json,
+}
+
+/// Commands that talk to the daemon.
+pub enum ClientCommand {
+    /// `appliance secret ...`
+    Secret(Box<SecretCommand>),
+    /// `appliance ca ...`
+    Ca(CaCommand),
+    /// `appliance events`
+    Events(EventsArgs),
+    /// `appliance status`
+    Status,
+}
+
+/// Where a secret's value comes from. Never an argument: other users can read the process
+/// list.
+#[derive(Args, Debug, Default)]
+#[group(multiple = false)]
+pub struct ValueSource {
+    /// Read the value from standard input (a trailing newline is dropped).
+    #[arg(long)]
+    value_stdin: bool,
+    /// Read the value from a file (a trailing newline is dropped).
+    #[arg(long)]
+    value_file: Option<PathBuf>,
+}
+
+/// Definition flags shared by create and update.
+#[derive(Args, Debug, Default)]
+pub struct SecretFields {
+    /// Provider shortcut: anthropic, openai, github, stripe, or generic.
+    #[arg(long = "type")]
+    kind: Option<String>,
+    /// Host (exact or `*.example.com`); repeat for several.
+    #[arg(long = "host")]
+    hosts: Vec<String>,
+    /// Path pattern, such as `/v1/*`.
+    #[arg(long)]
+    path: Option<String>,
+    /// Inject into this header.
+    #[arg(long)]
+    header: Option<String>,
+    /// Header or query value around the secret, such as `Bearer {value}`.
+    #[arg(long)]
+    format: Option<String>,
+    /// Inject as this query parameter.
+    #[arg(long)]
+    query: Option<String>,
+    /// Inject as HTTP Basic auth with this user name.
+    #[arg(long)]
+    basic_user: Option<String>,
+    /// Bind the secret to an agent.
+    #[arg(long)]
+    agent: Option<String>,
+    /// A JSON file with the full definition (path templates, regexes, several rules); the
+    /// flags above override its fields.
+    #[arg(long)]
+    definition: Option<PathBuf>,
+    #[command(flatten)]
+    value: ValueSource,
+}
+
+/// `appliance secret ...`
+#[derive(Subcommand, Debug)]
+pub enum SecretCommand {
+    /// Create a secret.
+    Create {
+        /// Its unique name.
+        name: String,
+        #[command(flatten)]
+        fields: SecretFields,
+    },
+    /// List secrets.
+    List,
+    /// Show one secret (never its value).
+    Get {
+        /// Name or id.
+        name: String,
+    },
+    /// Change a secret; only the fields given change.
+    Update {
+        /// Name or id.
+        name: String,
+        /// New name.
+        #[arg(long)]
+        rename: Option<String>,
+        #[command(flatten)]
+        fields: SecretFields,
+    },
+    /// Delete a secret.
+    Delete {
+        /// Name or id.
+        name: String,
+    },
+}
+
+/// `appliance ca ...`
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Print the CA certificate (PEM) for clients to trust.
+    Export,
+    /// Replace the CA; clients must trust the new certificate.
+    Rotate,
+}
+
+/// `appliance events`
+#[derive(Args, Debug)]
+pub struct EventsArgs {
+    /// Keep printing new events as they happen.
+    #[arg(long)]
+    follow: bool,
+}
+
+/// A failure with its exit code.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<ClientError> for Failure {
+    fn from(error: ClientError) -> Self {
+        let code = match error {
+            ClientError::Unreachable { .. } => EXIT_UNREACHABLE,
+            ClientError::Api { .. } => EXIT_API,
+            ClientError::Protocol(_) => EXIT_LOCAL,
+        };
+        Self {
+            code,
+            message: error.to_string(),
+        }
+    }
+}
+
+fn local(message: impl Into<String>) -> Failure {
+    Failure {
+        code: EXIT_LOCAL,
+        message: message.into(),
+    }
+}
+
+fn read_value(source: &ValueSource) -> Result<Option<Zeroizing<String>>, Failure> {
+    let mut text = Zeroizing::new(String::new());
+    if source.value_stdin {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|error| local(format!("reading the value from stdin: {error}")))?;
+    } else if let Some(path) = &source.value_file {
+        *text = std::fs::read_to_string(path).map_err(|error| {
+            local(format!(
+                "reading the value from {}: {error}",
+                path.display()
+            ))
+        })?;
+    } else {
+        return Ok(None);
+    }
+    while text.ends_with('\n') || text.ends_with('\r') {
+        text.pop();
+    }
+    Ok(Some(text))
+}
+
+fn definition(fields: &SecretFields) -> Result<Map<String, Value>, Failure> {
+    let mut object = match &fields.definition {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|error| local(format!("reading {}: {error}", path.display())))?;
+            match serde_json::from_str(&text) {
+                Ok(Value::Object(object)) => object,
+                Ok(_) => return Err(local(format!("{} must hold a JSON object", path.display()))),
+                Err(error) => {
+                    return Err(local(format!("{} is not JSON: {error}", path.display())))
+                }
+            }
+        }
+        None => Map::new(),
+    };
+    if object.contains_key("value") {
+        return Err(local(
+            "the definition file must not contain `value`; use --value-stdin or --value-file",
+        ));
+    }
+    let mut set = |key: &str, value: Value| {
+        object.insert(key.to_owned(), value);
+    };
+    if let Some(kind) = &fields.kind {
+        set("type", json!(kind));
+    }
+    if !fields.hosts.is_empty() {
+        set("hosts", json!(fields.hosts));
+    }
+    if let Some(path) = &fields.path {
+        set("pathPattern", json!(path));
+    }
+    if let Some(agent) = &fields.agent {
+        set("agent", json!(agent));
+    }
+    let injection = match (&fields.header, &fields.query, &fields.basic_user) {
+        (Some(header), None, None) => Some(match &fields.format {
+            Some(format) => json!({"headerName": header, "valueFormat": format}),
+            None => json!({"headerName": header}),
+        }),
+        (None, Some(param), None) => Some(match &fields.format {
+            Some(format) => json!({"paramName": param, "paramFormat": format}),
+            None => json!({"paramName": param}),
+        }),
+        (None, None, Some(user)) => Some(json!({"username": user})),
+        (None, None, None) => None,
+        _ => return Err(local("give only one of --header, --query and --basic-user")),
+    };
+    if let Some(injection) = injection {
+        set("injection", injection);
+    }
+    Ok(object)
+}
+
+fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::Null => "-".into(),
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn hosts_of(secret: &Value) -> String {
+    secret["rules"]
+        .as_array()
+        .map(|rules| {
+            rules
+                .iter()
+                .flat_map(|rule| rule["hosts"].as_array().cloned().unwrap_or_default())
+                .map(|host| text(&host))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
+fn show_secret(output: Output, secret: &Value) {
+    match output {
+        Output::Json => print_json(secret),
+        Output::Table => {
+            for key in [
+                "id",
+                "name",
+                "type",
+                "agent",
+                "preview",
+                "createdAt",
+                "updatedAt",
+                "lastUsedAt",
+            ] {
+                println!("{key:<11} {}", text(&secret[key]));
+            }
+            println!("{:<11} {}", "hosts", hosts_of(secret));
+            for rule in secret["rules"].as_array().into_iter().flatten() {
+                println!("{:<11} {}", "rule", rule);
+            }
+        }
+    }
+}
+
+fn answer_json(answer: Answer) -> Value {
+    match answer {
+        Answer::Json(value) => value,
+        Answer::Text(text) => Value::String(text),
+        Answer::Empty => Value::Null,
+    }
+}
+
+fn percent_encode_segment(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|byte| {
+            if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+                (byte as char).to_string()
+            } else {
+                format!("%{byte:02X}")
+            }
+        })
+        .collect()
+}
+
+fn print_events(output: Output, events: &[Value]) {
+    for event in events {
+        match output {
+            Output::Json => println!("{event}"),
+            Output::Table => {
+                let secrets: Vec<String> = event["secrets"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|secret| text(&secret["name"]))
+                    .collect();
+                println!(
+                    "{}  {}  {} {}{}  {}  agent={} pid={} secrets={}",
+                    text(&event["time"]),
+                    text(&event["outcome"]),
+                    text(&event["method"]),
+                    text(&event["host"]),
+                    text(&event["path"]),
+                    text(&event["status"]),
+                    text(&event["agent"]),
+                    text(&event["pid"]),
+                    if secrets.is_empty() {
+                        "-".into()
+                    } else {
+                        secrets.join(",")
+                    },
+                );
+            }
+        }
+    }
+}
+
+async fn execute(client: &Client, output: Output, command: ClientCommand) -> Result<(), Failure> {
+    match command {
+        ClientCommand::Status => {
+            let health = answer_json(client.call(Method::GET, "/v1/health", None).await?);
+            match output {
+                Output::Json => print_json(&health),
+                Output::Table => {
+                    println!("status              {}", text(&health["status"]));
+                    println!(
+                        "intercepted cgroups {}",
+                        text(&health["capture"]["interceptedCgroups"])
+                    );
+                    println!("secrets             {}", text(&health["store"]["secrets"]));
+                    println!(
+                        "leaves minted       {}",
+                        text(&health["ca"]["leavesMinted"])
+                    );
+                }
+            }
+        }
+        ClientCommand::Ca(CaCommand::Export) => {
+            print!(
+                "{}",
+                text(&answer_json(
+                    client.call(Method::GET, "/v1/ca", None).await?
+                ))
+            );
+        }
+        ClientCommand::Ca(CaCommand::Rotate) => {
+            let pem = answer_json(client.call(Method::POST, "/v1/ca/rotate", None).await?);
+            eprintln!("appliance: CA rotated; clients must trust the new certificate below");
+            print!("{}", text(&pem));
+        }
+        ClientCommand::Events(EventsArgs { follow }) => {
+            let mut after = 0;
+            loop {
+                let wait = if follow { 30 } else { 0 };
+                let path = format!("/v1/events?after={after}&wait={wait}");
+                let answer = answer_json(client.call(Method::GET, &path, None).await?);
+                let events = answer["events"].as_array().cloned().unwrap_or_default();
+                print_events(output, &events);
+                if let Some(last) = events.last().and_then(|event| event["seq"].as_u64()) {
+                    after = last;
+                }
+                if !follow {
+                    break;
+                }
+            }
+        }
+        ClientCommand::Secret(command) => secret(client, output, *command).await?,
+    }
+    Ok(())
+}
+
+async fn secret(client: &Client, output: Output, command: SecretCommand) -> Result<(), Failure> {
+    match command {
+        SecretCommand::Create { name, fields } => {
+            let mut body = definition(&fields)?;
+            body.insert("name".into(), json!(name));
+            let value = read_value(&fields.value)?.ok_or_else(|| {
+                local("the value is required: pass --value-stdin (and pipe it in) or --value-file FILE")
+            })?;
+            body.insert("value".into(), json!(value.as_str()));
+            let body = Value::Object(body);
+            let created = answer_json(
+                client
+                    .call(Method::POST, "/v1/secrets", Some(&body))
+                    .await?,
+            );
+            show_secret(output, &created);
+        }
+        SecretCommand::List => {
+            let answer = answer_json(client.call(Method::GET, "/v1/secrets", None).await?);
+            let secrets = answer["secrets"].as_array().cloned().unwrap_or_default();
+            match output {
+                Output::Json => print_json(&answer),
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = secrets
+                        .iter()
+                        .map(|secret| {
+                            vec![
+                                text(&secret["name"]),
+                                text(&secret["type"]),
+                                hosts_of(secret),
+                                text(&secret["agent"]),
+                                text(&secret["preview"]),
+                                text(&secret["lastUsedAt"]),
+                            ]
+                        })
+                        .collect();
+                    print_table(
+                        &["NAME", "TYPE", "HOSTS", "AGENT", "PREVIEW", "LAST USED"],
+                        &rows,
+                    );
+                }
+            }
+        }
+        SecretCommand::Get { name } => {
+            let path = format!("/v1/secrets/{}", percent_encode_segment(&name));
+            show_secret(
+                output,
+                &answer_json(client.call(Method::GET, &path, None).await?),
+            );
+        }
+        SecretCommand::Update {
+            name,
+            rename,
+            fields,
+        } => {
+            let mut body = definition(&fields)?;
+            if let Some(rename) = rename {
+                body.insert("name".into(), json!(rename));
+            }
+            if let Some(value) = read_value(&fields.value)? {
+                body.insert("value".into(), json!(value.as_str()));
+            }
+            let path = format!("/v1/secrets/{}", percent_encode_segment(&name));
+            let body = Value::Object(body);
+            show_secret(
+                output,
+                &answer_json(client.call(Method::PATCH, &path, Some(&body)).await?),
+            );
+        }
+        SecretCommand::Delete { name } => {
+            let path = format!("/v1/secrets/{}", percent_encode_segment(&name));
+            client.call(Method::DELETE, &path, None).await?;
+            if let Output::Table = output {
+                eprintln!("appliance: deleted secret {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs a client command against the daemon at `socket`.
+pub fn run(socket: &Path, output: Output, command: ClientCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("appliance: error: starting the async runtime: {error}");
+            return ExitCode::from(EXIT_LOCAL);
+        }
+    };
+    let client = Client::new(socket);
+    match runtime.block_on(execute(&client, output, command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("appliance: error: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
