@@ -2,12 +2,13 @@
 //! HTTPS upstream on loopback, and real clients (curl, Python). Every connection the engine
 //! accepts is treated as redirected to the upstream, as capture would report.
 
-use std::convert::Infallible;
+mod https;
+
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use appliance::addr::{ClientAddr, OrigDstAddr};
@@ -17,19 +18,11 @@ use appliance::engine::Engine;
 use appliance::injection::{Injector, Verdict, Workload};
 use appliance::proxy::{Proxy, ProxySettings, Unintercepted};
 use appliance::tls::{CertificateAuthority, LeafCache, UpstreamTls};
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt as _, Full};
-use hyper::body::Incoming;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use https::{Ca, Seen, Upstream, BIG_BODY};
 use tokio::sync::{watch, Notify};
 
 /// The credential the test injector adds; the upstream must see it, clients never send it.
 const SECRET: &str = "Bearer sk-real-0123456789";
-const BIG_BODY: usize = 100 * 1024 * 1024;
 
 /// Every accepted connection was redirected to one upstream.
 struct AllTo(Redirect);
@@ -75,140 +68,11 @@ impl Injector for TestInjector {
     }
 }
 
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-fn make_ca(name: &str) -> Ca {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let cert = params.self_signed(&key).unwrap();
-    Ca {
-        pem: cert.pem(),
-        issuer: Issuer::new(params, key),
-    }
-}
-
-fn server_cert(ca: &Ca, host: &str) -> Arc<CertifiedKey> {
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec![host.to_owned()])
-        .unwrap()
-        .signed_by(&key, &ca.issuer)
-        .unwrap();
-    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    let signing = rustls::crypto::ring::sign::any_supported_type(&der).unwrap();
-    Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing))
-}
-
-#[derive(Debug)]
-struct CertsBySni(Vec<(String, Arc<CertifiedKey>)>);
-
-impl ResolvesServerCert for CertsBySni {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let name = hello.server_name()?;
-        self.0
-            .iter()
-            .find(|(host, _)| host == name)
-            .map(|(_, key)| Arc::clone(key))
-    }
-}
-
-/// What the upstream saw.
-#[derive(Default)]
-struct Seen {
-    authorizations: Vec<(String, Option<String>)>,
-}
-
-type UpstreamBody = BoxBody<Bytes, Infallible>;
-
-fn full(text: impl Into<Bytes>) -> UpstreamBody {
-    Full::new(text.into()).boxed()
-}
-
-async fn upstream_service(
-    mut request: Request<Incoming>,
-    server_name: String,
-    seen: Arc<Mutex<Seen>>,
-    release_sse: Arc<Notify>,
-) -> Result<Response<UpstreamBody>, Infallible> {
-    let authorization = request
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .map(|value| value.to_str().unwrap().to_owned());
-    seen.lock()
-        .unwrap()
-        .authorizations
-        .push((server_name.clone(), authorization.clone()));
-    let response = match request.uri().path() {
-        "/echo" => Response::new(full(
-            serde_json::json!({
-                "server_name": server_name,
-                "authorization": authorization,
-                "host": request.headers().get("host").map(|h| h.to_str().unwrap().to_owned()),
-                "version": format!("{:?}", request.version()),
-            })
-            .to_string(),
-        )),
-        "/sse" => {
-            let (mut sender, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(2);
-            tokio::spawn(async move {
-                let _ = sender.send_data(Bytes::from("data: one\n\n")).await;
-                release_sse.notified().await;
-                let _ = sender.send_data(Bytes::from("data: two\n\n")).await;
-            });
-            let mut response = Response::new(body.boxed());
-            response
-                .headers_mut()
-                .insert("content-type", "text/event-stream".parse().unwrap());
-            response
-        }
-        "/big" => {
-            let (mut sender, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(4);
-            tokio::spawn(async move {
-                let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
-                for _ in 0..BIG_BODY / chunk.len() {
-                    if sender.send_data(chunk.clone()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-            Response::new(body.boxed())
-        }
-        "/ws" => {
-            let upgrade = hyper::upgrade::on(&mut request);
-            tokio::spawn(async move {
-                let upgraded = upgrade.await.unwrap();
-                let mut io = hyper_util::rt::TokioIo::new(upgraded);
-                let (mut read, mut write) = tokio::io::split(&mut io);
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-            });
-            let mut response = Response::new(full(""));
-            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            response
-                .headers_mut()
-                .insert("upgrade", "websocket".parse().unwrap());
-            response
-                .headers_mut()
-                .insert("connection", "upgrade".parse().unwrap());
-            response
-        }
-        _ => {
-            let mut response = Response::new(full("not found"));
-            *response.status_mut() = StatusCode::NOT_FOUND;
-            response
-        }
-    };
-    Ok(response)
-}
-
 struct Fixture {
     engine_addr: SocketAddr,
     appliance_ca: PathBuf,
     upstream_ca: PathBuf,
-    seen: Arc<Mutex<Seen>>,
+    seen: Seen,
     release_sse: Arc<Notify>,
     events: Arc<EventLog>,
     dir: PathBuf,
@@ -226,59 +90,20 @@ async fn start(name: &str) -> Fixture {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
 
-    let trusted = make_ca("test upstream CA");
-    let rogue = make_ca("rogue CA");
+    let trusted = Ca::new("test upstream CA");
+    let rogue = Ca::new("rogue CA");
     let upstream_ca = dir.join("upstream-ca.pem");
-    std::fs::write(&upstream_ca, &trusted.pem).unwrap();
-    let certs = CertsBySni(vec![
-        ("api.test".into(), server_cert(&trusted, "api.test")),
-        ("other.test".into(), server_cert(&trusted, "other.test")),
-        ("bad.test".into(), server_cert(&rogue, "bad.test")),
-    ]);
-    let mut server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_cert_resolver(Arc::new(certs));
-    server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream_addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let release_sse = Arc::new(Notify::new());
-    {
-        let seen = Arc::clone(&seen);
-        let release_sse = Arc::clone(&release_sse);
-        tokio::spawn(async move {
-            loop {
-                let (tcp, _) = listener.accept().await.unwrap();
-                let acceptor = acceptor.clone();
-                let seen = Arc::clone(&seen);
-                let release_sse = Arc::clone(&release_sse);
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let server_name = tls.get_ref().1.server_name().unwrap_or("").to_owned();
-                    let service = hyper::service::service_fn(move |request| {
-                        upstream_service(
-                            request,
-                            server_name.clone(),
-                            Arc::clone(&seen),
-                            Arc::clone(&release_sse),
-                        )
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), service)
-                    .await;
-                });
-            }
-        });
-    }
+    trusted.write(&upstream_ca);
+    let upstream = Upstream::start(
+        "127.0.0.1:0".parse().unwrap(),
+        &[
+            ("api.test", &trusted),
+            ("other.test", &trusted),
+            ("bad.test", &rogue),
+        ],
+    )
+    .await;
+    let upstream_addr = upstream.addr;
 
     let events = Arc::new(EventLog::new(1024));
     let ca = CertificateAuthority::load_or_create(&dir.join("ca")).unwrap();
@@ -319,8 +144,8 @@ async fn start(name: &str) -> Fixture {
         engine_addr,
         appliance_ca,
         upstream_ca,
-        seen,
-        release_sse,
+        seen: upstream.seen,
+        release_sse: upstream.release_sse,
         events,
         dir,
         _stop: stop,
@@ -490,9 +315,10 @@ async fn an_upstream_that_fails_verification_gets_502_and_no_secret() {
     let stdout = String::from_utf8(output.stdout).unwrap();
     assert!(stdout.ends_with("\n502"), "{stdout}");
     assert!(stdout.contains("does not verify"), "{stdout}");
-    let seen = fixture.seen.lock().unwrap();
     assert!(
-        seen.authorizations
+        fixture
+            .seen
+            .authorizations()
             .iter()
             .all(|(host, _)| host != "bad.test"),
         "the unverified upstream received a request"
@@ -530,7 +356,7 @@ async fn misdirected_and_blocked_requests_never_reach_the_upstream() {
     assert!(String::from_utf8(blocked.stdout)
         .unwrap()
         .ends_with("\n403"));
-    assert!(fixture.seen.lock().unwrap().authorizations.is_empty());
+    assert!(fixture.seen.authorizations().is_empty());
     let outcomes: Vec<String> = fixture
         .events
         .since(0)
@@ -639,9 +465,8 @@ print(echo.decode())
         String::from_utf8(output.stdout).unwrap().trim(),
         "ping through the upgrade"
     );
-    let seen = fixture.seen.lock().unwrap();
     assert_eq!(
-        seen.authorizations,
+        fixture.seen.authorizations(),
         vec![("api.test".into(), Some(SECRET.into()))]
     );
 }

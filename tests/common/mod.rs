@@ -4,6 +4,9 @@
 //! Each test takes a distinct `slot`, which gives it its own engine port, loopback upstream
 //! address (127.77.<slot>.1), cgroups and bpffs directory, so tests run in parallel.
 
+// Each test binary uses the part it needs.
+#![allow(dead_code)]
+
 use std::ffi::CString;
 use std::fs;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};

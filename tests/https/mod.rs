@@ -1,0 +1,302 @@
+//! A real HTTPS upstream for tests: per-SNI certificates from test CAs, HTTP/1.1 and HTTP/2,
+//! and endpoints that show what arrived (`/echo`), stream (`/sse`, `/big`) or upgrade (`/ws`).
+//! Every request it receives is recorded, so tests can assert what an upstream was sent.
+
+// Each test binary uses the part it needs.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt as _, Full};
+use hyper::body::Incoming;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::json;
+use tokio::sync::Notify;
+
+/// Size of the `/big` body.
+pub const BIG_BODY: usize = 100 * 1024 * 1024;
+
+/// A test certificate authority.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    /// Its certificate, PEM.
+    pub pem: String,
+}
+
+impl Ca {
+    /// A new CA named `name`.
+    pub fn new(name: &str) -> Self {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        Self {
+            pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// Writes the certificate to `path`.
+    pub fn write(&self, path: &Path) {
+        std::fs::write(path, &self.pem).unwrap();
+    }
+
+    fn server_cert(&self, host: &str) -> Arc<CertifiedKey> {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![host.to_owned()])
+            .unwrap()
+            .signed_by(&key, &self.issuer)
+            .unwrap();
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let signing = rustls::crypto::ring::sign::any_supported_type(&der).unwrap();
+        Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing))
+    }
+}
+
+#[derive(Debug)]
+struct CertsBySni(Vec<(String, Arc<CertifiedKey>)>);
+
+impl ResolvesServerCert for CertsBySni {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name()?;
+        self.0
+            .iter()
+            .find(|(host, _)| host == name)
+            .map(|(_, key)| Arc::clone(key))
+    }
+}
+
+/// One request as the upstream received it.
+#[derive(Clone, Debug)]
+pub struct SeenRequest {
+    /// TLS server name.
+    pub server_name: String,
+    /// Method.
+    pub method: String,
+    /// Path and query.
+    pub target: String,
+    /// Headers, lower-case names, repeated values joined with ", ".
+    pub headers: BTreeMap<String, String>,
+}
+
+/// What an upstream received.
+#[derive(Clone, Default)]
+pub struct Seen(Arc<Mutex<Vec<SeenRequest>>>);
+
+impl Seen {
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<SeenRequest> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// `(server name, authorization header)` of every request.
+    pub fn authorizations(&self) -> Vec<(String, Option<String>)> {
+        self.requests()
+            .into_iter()
+            .map(|request| {
+                let authorization = request.headers.get("authorization").cloned();
+                (request.server_name, authorization)
+            })
+            .collect()
+    }
+}
+
+type UpstreamBody = BoxBody<Bytes, Infallible>;
+
+fn full(text: impl Into<Bytes>) -> UpstreamBody {
+    Full::new(text.into()).boxed()
+}
+
+async fn service(
+    mut request: Request<Incoming>,
+    server_name: String,
+    seen: Seen,
+    release_sse: Arc<Notify>,
+) -> Result<Response<UpstreamBody>, Infallible> {
+    let mut headers = BTreeMap::new();
+    for (name, value) in request.headers() {
+        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        headers
+            .entry(name.as_str().to_owned())
+            .and_modify(|existing: &mut String| {
+                existing.push_str(", ");
+                existing.push_str(&value);
+            })
+            .or_insert(value);
+    }
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or("/".into(), |target| target.as_str().to_owned());
+    let record = SeenRequest {
+        server_name: server_name.clone(),
+        method: request.method().to_string(),
+        target: target.clone(),
+        headers: headers.clone(),
+    };
+    seen.0.lock().unwrap().push(record);
+    let response = match request.uri().path() {
+        "/sse" => {
+            let (mut sender, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(2);
+            tokio::spawn(async move {
+                let _ = sender.send_data(Bytes::from("data: one\n\n")).await;
+                release_sse.notified().await;
+                let _ = sender.send_data(Bytes::from("data: two\n\n")).await;
+            });
+            let mut response = Response::new(body.boxed());
+            response
+                .headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            response
+        }
+        "/big" => {
+            let (mut sender, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(4);
+            tokio::spawn(async move {
+                let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+                for _ in 0..BIG_BODY / chunk.len() {
+                    if sender.send_data(chunk.clone()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Response::new(body.boxed())
+        }
+        "/ws" => {
+            let upgrade = hyper::upgrade::on(&mut request);
+            tokio::spawn(async move {
+                let upgraded = upgrade.await.unwrap();
+                let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                let (mut read, mut write) = tokio::io::split(&mut io);
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+            let mut response = Response::new(full(""));
+            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            response
+                .headers_mut()
+                .insert("upgrade", "websocket".parse().unwrap());
+            response
+                .headers_mut()
+                .insert("connection", "upgrade".parse().unwrap());
+            response
+        }
+        // Everything else echoes what arrived.
+        _ => Response::new(full(
+            json!({
+                "server_name": server_name,
+                "method": request.method().as_str(),
+                "target": target,
+                "headers": headers,
+                "authorization": headers.get("authorization"),
+                "version": format!("{:?}", request.version()),
+            })
+            .to_string(),
+        )),
+    };
+    Ok(response)
+}
+
+/// A running upstream.
+pub struct Upstream {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// What it received.
+    pub seen: Seen,
+    /// Lets `/sse` send its second event.
+    pub release_sse: Arc<Notify>,
+}
+
+fn certs_for(hosts: &[(&str, &Ca)]) -> CertsBySni {
+    CertsBySni(
+        hosts
+            .iter()
+            .map(|(host, ca)| ((*host).to_owned(), ca.server_cert(host)))
+            .collect(),
+    )
+}
+
+impl Upstream {
+    /// Starts on `bind`, presenting for each `(host, ca)` a certificate for `host` from `ca`.
+    pub async fn start(bind: SocketAddr, hosts: &[(&str, &Ca)]) -> Self {
+        Self::serve(bind, certs_for(hosts)).await
+    }
+
+    /// [`Upstream::start`] for tests without a runtime: it runs on a thread of its own for
+    /// the rest of the test process.
+    pub fn start_in_background(bind: SocketAddr, hosts: &[(&str, &Ca)]) -> Self {
+        let certs = certs_for(hosts);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                ready_tx.send(Self::serve(bind, certs).await).unwrap();
+                std::future::pending::<()>().await;
+            });
+        });
+        ready_rx.recv().unwrap()
+    }
+
+    async fn serve(bind: SocketAddr, certs: CertsBySni) -> Self {
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(certs));
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Seen::default();
+        let release_sse = Arc::new(Notify::new());
+        let (task_seen, task_release) = (seen.clone(), Arc::clone(&release_sse));
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let seen = task_seen.clone();
+                let release_sse = Arc::clone(&task_release);
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let server_name = tls.get_ref().1.server_name().unwrap_or("").to_owned();
+                    let handler = hyper::service::service_fn(move |request| {
+                        service(
+                            request,
+                            server_name.clone(),
+                            seen.clone(),
+                            Arc::clone(&release_sse),
+                        )
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), handler)
+                    .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            seen,
+            release_sse,
+        }
+    }
+}

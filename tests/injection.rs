@@ -1,0 +1,634 @@
+//! Secrets end to end on the real kernel: created with the `appliance` CLI through the admin
+//! socket, injected by the daemon into requests that curl (inside `appliance exec`, with only
+//! a placeholder) sends to a loopback HTTPS upstream over the real eBPF redirect.
+
+mod common;
+mod https;
+
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::*;
+use https::{Ca, Upstream};
+use serde_json::Value;
+
+/// Hosts the upstream serves (all on one loopback address), each with a test-CA certificate.
+const HOSTS: [&str; 8] = [
+    "api.anthropic.com",
+    "api.openai.com",
+    "api.github.com",
+    "github.com",
+    "api.stripe.com",
+    "plain.example.com",
+    "generic.example.com",
+    "other.example.com",
+];
+
+struct Setup {
+    daemon: Daemon,
+    upstream: Upstream,
+    upstream_ip: IpAddr,
+    appliance_ca: PathBuf,
+    upstream_ca: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn setup(slot: u8, extra: &[&str]) -> Setup {
+    require_root();
+    let dir = std::env::temp_dir().join(unique(slot, "files"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let test_ca = Ca::new("test upstream CA");
+    let upstream_ca = dir.join("upstream-ca.pem");
+    test_ca.write(&upstream_ca);
+    let upstream_ip = IpAddr::V4(upstream_ip(slot));
+    let hosts: Vec<(&str, &Ca)> = HOSTS.iter().map(|host| (*host, &test_ca)).collect();
+    let upstream = Upstream::start_in_background(SocketAddr::new(upstream_ip, 443), &hosts);
+    let mut args = vec!["--upstream-ca", upstream_ca.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let daemon = Daemon::start(slot, &args);
+    let appliance_ca = dir.join("appliance-ca.pem");
+    let exported = cli(&daemon, &["ca", "export"], None);
+    assert!(exported.status.success(), "{exported:?}");
+    std::fs::write(&appliance_ca, &exported.stdout).unwrap();
+    Setup {
+        daemon,
+        upstream,
+        upstream_ip,
+        appliance_ca,
+        upstream_ca,
+        dir,
+    }
+}
+
+/// Runs the `appliance` CLI against the daemon's socket, feeding `stdin` when given.
+fn cli(daemon: &Daemon, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut command = Command::new(APPLIANCE);
+    command
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn create_secret(daemon: &Daemon, args: &[&str], value: &str) {
+    let mut full = vec!["secret", "create"];
+    full.extend_from_slice(args);
+    full.push("--value-stdin");
+    let output = cli(daemon, &full, Some(&format!("{value}\n")));
+    assert!(
+        output.status.success(),
+        "secret create {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+impl Setup {
+    /// curl inside `appliance exec`, to `https://<host><path>` resolved to the upstream.
+    fn curl(&self, ca: &Path, host: &str, path: &str, extra: &[&str]) -> Output {
+        let mut command = Command::new(APPLIANCE);
+        command
+            .arg("exec")
+            .arg("--agents-cgroup")
+            .arg(&self.daemon.agents_cgroup)
+            .args(["--", "curl", "-sS", "-v", "--max-time", "20", "--cacert"])
+            .arg(ca)
+            .arg("--resolve")
+            .arg(format!("{host}:443:{}", self.upstream_ip))
+            .args(extra)
+            .arg(format!("https://{host}{path}"));
+        command.output().unwrap()
+    }
+
+    /// The last request the upstream received for `host`.
+    fn last_request(&self, host: &str) -> https::SeenRequest {
+        self.upstream
+            .seen
+            .requests()
+            .into_iter()
+            .rev()
+            .find(|request| request.server_name == host)
+            .unwrap_or_else(|| panic!("the upstream received nothing for {host}"))
+    }
+}
+
+fn assert_ok(output: &Output) {
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn provider_shortcuts_inject_the_real_credential_over_the_real_redirect() {
+    let setup = setup(9, &[]);
+    let daemon = &setup.daemon;
+    create_secret(
+        daemon,
+        &["anthropic", "--type", "anthropic"],
+        "sk-ant-REAL-1",
+    );
+    create_secret(daemon, &["openai", "--type", "openai"], "sk-proj-REAL-2");
+    create_secret(daemon, &["github", "--type", "github"], "ghp_REAL3");
+    create_secret(daemon, &["stripe", "--type", "stripe"], "sk_live_REAL4");
+
+    let placeholder = [
+        "-H",
+        "x-api-key: placeholder",
+        "-H",
+        "Authorization: Bearer placeholder",
+    ];
+    let ca = &setup.appliance_ca;
+    for (host, path, header, expected) in [
+        (
+            "api.anthropic.com",
+            "/v1/messages",
+            "x-api-key",
+            "sk-ant-REAL-1",
+        ),
+        (
+            "api.openai.com",
+            "/v1/chat/completions",
+            "authorization",
+            "Bearer sk-proj-REAL-2",
+        ),
+        (
+            "api.github.com",
+            "/user",
+            "authorization",
+            "Bearer ghp_REAL3",
+        ),
+        // git over HTTPS: Basic x-access-token:<value>
+        (
+            "github.com",
+            "/o/r.git/info/refs?service=git-upload-pack",
+            "authorization",
+            "Basic eC1hY2Nlc3MtdG9rZW46Z2hwX1JFQUwz",
+        ),
+        (
+            "api.stripe.com",
+            "/v1/charges",
+            "authorization",
+            "Bearer sk_live_REAL4",
+        ),
+    ] {
+        let output = setup.curl(ca, host, path, &placeholder);
+        assert_ok(&output);
+        let issuer = String::from_utf8_lossy(&output.stderr)
+            .lines()
+            .find(|line| line.contains("issuer:"))
+            .unwrap_or_default()
+            .to_owned();
+        assert!(issuer.contains("appliance local CA"), "{host}: {issuer}");
+        let request = setup.last_request(host);
+        assert_eq!(
+            request.headers.get(header).map(String::as_str),
+            Some(expected),
+            "{host}"
+        );
+        assert_eq!(request.target, path, "{host}: path changed");
+    }
+    // Headers the secret does not own pass unchanged: the placeholder x-api-key to OpenAI.
+    assert_eq!(
+        setup.last_request("api.openai.com").headers["x-api-key"],
+        "placeholder"
+    );
+
+    let events = cli(daemon, &["--json", "events"], None);
+    assert_ok(&events);
+    let lines: Vec<Value> = String::from_utf8_lossy(&events.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let used: Vec<&str> = lines
+        .iter()
+        .filter_map(|event| event["secrets"][0]["name"].as_str())
+        .collect();
+    assert_eq!(used, ["anthropic", "openai", "github", "github", "stripe"]);
+    for event in &lines {
+        assert_eq!(event["status"], 200);
+        assert!(event["pid"].as_u64().unwrap() > 0);
+    }
+    let listed = cli(daemon, &["secret", "list"], None);
+    assert_ok(&listed);
+    let listing = String::from_utf8_lossy(&listed.stdout);
+    for value in [
+        "sk-ant-REAL-1",
+        "sk-proj-REAL-2",
+        "ghp_REAL3",
+        "sk_live_REAL4",
+    ] {
+        assert!(!listing.contains(value), "list shows a value");
+        assert!(!daemon.log_text().contains(value), "the log holds a value");
+    }
+}
+
+#[test]
+fn hosts_without_secrets_pass_through_with_their_own_certificate() {
+    let setup = setup(10, &[]);
+    create_secret(
+        &setup.daemon,
+        &["openai", "--type", "openai"],
+        "sk-proj-REAL",
+    );
+    let output = setup.curl(
+        &setup.upstream_ca,
+        "plain.example.com",
+        "/anything",
+        &["-H", "Authorization: Bearer mine"],
+    );
+    assert_ok(&output);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("test upstream CA"), "{stderr}");
+    assert_eq!(
+        setup.last_request("plain.example.com").headers["authorization"],
+        "Bearer mine"
+    );
+}
+
+#[test]
+fn generic_secrets_inject_by_query_path_and_several_headers() {
+    let setup = setup(11, &[]);
+    let daemon = &setup.daemon;
+    let definition = setup.dir.join("generic.json");
+    std::fs::write(
+        &definition,
+        r#"{"rules": [
+            {"hostPattern": "generic.example.com", "pathPattern": "/maps/*",
+             "injection": {"paramName": "key"}},
+            {"hostPattern": "generic.example.com", "pathPattern": "/bot*",
+             "injection": {"pathTemplate": "/bot{value}/"}},
+            {"hostPattern": "generic.example.com", "pathPattern": "/v1/*",
+             "injection": {"pathRegex": "^/v1/([^/]+)/keys/[^/]+", "pathReplacement": "/v1/$1/keys/{value}"}},
+            {"hosts": ["other.example.com"],
+             "injection": {"headers": [{"headerName": "x-key"}, {"headerName": "x-auth", "valueFormat": "Token {value}"}]}}
+        ]}"#,
+    )
+    .unwrap();
+    create_secret(
+        daemon,
+        &["generic", "--definition", definition.to_str().unwrap()],
+        "g3n:eric",
+    );
+    let ca = &setup.appliance_ca;
+    for (host, path, expected_target) in [
+        (
+            "generic.example.com",
+            "/maps/geo?key=PLACEHOLDER&q=1",
+            "/maps/geo?q=1&key=g3n%3Aeric",
+        ),
+        (
+            "generic.example.com",
+            "/botPLACEHOLDER/send",
+            "/botg3n%3Aeric/send",
+        ),
+        (
+            "generic.example.com",
+            "/v1/acme/keys/PLACEHOLDER",
+            "/v1/acme/keys/g3n%3Aeric",
+        ),
+    ] {
+        assert_ok(&setup.curl(ca, host, path, &[]));
+        assert_eq!(setup.last_request(host).target, expected_target);
+    }
+    assert_ok(&setup.curl(ca, "other.example.com", "/", &["-H", "x-key: fake"]));
+    let request = setup.last_request("other.example.com");
+    assert_eq!(request.headers["x-key"], "g3n:eric");
+    assert_eq!(request.headers["x-auth"], "Token g3n:eric");
+}
+
+/// curl talking raw HTTP to the admin socket; returns (status, body).
+fn raw_api(socket: &Path, method: &str, path: &str, body: Option<(&str, &str)>) -> (u16, Value) {
+    let mut command = Command::new("curl");
+    command
+        .args(["-sS", "--unix-socket"])
+        .arg(socket)
+        .args(["-X", method, "-w", "\n%{http_code}"]);
+    if let Some((content_type, _)) = body {
+        command.args([
+            "-H",
+            &format!("Content-Type: {content_type}"),
+            "--data-binary",
+            "@-",
+        ]);
+    }
+    let mut child = command
+        .arg(format!("http://appliance{path}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let data = body.map_or("", |(_, data)| data).to_owned();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(data.as_bytes());
+    });
+    let output = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let (body, status) = stdout.rsplit_once('\n').unwrap();
+    (
+        status.parse().unwrap(),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+#[test]
+fn the_admin_api_answers_every_error_with_one_shape() {
+    let setup = setup(12, &["--admin-group", "nogroup"]);
+    let socket = &setup.daemon.socket;
+    let json = "application/json";
+    let (status, created) = raw_api(
+        socket,
+        "POST",
+        "/v1/secrets",
+        Some((
+            json,
+            r#"{"name": "a", "type": "openai", "value": "sk-1234567890abcdef"}"#,
+        )),
+    );
+    assert_eq!(status, 201, "{created}");
+    assert!(created.get("value").is_none());
+    assert_eq!(created["preview"], "sk-123••••def");
+    let id = created["id"].as_str().unwrap().to_owned();
+
+    let cases: Vec<(
+        &str,
+        String,
+        Option<(&str, String)>,
+        u16,
+        &str,
+        Option<&str>,
+    )> = vec![
+        (
+            "POST",
+            "/v1/secrets".into(),
+            Some((
+                json,
+                r#"{"name": "b", "type": "openai", "value": ""}"#.into(),
+            )),
+            400,
+            "validation",
+            Some("value"),
+        ),
+        (
+            "POST",
+            "/v1/secrets".into(),
+            Some((
+                json,
+                r#"{"name": "a", "type": "openai", "value": "x"}"#.into(),
+            )),
+            409,
+            "conflict",
+            Some("name"),
+        ),
+        (
+            "POST",
+            "/v1/secrets".into(),
+            Some(("text/plain", "{}".into())),
+            415,
+            "unsupported_media_type",
+            None,
+        ),
+        (
+            "POST",
+            "/v1/secrets".into(),
+            Some((json, "{not json".into())),
+            400,
+            "validation",
+            Some("body"),
+        ),
+        (
+            "POST",
+            "/v1/secrets".into(),
+            Some((
+                json,
+                format!(r#"{{"name": "big", "value": "{}"}}"#, "x".repeat(300_000)),
+            )),
+            413,
+            "payload_too_large",
+            None,
+        ),
+        (
+            "PATCH",
+            format!("/v1/secrets/{id}"),
+            Some((json, "{}".into())),
+            400,
+            "validation",
+            Some("body"),
+        ),
+        (
+            "GET",
+            "/v1/secrets/missing".into(),
+            None,
+            404,
+            "not_found",
+            None,
+        ),
+        (
+            "PUT",
+            "/v1/secrets".into(),
+            None,
+            405,
+            "method_not_allowed",
+            None,
+        ),
+        ("GET", "/v1/nothing".into(), None, 404, "not_found", None),
+    ];
+    for (method, path, body, expected, kind, field) in cases {
+        let (status, answer) = raw_api(
+            socket,
+            method,
+            &path,
+            body.as_ref().map(|(t, d)| (*t, d.as_str())),
+        );
+        assert_eq!(status, expected, "{method} {path}: {answer}");
+        assert_eq!(answer["error"]["type"], kind, "{method} {path}");
+        assert_eq!(answer["error"]["field"].as_str(), field, "{method} {path}");
+        assert!(answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    }
+
+    let (status, updated) = raw_api(
+        socket,
+        "PATCH",
+        &format!("/v1/secrets/{id}"),
+        Some((json, r#"{"name": "renamed"}"#)),
+    );
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["name"], "renamed");
+    assert_eq!(raw_api(socket, "GET", "/v1/secrets/renamed", None).0, 200);
+    assert_eq!(
+        raw_api(socket, "DELETE", "/v1/secrets/renamed", None).0,
+        204
+    );
+    assert_eq!(
+        raw_api(socket, "GET", &format!("/v1/secrets/{id}"), None).0,
+        404
+    );
+
+    // Members of the admin group may use the socket; others cannot even connect, and a
+    // caller let in by a loosened mode is still refused by SO_PEERCRED.
+    let as_user = |uid: &str, gid: &str| {
+        Command::new("setpriv")
+            .args([
+                "--reuid",
+                uid,
+                "--regid",
+                gid,
+                "--clear-groups",
+                "curl",
+                "-sS",
+                "-w",
+                "\n%{http_code}",
+                "--unix-socket",
+            ])
+            .arg(socket)
+            .arg("http://appliance/v1/health")
+            .output()
+            .unwrap()
+    };
+    let member = as_user("65534", "65534");
+    assert!(
+        String::from_utf8_lossy(&member.stdout).ends_with("\n200"),
+        "{member:?}"
+    );
+    let outsider = as_user("65533", "65533");
+    assert!(
+        !String::from_utf8_lossy(&outsider.stdout).ends_with("\n200"),
+        "{outsider:?}"
+    );
+    std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let outsider = as_user("65533", "65533");
+    assert!(
+        String::from_utf8_lossy(&outsider.stdout).ends_with("\n403"),
+        "{outsider:?}"
+    );
+    assert!(setup.daemon.log_text().contains("admin_refused"));
+}
+
+#[test]
+fn the_cli_reports_errors_with_distinct_exit_codes_and_survives_restarts() {
+    let mut setup = setup(13, &[]);
+    create_secret(
+        &setup.daemon,
+        &["keep", "--type", "anthropic"],
+        "sk-ant-KEEP-0123456789",
+    );
+
+    let usage = cli(&setup.daemon, &["secret", "create"], None);
+    assert_eq!(usage.status.code(), Some(2), "usage error");
+    let refused = cli(&setup.daemon, &["secret", "get", "nope"], None);
+    assert_eq!(refused.status.code(), Some(3), "API error");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("nope"));
+    let no_value = cli(
+        &setup.daemon,
+        &["secret", "create", "x", "--type", "openai"],
+        None,
+    );
+    assert_eq!(no_value.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&no_value.stderr).contains("--value-stdin"));
+
+    // Concurrent writers: one name, many clients, exactly one wins.
+    let racers: Vec<_> = (0..12)
+        .map(|_| {
+            let socket = setup.daemon.socket.clone();
+            std::thread::spawn(move || {
+                let mut child = Command::new(APPLIANCE)
+                    .arg("--socket")
+                    .arg(socket)
+                    .args([
+                        "secret",
+                        "create",
+                        "race",
+                        "--type",
+                        "openai",
+                        "--value-stdin",
+                    ])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                child.stdin.take().unwrap().write_all(b"sk-race").unwrap();
+                child.wait().unwrap().code()
+            })
+        })
+        .collect();
+    let codes: Vec<Option<i32>> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(
+        codes.iter().filter(|code| **code == Some(0)).count(),
+        1,
+        "{codes:?}"
+    );
+    assert!(
+        codes.iter().all(|code| matches!(code, Some(0) | Some(3))),
+        "{codes:?}"
+    );
+
+    setup.daemon.stop();
+    let down = cli(&setup.daemon, &["status"], None);
+    assert_eq!(down.status.code(), Some(4), "unreachable daemon");
+    assert!(String::from_utf8_lossy(&down.stderr).contains("is the service running"));
+
+    setup.daemon.spawn();
+    let listed = cli(&setup.daemon, &["--json", "secret", "list"], None);
+    assert_ok(&listed);
+    let names: Vec<String> = serde_json::from_slice::<Value>(&listed.stdout).unwrap()["secrets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|secret| secret["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["keep", "race"]);
+    let output = setup.curl(
+        &setup.appliance_ca,
+        "api.anthropic.com",
+        "/v1/messages",
+        &[],
+    );
+    assert_ok(&output);
+    assert_eq!(
+        setup.last_request("api.anthropic.com").headers["x-api-key"],
+        "sk-ant-KEEP-0123456789"
+    );
+    // Nothing in the state directory holds a value in plaintext.
+    let grep = Command::new("grep")
+        .args(["-r", "-l", "sk-ant-KEEP-0123456789"])
+        .arg(&setup.daemon.state_dir)
+        .output()
+        .unwrap();
+    assert_eq!(
+        grep.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&grep.stdout)
+    );
+}
