@@ -359,6 +359,36 @@ fn raw_api(socket: &Path, method: &str, path: &str, body: Option<(&str, &str)>) 
     )
 }
 
+/// A request the API must refuse, and how.
+struct ErrorCase<'a> {
+    method: &'a str,
+    path: &'a str,
+    body: Option<(&'a str, &'a str)>,
+    status: u16,
+    kind: &'a str,
+    field: Option<&'a str>,
+}
+
+impl<'a> ErrorCase<'a> {
+    fn new(
+        method: &'a str,
+        path: &'a str,
+        body: Option<(&'a str, &'a str)>,
+        status: u16,
+        kind: &'a str,
+        field: Option<&'a str>,
+    ) -> Self {
+        Self {
+            method,
+            path,
+            body,
+            status,
+            kind,
+            field,
+        }
+    }
+}
+
 #[test]
 fn the_admin_api_answers_every_error_with_one_shape() {
     let setup = setup(12, &["--admin-group", "nogroup"]);
@@ -378,99 +408,67 @@ fn the_admin_api_answers_every_error_with_one_shape() {
     assert_eq!(created["preview"], "sk-123••••def");
     let id = created["id"].as_str().unwrap().to_owned();
 
-    let cases: Vec<(
-        &str,
-        String,
-        Option<(&str, String)>,
-        u16,
-        &str,
-        Option<&str>,
-    )> = vec![
-        (
+    let big = format!(r#"{{"name": "big", "value": "{}"}}"#, "x".repeat(300_000));
+    let patch_path = format!("/v1/secrets/{id}");
+    let cases = [
+        ErrorCase::new(
             "POST",
-            "/v1/secrets".into(),
-            Some((
-                json,
-                r#"{"name": "b", "type": "openai", "value": ""}"#.into(),
-            )),
+            "/v1/secrets",
+            Some((json, r#"{"name": "b", "type": "openai", "value": ""}"#)),
             400,
             "validation",
             Some("value"),
         ),
-        (
+        ErrorCase::new(
             "POST",
-            "/v1/secrets".into(),
-            Some((
-                json,
-                r#"{"name": "a", "type": "openai", "value": "x"}"#.into(),
-            )),
+            "/v1/secrets",
+            Some((json, r#"{"name": "a", "type": "openai", "value": "x"}"#)),
             409,
             "conflict",
             Some("name"),
         ),
-        (
+        ErrorCase::new(
             "POST",
-            "/v1/secrets".into(),
-            Some(("text/plain", "{}".into())),
+            "/v1/secrets",
+            Some(("text/plain", "{}")),
             415,
             "unsupported_media_type",
             None,
         ),
-        (
+        ErrorCase::new(
             "POST",
-            "/v1/secrets".into(),
-            Some((json, "{not json".into())),
+            "/v1/secrets",
+            Some((json, "{not json")),
             400,
             "validation",
             Some("body"),
         ),
-        (
+        ErrorCase::new(
             "POST",
-            "/v1/secrets".into(),
-            Some((
-                json,
-                format!(r#"{{"name": "big", "value": "{}"}}"#, "x".repeat(300_000)),
-            )),
+            "/v1/secrets",
+            Some((json, &big)),
             413,
             "payload_too_large",
             None,
         ),
-        (
+        ErrorCase::new(
             "PATCH",
-            format!("/v1/secrets/{id}"),
-            Some((json, "{}".into())),
+            &patch_path,
+            Some((json, "{}")),
             400,
             "validation",
             Some("body"),
         ),
-        (
-            "GET",
-            "/v1/secrets/missing".into(),
-            None,
-            404,
-            "not_found",
-            None,
-        ),
-        (
-            "PUT",
-            "/v1/secrets".into(),
-            None,
-            405,
-            "method_not_allowed",
-            None,
-        ),
-        ("GET", "/v1/nothing".into(), None, 404, "not_found", None),
+        ErrorCase::new("GET", "/v1/secrets/missing", None, 404, "not_found", None),
+        ErrorCase::new("PUT", "/v1/secrets", None, 405, "method_not_allowed", None),
+        ErrorCase::new("GET", "/v1/nothing", None, 404, "not_found", None),
     ];
-    for (method, path, body, expected, kind, field) in cases {
-        let (status, answer) = raw_api(
-            socket,
-            method,
-            &path,
-            body.as_ref().map(|(t, d)| (*t, d.as_str())),
-        );
-        assert_eq!(status, expected, "{method} {path}: {answer}");
-        assert_eq!(answer["error"]["type"], kind, "{method} {path}");
-        assert_eq!(answer["error"]["field"].as_str(), field, "{method} {path}");
+    for case in cases {
+        let (status, answer) = raw_api(socket, case.method, case.path, case.body);
+        let what = format!("{} {}", case.method, case.path);
+        assert_eq!(status, case.status, "{what}: {answer}");
+        assert_eq!(answer["error"]["type"], case.kind, "{what}");
+        assert_eq!(answer["error"]["field"].as_str(), case.field, "{what}");
         assert!(answer["error"]["message"]
             .as_str()
             .is_some_and(|m| !m.is_empty()));
