@@ -60,6 +60,7 @@ impl Injector for TestInjector {
                 id: "sec_test".into(),
                 name: "test".into(),
             }],
+            redactors: Vec::new(),
         }
     }
 

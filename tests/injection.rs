@@ -213,6 +213,19 @@ fn provider_shortcuts_inject_the_real_credential_over_the_real_redirect() {
             "{host}"
         );
         assert_eq!(request.target, path, "{host}: path changed");
+        // The upstream echoes what it received; the agent must still never see the value.
+        let echoed = String::from_utf8_lossy(&output.stdout);
+        assert!(echoed.contains("\"target\""), "{host}: no echo: {echoed}");
+        assert!(
+            !echoed.contains(expected),
+            "{host}: the agent received the credential: {echoed}"
+        );
+        assert!(echoed.contains("*****"), "{host}: no mask in {echoed}");
+        assert_eq!(
+            request.headers.get("accept-encoding").map(String::as_str),
+            Some("identity"),
+            "{host}: the body could not be inspected"
+        );
     }
     // Headers the secret does not own pass unchanged: the placeholder x-api-key to OpenAI.
     assert_eq!(

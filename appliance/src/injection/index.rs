@@ -9,6 +9,7 @@ use http::request::Parts;
 use tracing::{debug, warn};
 
 use super::apply::apply;
+use super::redact::Redactor;
 use super::{Injector, Verdict, Workload};
 use crate::audit::SecretUse;
 use crate::secret::{HostPattern, SecretSpec, SecretValue};
@@ -34,6 +35,8 @@ struct RuleRef {
 #[derive(Default)]
 pub struct SecretIndex {
     secrets: Vec<LoadedSecret>,
+    /// One per secret, built once here rather than per request.
+    redactors: Vec<Arc<Redactor>>,
     exact: HashMap<String, Vec<RuleRef>>,
     wildcard: HashMap<String, Vec<RuleRef>>,
 }
@@ -57,6 +60,13 @@ impl SecretIndex {
                 }
             }
         }
+        index.redactors = secrets
+            .iter()
+            .map(|secret| {
+                let injections = secret.spec.rules.iter().map(|rule| &rule.injection);
+                Arc::new(Redactor::new(&secret.value, injections))
+            })
+            .collect();
         index.secrets = secrets;
         index
     }
@@ -154,16 +164,20 @@ impl Injector for SecretInjector {
         let index = self.current();
         let path = request.uri.path().to_owned();
         let mut injected = Vec::new();
+        let mut redactors: Vec<Arc<Redactor>> = Vec::new();
         for reference in index.matching(host, &path, self.agent_of(workload)) {
             let secret = &index.secrets[reference.secret];
             let rule = &secret.spec.rules[reference.rule];
             match apply(&rule.injection, &secret.value, request) {
                 Ok(true) => {
                     debug!(secret_id = %secret.id, secret = %secret.spec.name, %host, %path, "secret injected");
-                    injected.push(SecretUse {
-                        id: secret.id.clone(),
-                        name: secret.spec.name.clone(),
-                    });
+                    if !injected.iter().any(|used: &SecretUse| used.id == secret.id) {
+                        injected.push(SecretUse {
+                            id: secret.id.clone(),
+                            name: secret.spec.name.clone(),
+                        });
+                        redactors.push(Arc::clone(&index.redactors[reference.secret]));
+                    }
                 }
                 Ok(false) => {}
                 Err(error) => {
@@ -174,7 +188,10 @@ impl Injector for SecretInjector {
                 }
             }
         }
-        Verdict::Forward { injected }
+        Verdict::Forward {
+            injected,
+            redactors,
+        }
     }
 
     fn agent(&self, workload: &Workload) -> Option<String> {

@@ -5,9 +5,13 @@
 
 mod apply;
 mod index;
+mod redact;
 
 pub use apply::ApplyError;
 pub use index::{LoadedSecret, SecretIndex, SecretInjector};
+pub use redact::{redact_headers, RedactingBody, Redactor};
+
+use std::sync::Arc;
 
 use crate::audit::SecretUse;
 use crate::capture::CgroupId;
@@ -22,12 +26,14 @@ pub struct Workload {
 }
 
 /// The decision for one request.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Verdict {
     /// Forward the (possibly rewritten) request upstream.
     Forward {
         /// The secrets that were injected into it.
         injected: Vec<SecretUse>,
+        /// What to mask in the response: the injected secrets' values.
+        redactors: Vec<Arc<Redactor>>,
     },
     /// Refuse with 403; the request never reaches the upstream.
     Block {

@@ -16,7 +16,7 @@ use super::headers::{is_upgrade, request_host, strip_hop_by_hop};
 use super::upstream::{self, PoolKey, Sender, UpstreamError, UpstreamPool};
 use crate::addr::UpstreamAddr;
 use crate::audit::{AuditEvent, EventLog, SecretUse};
-use crate::injection::{Injector, Verdict, Workload};
+use crate::injection::{redact_headers, Injector, RedactingBody, Verdict, Workload};
 
 /// Body of responses the proxy returns to clients.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -105,12 +105,15 @@ pub async fn serve(
     let (mut parts, body) = request.into_parts();
     let method = parts.method.clone();
     let path = parts.uri.path().to_owned();
-    let injected =
+    let (injected, redactors) =
         match context
             .injector
             .prepare(&context.server_name, &context.workload, &mut parts)
         {
-            Verdict::Forward { injected } => injected,
+            Verdict::Forward {
+                injected,
+                redactors,
+            } => (injected, redactors),
             Verdict::Block { reason } => {
                 info!(%method, %path, %reason, "request blocked");
                 context.audit(&method, &path, Vec::new(), StatusCode::FORBIDDEN, "blocked");
@@ -120,6 +123,13 @@ pub async fn serve(
     strip_hop_by_hop(&mut parts.headers, upgrade);
     // The client already got its 100 Continue from us as soon as the body was wanted.
     parts.headers.remove(header::EXPECT);
+    if !redactors.is_empty() {
+        // A compressed answer could hide an echoed secret from the redactor.
+        parts.headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+    }
 
     let key = PoolKey {
         upstream: context.upstream,
@@ -159,7 +169,24 @@ pub async fn serve(
         &mut parts.headers,
         status == StatusCode::SWITCHING_PROTOCOLS,
     );
-    Ok(Response::from_parts(parts, body.boxed()))
+    if redactors.is_empty() {
+        return Ok(Response::from_parts(parts, body.boxed()));
+    }
+    if redact_headers(&redactors, &mut parts.headers) > 0 {
+        warn!(%method, %path, "the upstream echoed an injected secret in response headers; masked");
+    }
+    let encoded = parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|encoding| encoding != "identity");
+    if encoded {
+        warn!(%method, %path, "the upstream compressed its answer despite Accept-Encoding: identity; its body cannot be checked for echoed secrets");
+        return Ok(Response::from_parts(parts, body.boxed()));
+    }
+    Ok(Response::from_parts(
+        parts,
+        RedactingBody::new(body, redactors).boxed(),
+    ))
 }
 
 fn upstream_request(
