@@ -17,6 +17,7 @@ pub mod engine;
 pub mod exec;
 pub mod injection;
 pub mod logging;
+pub mod policy;
 pub mod proxy;
 pub mod secret;
 pub mod store;

@@ -67,8 +67,8 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::Invalid(error) => error.into(),
-            StoreError::NotFound(_) => Self::not_found(error.to_string()),
-            StoreError::Duplicate(_) => {
+            StoreError::NotFound { .. } => Self::not_found(error.to_string()),
+            StoreError::Duplicate { .. } => {
                 let mut conflict = Self::new(StatusCode::CONFLICT, "conflict", error.to_string());
                 conflict.field = Some("name".into());
                 conflict

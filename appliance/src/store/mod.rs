@@ -2,19 +2,22 @@
 //! JSON; values only sealed with the master key, each with a fresh nonce and bound to its
 //! record id. Every write is flushed to disk before the call returns.
 
+mod records;
 pub mod seal;
 
 use std::path::{Path, PathBuf};
 
 use ring::rand::{SecureRandom as _, SystemRandom};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional as _;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::injection::LoadedSecret;
+use crate::policy::{AccessRule, AgentSpec};
 use crate::secret::{SecretSpec, SecretValue, ValidationError};
+use records::{merge, Collection};
 pub use seal::{KeyError, KeySource, MasterKey, Sealer};
 
 const KEY_CHECK: &[u8] = b"key-check";
@@ -27,11 +30,21 @@ pub enum StoreError {
     #[error(transparent)]
     Invalid(#[from] ValidationError),
     /// No record has this id or name.
-    #[error("no secret is named or has the id {0:?}")]
-    NotFound(String),
+    #[error("no {kind} is named or has the id {key:?}")]
+    NotFound {
+        /// `secret`, `agent` or `rule`.
+        kind: &'static str,
+        /// What was asked for.
+        key: String,
+    },
     /// The name is taken.
-    #[error("a secret named {0:?} already exists; choose another name or update that one")]
-    Duplicate(String),
+    #[error("a {kind} named {name:?} already exists; choose another name or update that one")]
+    Duplicate {
+        /// `secret` or `agent`.
+        kind: &'static str,
+        /// The name.
+        name: String,
+    },
     /// The master key does not open this store.
     #[error("the master key does not match the store in {}; restore the key this store was created with (nothing was changed)", path.display())]
     WrongKey {
@@ -114,6 +127,8 @@ pub struct Store {
     secrets: sled::Tree,
     names: sled::Tree,
     values: sled::Tree,
+    agents: Collection,
+    rules: Collection,
     sealer: Sealer,
 }
 
@@ -123,13 +138,27 @@ fn now() -> String {
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
 }
 
-fn new_id() -> String {
+fn new_id(prefix: &str) -> String {
     let mut bytes = [0u8; 12];
     SystemRandom::new()
         .fill(&mut bytes)
         .expect("the system random generator does not fail on Linux");
     let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
-    format!("sec_{hex}")
+    format!("{prefix}_{hex}")
+}
+
+fn not_found(kind: &'static str, key: &str) -> StoreError {
+    StoreError::NotFound {
+        kind,
+        key: key.to_owned(),
+    }
+}
+
+fn duplicate(kind: &'static str, name: &str) -> StoreError {
+    StoreError::Duplicate {
+        kind,
+        name: name.to_owned(),
+    }
 }
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
@@ -166,6 +195,16 @@ impl Store {
             secrets: db.open_tree("secrets").map_err(database)?,
             names: db.open_tree("secret_names").map_err(database)?,
             values: db.open_tree("secret_values").map_err(database)?,
+            agents: Collection {
+                db: db.clone(),
+                tree: db.open_tree("agents").map_err(database)?,
+                kind: "agent",
+            },
+            rules: Collection {
+                db: db.clone(),
+                tree: db.open_tree("rules").map_err(database)?,
+                kind: "rule",
+            },
             path: path.into(),
             db,
             sealer,
@@ -203,7 +242,7 @@ impl Store {
         }
         match self.names.get(id_or_name).map_err(|e| self.database(e))? {
             Some(id) => Ok(String::from_utf8_lossy(&id).into_owned()),
-            None => Err(StoreError::NotFound(id_or_name.to_owned())),
+            None => Err(not_found("secret", id_or_name)),
         }
     }
 
@@ -220,7 +259,7 @@ impl Store {
         definition.remove("value");
         let stamp = now();
         let record = SecretRecord {
-            id: new_id(),
+            id: new_id("sec"),
             name: spec.name.clone(),
             definition: Value::Object(definition),
             created_at: stamp.clone(),
@@ -232,7 +271,7 @@ impl Store {
         (&self.secrets, &self.names, &self.values)
             .transaction(|(secrets, names, values)| {
                 if names.get(record.name.as_bytes())?.is_some() {
-                    return abort(StoreError::Duplicate(record.name.clone()));
+                    return abort(duplicate("secret", &record.name));
                 }
                 names.insert(record.name.as_bytes(), record.id.as_bytes())?;
                 secrets.insert(record.id.as_bytes(), serialized.as_bytes())?;
@@ -251,7 +290,7 @@ impl Store {
             .secrets
             .get(id.as_bytes())
             .map_err(|e| self.database(e))?
-            .ok_or_else(|| StoreError::NotFound(id_or_name.to_owned()))?;
+            .ok_or_else(|| not_found("secret", id_or_name))?;
         parse_record(&id, &raw)
     }
 
@@ -276,28 +315,10 @@ impl Store {
         id_or_name: &str,
         patch: &Value,
     ) -> Result<SecretRecord, StoreError> {
-        let patch = patch.as_object().ok_or_else(|| ValidationError {
-            field: "body".into(),
-            message: "must be a JSON object".into(),
-        })?;
-        if patch.is_empty() {
-            return Err(ValidationError {
-                field: "body".into(),
-                message: "no fields provided".into(),
-            }
-            .into());
-        }
         let current = self.get_secret(id_or_name)?;
-        let mut merged: Map<String, Value> =
-            current.definition.as_object().cloned().unwrap_or_default();
-        for (key, value) in patch {
-            if value.is_null() {
-                merged.remove(key);
-            } else {
-                merged.insert(key.clone(), value.clone());
-            }
-        }
-        let (spec, value) = SecretSpec::from_json(&Value::Object(merged.clone()))?;
+        let merged = merge(&current.definition, patch, &[])?;
+        let (spec, value) = SecretSpec::from_json(&merged)?;
+        let mut merged = merged.as_object().cloned().unwrap_or_default();
         merged.remove("value");
         let record = SecretRecord {
             id: current.id.clone(),
@@ -314,11 +335,11 @@ impl Store {
         (&self.secrets, &self.names, &self.values)
             .transaction(|(secrets, names, values)| {
                 if secrets.get(record.id.as_bytes())?.is_none() {
-                    return abort(StoreError::NotFound(id_or_name.to_owned()));
+                    return abort(not_found("secret", id_or_name));
                 }
                 if record.name != current.name {
                     if names.get(record.name.as_bytes())?.is_some() {
-                        return abort(StoreError::Duplicate(record.name.clone()));
+                        return abort(duplicate("secret", &record.name));
                     }
                     names.remove(current.name.as_bytes())?;
                     names.insert(record.name.as_bytes(), record.id.as_bytes())?;
@@ -375,6 +396,155 @@ impl Store {
                     spec,
                     value,
                 })
+            })
+            .collect()
+    }
+}
+
+const RECORD_STAMPS: [&str; 2] = ["createdAt", "updatedAt"];
+
+fn stamped(mut record: Value, created_at: Option<&Value>) -> Value {
+    let now = Value::String(now());
+    if let Some(object) = record.as_object_mut() {
+        object.insert(
+            "createdAt".into(),
+            created_at.cloned().unwrap_or_else(|| now.clone()),
+        );
+        object.insert("updatedAt".into(), now);
+    }
+    record
+}
+
+fn agent_record(spec: &AgentSpec) -> Value {
+    json!({
+        "name": spec.name,
+        "cgroups": spec.cgroups.iter().map(|path| path.display().to_string()).collect::<Vec<_>>(),
+        "create": spec.create,
+    })
+}
+
+/// The fields of a rule record that define it (the rest is bookkeeping).
+fn rule_definition(record: &Value) -> Value {
+    let mut definition = record.clone();
+    if let Some(object) = definition.as_object_mut() {
+        for key in ["id", "createdAt", "updatedAt"] {
+            object.remove(key);
+        }
+    }
+    definition
+}
+
+impl Store {
+    /// Creates an agent; returns its record.
+    pub fn create_agent(&self, input: &Value) -> Result<Value, StoreError> {
+        let spec = AgentSpec::from_json(input)?;
+        let record = stamped(agent_record(&spec), None);
+        self.agents.create(&spec.name, &record)?;
+        Ok(record)
+    }
+
+    /// Every agent.
+    pub fn list_agents(&self) -> Result<Vec<Value>, StoreError> {
+        self.agents.list()
+    }
+
+    /// One agent by name.
+    pub fn get_agent(&self, name: &str) -> Result<Value, StoreError> {
+        self.agents.get(name)
+    }
+
+    /// Changes an agent; returns its new record.
+    pub fn update_agent(&self, name: &str, patch: &Value) -> Result<Value, StoreError> {
+        let current = self.agents.get(name)?;
+        let merged = merge(&current, patch, &RECORD_STAMPS)?;
+        let mut definition = merged.clone();
+        if let Some(object) = definition.as_object_mut() {
+            for key in RECORD_STAMPS {
+                object.remove(key);
+            }
+        }
+        let spec = AgentSpec::from_json(&definition)?;
+        let record = stamped(agent_record(&spec), current.get("createdAt"));
+        self.agents.replace(name, &spec.name, &record)?;
+        Ok(record)
+    }
+
+    /// Deletes an agent; returns the record it had.
+    pub fn delete_agent(&self, name: &str) -> Result<Value, StoreError> {
+        self.agents.delete(name)
+    }
+
+    /// Every agent, parsed.
+    pub fn load_agents(&self) -> Result<Vec<AgentSpec>, StoreError> {
+        self.agents
+            .list()?
+            .iter()
+            .map(|record| {
+                let mut definition = record.clone();
+                if let Some(object) = definition.as_object_mut() {
+                    for key in RECORD_STAMPS {
+                        object.remove(key);
+                    }
+                }
+                AgentSpec::from_json(&definition).map_err(|error| StoreError::Corrupt {
+                    id: format!("agent {}", record["name"]),
+                    reason: error.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// Creates an access rule; returns its record.
+    pub fn create_rule(&self, input: &Value) -> Result<Value, StoreError> {
+        AccessRule::from_json(input)?;
+        let id = new_id("rule");
+        let mut record = input.clone();
+        if let Some(object) = record.as_object_mut() {
+            object.insert("id".into(), Value::String(id.clone()));
+        }
+        let record = stamped(record, None);
+        self.rules.create(&id, &record)?;
+        Ok(record)
+    }
+
+    /// Every access rule.
+    pub fn list_rules(&self) -> Result<Vec<Value>, StoreError> {
+        self.rules.list()
+    }
+
+    /// One access rule by id.
+    pub fn get_rule(&self, id: &str) -> Result<Value, StoreError> {
+        self.rules.get(id)
+    }
+
+    /// Changes an access rule; returns its new record.
+    pub fn update_rule(&self, id: &str, patch: &Value) -> Result<Value, StoreError> {
+        let current = self.rules.get(id)?;
+        let merged = merge(&current, patch, &["id", "createdAt", "updatedAt"])?;
+        AccessRule::from_json(&rule_definition(&merged))?;
+        let record = stamped(merged, current.get("createdAt"));
+        self.rules.replace(id, id, &record)?;
+        Ok(record)
+    }
+
+    /// Deletes an access rule.
+    pub fn delete_rule(&self, id: &str) -> Result<Value, StoreError> {
+        self.rules.delete(id)
+    }
+
+    /// Every access rule, parsed, with its id.
+    pub fn load_rules(&self) -> Result<Vec<(String, AccessRule)>, StoreError> {
+        self.rules
+            .list()?
+            .iter()
+            .map(|record| {
+                let id = record["id"].as_str().unwrap_or_default().to_owned();
+                AccessRule::from_json(&rule_definition(record))
+                    .map(|rule| (id.clone(), rule))
+                    .map_err(|error| StoreError::Corrupt {
+                        id: format!("rule {id}"),
+                        reason: error.to_string(),
+                    })
             })
             .collect()
     }
@@ -468,12 +638,12 @@ mod tests {
         let duplicate = store
             .create_secret(&json!({"name": "a", "type": "stripe", "value": VALUE}))
             .unwrap_err();
-        assert!(matches!(duplicate, StoreError::Duplicate(_)));
+        assert!(matches!(duplicate, StoreError::Duplicate { .. }));
         store
             .create_secret(&json!({"name": "b", "type": "stripe", "value": "x"}))
             .unwrap();
         let rename = store.update_secret("b", &json!({"name": "a"})).unwrap_err();
-        assert!(matches!(rename, StoreError::Duplicate(_)));
+        assert!(matches!(rename, StoreError::Duplicate { .. }));
         let missing = store
             .create_secret(&json!({"name": "c", "type": "stripe"}))
             .unwrap_err();
@@ -516,8 +686,56 @@ mod tests {
         store.delete_secret(&updated.id).unwrap();
         assert!(matches!(
             store.get_secret("g"),
-            Err(StoreError::NotFound(_))
+            Err(StoreError::NotFound { .. })
         ));
+    }
+
+    #[test]
+    fn agents_and_rules_round_trip_with_validation() {
+        let dir = temp_dir("store-records");
+        let store = open(&dir);
+        store
+            .create_agent(&json!({"name": "research", "cgroups": ["agents/research"]}))
+            .unwrap();
+        let duplicate = store
+            .create_agent(&json!({"name": "research", "cgroups": ["x"]}))
+            .unwrap_err();
+        assert!(matches!(
+            duplicate,
+            StoreError::Duplicate { kind: "agent", .. }
+        ));
+        let renamed = store
+            .update_agent("research", &json!({"name": "lab", "create": true}))
+            .unwrap();
+        assert_eq!(renamed["cgroups"], json!(["agents/research"]));
+        assert!(matches!(
+            store.get_agent("research"),
+            Err(StoreError::NotFound { .. })
+        ));
+        let bad = store
+            .update_agent("lab", &json!({"cgroups": []}))
+            .unwrap_err();
+        assert!(
+            matches!(bad, StoreError::Invalid(ValidationError { ref field, .. }) if field == "cgroups")
+        );
+
+        let rule = store
+            .create_rule(&json!({"host": "api.example.com", "action": "block", "method": "DELETE"}))
+            .unwrap();
+        let id = rule["id"].as_str().unwrap();
+        store.update_rule(id, &json!({"action": "allow"})).unwrap();
+        let stamp = store.update_rule(id, &json!({"id": "other"})).unwrap_err();
+        assert!(
+            matches!(stamp, StoreError::Invalid(ValidationError { ref field, .. }) if field == "id")
+        );
+        drop(store);
+        let store = open(&dir);
+        assert_eq!(store.load_agents().unwrap()[0].name, "lab");
+        let rules = store.load_rules().unwrap();
+        assert_eq!(rules[0].0, id);
+        assert_eq!(rules[0].1.action, crate::policy::Action::Allow);
+        store.delete_rule(id).unwrap();
+        assert!(store.load_rules().unwrap().is_empty());
     }
 
     #[test]
