@@ -3,7 +3,7 @@
 
 use std::os::fd::AsRawFd as _;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::api::{self, ApiSettings, ApiState};
 use crate::audit::EventLog;
-use crate::capture::{self, Attachment, Capture, CaptureSettings, Cgroup};
+use crate::capture::{self, Capture, CaptureControl, CaptureSettings, Cgroup};
 use crate::engine::Engine;
 use crate::injection::SecretInjector;
 use crate::proxy::{Proxy, ProxySettings};
@@ -88,31 +88,12 @@ pub async fn run(settings: DaemonSettings) -> anyhow::Result<()> {
     let engine = Engine::bind(&settings.listen, destinations, Arc::new(proxy)).await?;
     let listening = engine.local_addrs();
 
-    let mut selected = vec![Cgroup::create(&settings.agents_cgroup)
+    let mut base = vec![Cgroup::create(&settings.agents_cgroup)
         .context("creating the agents cgroup (--agents-cgroup)")?];
     for path in &settings.cgroups {
-        selected.push(Cgroup::open(path).context("opening a selected cgroup (--cgroup)")?);
+        base.push(Cgroup::open(path).context("opening a selected cgroup (--cgroup)")?);
     }
-    warn_if_self_selected(&selected);
-    for cgroup in &selected {
-        let outcome = capture
-            .attach(cgroup)
-            .with_context(|| format!("attaching to cgroup {}", cgroup.path().display()))?;
-        let action = match outcome {
-            Attachment::Adopted => "adopted",
-            Attachment::Attached => "attached",
-        };
-        info!(cgroup = %cgroup.path().display(), cgroup_id = cgroup.id().0, action, "cgroup intercepted");
-    }
-    for stale in capture.attached()? {
-        if !selected.iter().any(|cgroup| cgroup.id() == stale) {
-            capture.detach(stale)?;
-            info!(
-                cgroup_id = stale.0,
-                "detached a cgroup that is no longer selected"
-            );
-        }
-    }
+    warn_if_self_selected(&base);
 
     let state = Arc::new(ApiState {
         store,
@@ -120,12 +101,13 @@ pub async fn run(settings: DaemonSettings) -> anyhow::Result<()> {
         leaves: api_leaves,
         ca_dir,
         events,
-        intercepted_cgroups: selected.len(),
+        capture: Mutex::new(CaptureControl::new(capture, base)),
     });
-    let secrets = state
-        .reload_secrets()
-        .map_err(|error| anyhow::anyhow!(error.message))?;
-    info!(secrets, "secrets loaded");
+    let loaded = |error: crate::api::ApiError| anyhow::anyhow!(error.message);
+    let secrets = state.reload_secrets().map_err(loaded)?;
+    let rules = state.reload_rules().map_err(loaded)?;
+    let intercepted = state.reconcile_agents().map_err(loaded)?;
+    info!(secrets, rules, intercepted, "state loaded");
 
     let admin_api = api::bind(settings.api.clone()).context("starting the admin API")?;
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -9,8 +9,13 @@ use http::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use super::ApiError;
+use std::sync::Mutex;
+
 use crate::audit::EventLog;
-use crate::injection::{SecretIndex, SecretInjector};
+use crate::capture::{CaptureControl, CaptureError, Cgroup};
+use crate::injection::{AgentDirectory, SecretIndex, SecretInjector};
+use crate::policy::{AccessPolicy, AgentSpec};
+use crate::secret::ValidationError;
 use crate::secret::{Injection, SecretSpec};
 use crate::store::{SecretRecord, Store};
 use crate::tls::{CertificateAuthority, LeafCache};
@@ -36,6 +41,26 @@ pub enum Handler {
     SecretUpdate,
     /// Delete a secret.
     SecretDelete,
+    /// List agents.
+    AgentList,
+    /// Create an agent (attaches capture to its cgroups).
+    AgentCreate,
+    /// Read an agent.
+    AgentGet,
+    /// Change an agent.
+    AgentUpdate,
+    /// Delete an agent (detaches capture from cgroups nothing else selects).
+    AgentDelete,
+    /// List access rules.
+    RuleList,
+    /// Create an access rule.
+    RuleCreate,
+    /// Read an access rule.
+    RuleGet,
+    /// Change an access rule.
+    RuleUpdate,
+    /// Delete an access rule.
+    RuleDelete,
 }
 
 /// One endpoint.
@@ -76,6 +101,16 @@ pub const ROUTES: &[Route] = &[
     route("GET", "/v1/secrets/{id}", false, Handler::SecretGet),
     route("PATCH", "/v1/secrets/{id}", true, Handler::SecretUpdate),
     route("DELETE", "/v1/secrets/{id}", false, Handler::SecretDelete),
+    route("GET", "/v1/agents", false, Handler::AgentList),
+    route("POST", "/v1/agents", true, Handler::AgentCreate),
+    route("GET", "/v1/agents/{id}", false, Handler::AgentGet),
+    route("PATCH", "/v1/agents/{id}", true, Handler::AgentUpdate),
+    route("DELETE", "/v1/agents/{id}", false, Handler::AgentDelete),
+    route("GET", "/v1/rules", false, Handler::RuleList),
+    route("POST", "/v1/rules", true, Handler::RuleCreate),
+    route("GET", "/v1/rules/{id}", false, Handler::RuleGet),
+    route("PATCH", "/v1/rules/{id}", true, Handler::RuleUpdate),
+    route("DELETE", "/v1/rules/{id}", false, Handler::RuleDelete),
 ];
 
 /// Matches `path` against `pattern`; `Some(Some(id))` when the pattern has `{id}`.
@@ -121,8 +156,33 @@ pub struct ApiState {
     pub ca_dir: PathBuf,
     /// Audit events.
     pub events: Arc<EventLog>,
-    /// Number of intercepted cgroups, for health.
-    pub intercepted_cgroups: usize,
+    /// The eBPF attachments.
+    pub capture: Mutex<CaptureControl>,
+}
+
+/// An agent's cgroups, opened (or created, when the agent says so); a missing one is a
+/// validation error naming it.
+pub fn agent_cgroups(spec: &AgentSpec) -> Result<Vec<Cgroup>, ValidationError> {
+    spec.cgroups
+        .iter()
+        .enumerate()
+        .map(|(index, path)| {
+            let opened = if spec.create {
+                Cgroup::create(path)
+            } else {
+                Cgroup::open(path)
+            };
+            opened.map_err(|error| ValidationError {
+                field: format!("cgroups[{index}]"),
+                message: match error {
+                    CaptureError::CgroupNotFound { .. } => {
+                        "does not exist; create it, or set \"create\": true".into()
+                    }
+                    other => other.to_string(),
+                },
+            })
+        })
+        .collect()
 }
 
 impl ApiState {
@@ -132,6 +192,48 @@ impl ApiState {
         let count = secrets.len();
         self.injector.replace(SecretIndex::new(secrets));
         Ok(count)
+    }
+
+    /// Rebuilds the access policy from the store.
+    pub fn reload_rules(&self) -> Result<usize, ApiError> {
+        let rules = self.store.load_rules()?;
+        let count = rules.len();
+        self.injector.replace_policy(AccessPolicy::new(rules));
+        Ok(count)
+    }
+
+    /// Attaches capture to every agent's cgroups (and the daemon's own selection), detaches
+    /// the rest, and tells the injection layer which cgroup belongs to which agent. Agents
+    /// whose cgroups have disappeared are skipped with a warning.
+    pub fn reconcile_agents(&self) -> Result<usize, ApiError> {
+        let agents = self.store.load_agents()?;
+        let mut cgroups = Vec::new();
+        let mut owners = Vec::new();
+        for agent in &agents {
+            match agent_cgroups(agent) {
+                Ok(found) => {
+                    for cgroup in found {
+                        owners.push((agent.name.clone(), cgroup.path().to_path_buf()));
+                        cgroups.push(cgroup);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(agent = %agent.name, %error, "agent cgroup unavailable; not intercepted")
+                }
+            }
+        }
+        let mut capture = self
+            .capture
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        capture
+            .reconcile(&cgroups)
+            .map_err(|error| ApiError::internal(&error))?;
+        let mount =
+            crate::capture::cgroup::cgroup2_mount().map_err(|error| ApiError::internal(&error))?;
+        self.injector
+            .replace_agents(AgentDirectory::new(mount, owners));
+        Ok(capture.selected())
     }
 }
 
@@ -231,9 +333,14 @@ pub async fn dispatch(
     match route.handler {
         Handler::Health => {
             let secrets = blocking(|| state.store.list_secrets())?.len();
+            let intercepted = state
+                .capture
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .selected();
             ok(json!({
                 "status": "ok",
-                "capture": {"interceptedCgroups": state.intercepted_cgroups},
+                "capture": {"interceptedCgroups": intercepted},
                 "store": {"status": "ok", "secrets": secrets},
                 "ca": {"leavesMinted": state.leaves.minted()},
             }))
@@ -286,6 +393,54 @@ pub async fn dispatch(
             blocking(|| state.store.delete_secret(id))?;
             blocking(|| state.reload_secrets())?;
             tracing::info!(target: "appliance::audit", event = "secret_deleted", id = %id, "secret deleted");
+            Ok(Reply::Empty)
+        }
+        Handler::AgentList => ok(json!({"agents": blocking(|| state.store.list_agents())?})),
+        Handler::AgentGet => ok(blocking(|| state.store.get_agent(id))?),
+        Handler::AgentCreate => {
+            let record = blocking(|| {
+                state
+                    .store
+                    .create_agent(&body, |spec| agent_cgroups(spec).map(drop))
+            })?;
+            blocking(|| state.reconcile_agents())?;
+            tracing::info!(target: "appliance::audit", event = "agent_created", name = %record["name"], "agent created");
+            Ok(Reply::Json(StatusCode::CREATED, record))
+        }
+        Handler::AgentUpdate => {
+            let record = blocking(|| {
+                state
+                    .store
+                    .update_agent(id, &body, |spec| agent_cgroups(spec).map(drop))
+            })?;
+            blocking(|| state.reconcile_agents())?;
+            tracing::info!(target: "appliance::audit", event = "agent_updated", name = %record["name"], "agent updated");
+            ok(record)
+        }
+        Handler::AgentDelete => {
+            blocking(|| state.store.delete_agent(id))?;
+            blocking(|| state.reconcile_agents())?;
+            tracing::info!(target: "appliance::audit", event = "agent_deleted", name = %id, "agent deleted");
+            Ok(Reply::Empty)
+        }
+        Handler::RuleList => ok(json!({"rules": blocking(|| state.store.list_rules())?})),
+        Handler::RuleGet => ok(blocking(|| state.store.get_rule(id))?),
+        Handler::RuleCreate => {
+            let record = blocking(|| state.store.create_rule(&body))?;
+            blocking(|| state.reload_rules())?;
+            tracing::info!(target: "appliance::audit", event = "rule_created", id = %record["id"], "access rule created");
+            Ok(Reply::Json(StatusCode::CREATED, record))
+        }
+        Handler::RuleUpdate => {
+            let record = blocking(|| state.store.update_rule(id, &body))?;
+            blocking(|| state.reload_rules())?;
+            tracing::info!(target: "appliance::audit", event = "rule_updated", id = %id, "access rule updated");
+            ok(record)
+        }
+        Handler::RuleDelete => {
+            blocking(|| state.store.delete_rule(id))?;
+            blocking(|| state.reload_rules())?;
+            tracing::info!(target: "appliance::audit", event = "rule_deleted", id = %id, "access rule deleted");
             Ok(Reply::Empty)
         }
     }

@@ -415,3 +415,60 @@ pub fn is_intercepted(cgroup: &Cgroup) -> Result<bool, CaptureError> {
         .filter_map(Result::ok)
         .any(|info| ids.contains(&info.id()) && info.name_as_str() == Some("connect4")))
 }
+
+/// Capture plus the cgroups selected outside the API (the agents cgroup, `--cgroup`); keeps the
+/// kernel's attachments equal to that selection plus the agents' cgroups.
+pub struct CaptureControl {
+    capture: Capture,
+    base: Vec<Cgroup>,
+    /// Cgroups this daemon has attached (or adopted) and not detached since.
+    current: Vec<CgroupId>,
+}
+
+impl CaptureControl {
+    /// Control over `capture`, always selecting `base`.
+    pub fn new(capture: Capture, base: Vec<Cgroup>) -> Self {
+        Self {
+            capture,
+            base,
+            current: Vec::new(),
+        }
+    }
+
+    /// Attaches to `base` and `extra` (those not attached yet), detaches every other cgroup.
+    pub fn reconcile(&mut self, extra: &[Cgroup]) -> Result<(), CaptureError> {
+        let mut wanted: Vec<Cgroup> = Vec::new();
+        for cgroup in self.base.iter().chain(extra) {
+            if !wanted.iter().any(|known| known.id() == cgroup.id()) {
+                wanted.push(cgroup.clone());
+            }
+        }
+        for cgroup in &wanted {
+            if self.current.contains(&cgroup.id()) {
+                continue;
+            }
+            let outcome = self.capture.attach(cgroup)?;
+            let action = match outcome {
+                Attachment::Adopted => "adopted",
+                Attachment::Attached => "attached",
+            };
+            tracing::info!(cgroup = %cgroup.path().display(), cgroup_id = cgroup.id().0, action, "cgroup intercepted");
+        }
+        for stale in self.capture.attached()? {
+            if !wanted.iter().any(|cgroup| cgroup.id() == stale) {
+                self.capture.detach(stale)?;
+                tracing::info!(
+                    cgroup_id = stale.0,
+                    "detached a cgroup that is no longer selected"
+                );
+            }
+        }
+        self.current = wanted.iter().map(Cgroup::id).collect();
+        Ok(())
+    }
+
+    /// How many cgroups are selected.
+    pub fn selected(&self) -> usize {
+        self.current.len()
+    }
+}

@@ -8,10 +8,12 @@ use std::sync::{Arc, RwLock};
 use http::request::Parts;
 use tracing::{debug, warn};
 
+use super::agents::AgentDirectory;
 use super::apply::apply;
 use super::redact::Redactor;
 use super::{Injector, Verdict, Workload};
 use crate::audit::SecretUse;
+use crate::policy::{AccessPolicy, Action};
 use crate::secret::{HostPattern, SecretSpec, SecretValue};
 
 /// A secret ready for injection.
@@ -119,53 +121,85 @@ impl SecretIndex {
     }
 }
 
-/// The injection layer backed by the secrets of the store; swapped whole when secrets change.
-#[derive(Default)]
-pub struct SecretInjector {
-    index: RwLock<Arc<SecretIndex>>,
+/// A value replaced whole while readers keep the one they took.
+struct Swappable<T>(RwLock<Arc<T>>);
+
+impl<T: Default> Default for Swappable<T> {
+    fn default() -> Self {
+        Self(RwLock::new(Arc::new(T::default())))
+    }
 }
 
-impl SecretInjector {
-    /// Replaces the secrets in use.
-    pub fn replace(&self, index: SecretIndex) {
-        *self
-            .index
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(index);
-    }
-
-    fn current(&self) -> Arc<SecretIndex> {
+impl<T> Swappable<T> {
+    fn load(&self) -> Arc<T> {
         Arc::clone(
             &self
-                .index
+                .0
                 .read()
                 .unwrap_or_else(|poisoned| poisoned.into_inner()),
         )
     }
 
-    /// The agent a workload belongs to. Agents arrive with the admin API; until then no
-    /// workload belongs to one, so agent-bound secrets are never used.
-    fn agent_of(&self, _workload: &Workload) -> Option<&str> {
-        None
+    fn store(&self, value: T) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(value);
+    }
+}
+
+/// The injection layer backed by the store: secrets, access rules and agents, each swapped
+/// whole when it changes.
+#[derive(Default)]
+pub struct SecretInjector {
+    index: Swappable<SecretIndex>,
+    policy: Swappable<AccessPolicy>,
+    agents: Swappable<AgentDirectory>,
+}
+
+impl SecretInjector {
+    /// Replaces the secrets in use.
+    pub fn replace(&self, index: SecretIndex) {
+        self.index.store(index);
+    }
+
+    /// Replaces the access rules in use.
+    pub fn replace_policy(&self, policy: AccessPolicy) {
+        self.policy.store(policy);
+    }
+
+    /// Replaces the agents' cgroups.
+    pub fn replace_agents(&self, agents: AgentDirectory) {
+        self.agents.store(agents);
     }
 }
 
 impl Injector for SecretInjector {
     fn intercepts(&self, host: &str, workload: &Workload) -> bool {
-        let index = self.current();
-        let agent = self.agent_of(workload);
-        let intercepted = index
+        let index = self.index.load();
+        let agent = self.agents.load().resolve(workload);
+        let agent = agent.as_deref();
+        index
             .candidates(host)
-            .any(|reference| index.in_scope(reference, agent));
-        intercepted
+            .any(|reference| index.in_scope(reference, agent))
+            || self.policy.load().concerns(host, agent)
     }
 
     fn prepare(&self, host: &str, workload: &Workload, request: &mut Parts) -> Verdict {
-        let index = self.current();
+        let agent = self.agents.load().resolve(workload);
         let path = request.uri.path().to_owned();
+        let policy = self.policy.load();
+        if let Some((rule, Action::Block)) =
+            policy.decide(host, &path, &request.method, agent.as_deref())
+        {
+            return Verdict::Block {
+                reason: format!("blocked by rule {rule}"),
+            };
+        }
+        let index = self.index.load();
         let mut injected = Vec::new();
         let mut redactors: Vec<Arc<Redactor>> = Vec::new();
-        for reference in index.matching(host, &path, self.agent_of(workload)) {
+        for reference in index.matching(host, &path, agent.as_deref()) {
             let secret = &index.secrets[reference.secret];
             let rule = &secret.spec.rules[reference.rule];
             match apply(&rule.injection, &secret.value, request) {
@@ -195,7 +229,7 @@ impl Injector for SecretInjector {
     }
 
     fn agent(&self, workload: &Workload) -> Option<String> {
-        self.agent_of(workload).map(str::to_owned)
+        self.agents.load().resolve(workload)
     }
 }
 

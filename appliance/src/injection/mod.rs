@@ -3,10 +3,12 @@
 //! - before TLS: should connections to this host be terminated at all?
 //! - per request: rewrite the request (inject credentials) and forward it, or refuse it.
 
+mod agents;
 mod apply;
 mod index;
 mod redact;
 
+pub use agents::AgentDirectory;
 pub use apply::ApplyError;
 pub use index::{LoadedSecret, SecretIndex, SecretInjector};
 pub use redact::{redact_headers, RedactingBody, Redactor};

@@ -435,9 +435,14 @@ fn rule_definition(record: &Value) -> Value {
 }
 
 impl Store {
-    /// Creates an agent; returns its record.
-    pub fn create_agent(&self, input: &Value) -> Result<Value, StoreError> {
+    /// Creates an agent once `check` accepts it; returns its record.
+    pub fn create_agent(
+        &self,
+        input: &Value,
+        check: impl FnOnce(&AgentSpec) -> Result<(), ValidationError>,
+    ) -> Result<Value, StoreError> {
         let spec = AgentSpec::from_json(input)?;
+        check(&spec)?;
         let record = stamped(agent_record(&spec), None);
         self.agents.create(&spec.name, &record)?;
         Ok(record)
@@ -453,8 +458,13 @@ impl Store {
         self.agents.get(name)
     }
 
-    /// Changes an agent; returns its new record.
-    pub fn update_agent(&self, name: &str, patch: &Value) -> Result<Value, StoreError> {
+    /// Changes an agent once `check` accepts the result; returns its new record.
+    pub fn update_agent(
+        &self,
+        name: &str,
+        patch: &Value,
+        check: impl FnOnce(&AgentSpec) -> Result<(), ValidationError>,
+    ) -> Result<Value, StoreError> {
         let current = self.agents.get(name)?;
         let merged = merge(&current, patch, &RECORD_STAMPS)?;
         let mut definition = merged.clone();
@@ -464,6 +474,7 @@ impl Store {
             }
         }
         let spec = AgentSpec::from_json(&definition)?;
+        check(&spec)?;
         let record = stamped(agent_record(&spec), current.get("createdAt"));
         self.agents.replace(name, &spec.name, &record)?;
         Ok(record)
@@ -695,17 +706,22 @@ mod tests {
         let dir = temp_dir("store-records");
         let store = open(&dir);
         store
-            .create_agent(&json!({"name": "research", "cgroups": ["agents/research"]}))
+            .create_agent(
+                &json!({"name": "research", "cgroups": ["agents/research"]}),
+                |_| Ok(()),
+            )
             .unwrap();
         let duplicate = store
-            .create_agent(&json!({"name": "research", "cgroups": ["x"]}))
+            .create_agent(&json!({"name": "research", "cgroups": ["x"]}), |_| Ok(()))
             .unwrap_err();
         assert!(matches!(
             duplicate,
             StoreError::Duplicate { kind: "agent", .. }
         ));
         let renamed = store
-            .update_agent("research", &json!({"name": "lab", "create": true}))
+            .update_agent("research", &json!({"name": "lab", "create": true}), |_| {
+                Ok(())
+            })
             .unwrap();
         assert_eq!(renamed["cgroups"], json!(["agents/research"]));
         assert!(matches!(
@@ -713,7 +729,7 @@ mod tests {
             Err(StoreError::NotFound { .. })
         ));
         let bad = store
-            .update_agent("lab", &json!({"cgroups": []}))
+            .update_agent("lab", &json!({"cgroups": []}), |_| Ok(()))
             .unwrap_err();
         assert!(
             matches!(bad, StoreError::Invalid(ValidationError { ref field, .. }) if field == "cgroups")
@@ -724,6 +740,19 @@ mod tests {
             .unwrap();
         let id = rule["id"].as_str().unwrap();
         store.update_rule(id, &json!({"action": "allow"})).unwrap();
+        let refused = store
+            .create_agent(&json!({"name": "checked", "cgroups": ["x"]}), |_| {
+                Err(ValidationError {
+                    field: "cgroups[0]".into(),
+                    message: "does not exist".into(),
+                })
+            })
+            .unwrap_err();
+        assert!(matches!(refused, StoreError::Invalid(_)));
+        assert!(matches!(
+            store.get_agent("checked"),
+            Err(StoreError::NotFound { .. })
+        ));
         let stamp = store.update_rule(id, &json!({"id": "other"})).unwrap_err();
         assert!(
             matches!(stamp, StoreError::Invalid(ValidationError { ref field, .. }) if field == "id")
