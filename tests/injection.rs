@@ -643,3 +643,156 @@ fn the_cli_reports_errors_with_distinct_exit_codes_and_survives_restarts() {
         String::from_utf8_lossy(&grep.stdout)
     );
 }
+
+#[test]
+fn agents_scope_secrets_rules_block_and_deleting_an_agent_detaches_it() {
+    let setup = setup(14, &[]);
+    let daemon = &setup.daemon;
+    let agent_cgroup = cgroup2_mount().join(unique(14, "research"));
+    let created = cli(
+        daemon,
+        &[
+            "agent",
+            "create",
+            "research",
+            "--cgroup",
+            agent_cgroup.to_str().unwrap(),
+            "--create",
+        ],
+        None,
+    );
+    assert_ok(&created);
+    assert_eq!(
+        attached_programs(&agent_cgroup).len(),
+        7,
+        "capture not attached"
+    );
+    let missing = cli(
+        daemon,
+        &["agent", "create", "ghost", "--cgroup", "no/such/cgroup"],
+        None,
+    );
+    assert_eq!(missing.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cgroups[0]"));
+
+    create_secret(daemon, &["global", "--type", "openai"], "sk-GLOBAL-000");
+    create_secret(
+        daemon,
+        &["scoped", "--type", "openai", "--agent", "research"],
+        "sk-RESEARCH-111",
+    );
+    let rule = cli(
+        daemon,
+        &[
+            "rule",
+            "create",
+            "--host",
+            "api.openai.com",
+            "--path",
+            "/v1/admin/*",
+            "--action",
+            "block",
+        ],
+        None,
+    );
+    assert_ok(&rule);
+    assert_ok(&cli(
+        daemon,
+        &[
+            "rule",
+            "create",
+            "--host",
+            "other.example.com",
+            "--action",
+            "block",
+        ],
+        None,
+    ));
+
+    let curl_in_agent = |path: &str| {
+        command_in_cgroup(&agent_cgroup, "curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "20",
+                "-w",
+                "\n%{http_code}",
+                "--cacert",
+            ])
+            .arg(&setup.appliance_ca)
+            .arg("--resolve")
+            .arg(format!("api.openai.com:443:{}", setup.upstream_ip))
+            .arg(format!("https://api.openai.com{path}"))
+            .output()
+            .unwrap()
+    };
+    assert_ok(&curl_in_agent("/v1/models"));
+    assert_eq!(
+        setup.last_request("api.openai.com").headers["authorization"],
+        "Bearer sk-RESEARCH-111",
+        "the agent's own secret wins"
+    );
+    assert_ok(&setup.curl(&setup.appliance_ca, "api.openai.com", "/v1/models", &[]));
+    assert_eq!(
+        setup.last_request("api.openai.com").headers["authorization"],
+        "Bearer sk-GLOBAL-000",
+        "other workloads get the global secret"
+    );
+
+    let before = setup.upstream.seen.requests().len();
+    let blocked = curl_in_agent("/v1/admin/keys");
+    assert!(
+        String::from_utf8_lossy(&blocked.stdout).ends_with("\n403"),
+        "{blocked:?}"
+    );
+    let other = setup.curl(
+        &setup.appliance_ca,
+        "other.example.com",
+        "/",
+        &["-w", "\n%{http_code}"],
+    );
+    assert!(
+        String::from_utf8_lossy(&other.stdout).ends_with("\n403"),
+        "{other:?}"
+    );
+    assert_eq!(
+        setup.upstream.seen.requests().len(),
+        before,
+        "a blocked request reached the upstream"
+    );
+
+    let events = cli(daemon, &["--json", "events"], None);
+    let agents: Vec<Value> = String::from_utf8_lossy(&events.stdout)
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap()["agent"].clone())
+        .collect();
+    assert!(
+        agents.contains(&Value::String("research".into())),
+        "{agents:?}"
+    );
+
+    assert_ok(&cli(daemon, &["agent", "delete", "research"], None));
+    assert!(
+        attached_programs(&agent_cgroup).is_empty(),
+        "still attached"
+    );
+    let direct = command_in_cgroup(&agent_cgroup, "curl")
+        .args(["-sS", "--max-time", "20", "--cacert"])
+        .arg(&setup.upstream_ca)
+        .arg("--resolve")
+        .arg(format!("api.openai.com:443:{}", setup.upstream_ip))
+        .args([
+            "-H",
+            "Authorization: Bearer placeholder",
+            "https://api.openai.com/v1/models",
+        ])
+        .output()
+        .unwrap();
+    assert_ok(&direct);
+    assert_eq!(
+        setup.last_request("api.openai.com").headers["authorization"],
+        "Bearer placeholder",
+        "a detached cgroup must go out untouched"
+    );
+    remove_cgroup_tree(&agent_cgroup);
+}

@@ -32,6 +32,10 @@ pub enum ClientCommand {
     Secret(Box<SecretCommand>),
     /// `appliance ca ...`
     Ca(CaCommand),
+    /// `appliance agent ...`
+    Agent(AgentCommand),
+    /// `appliance rule ...`
+    Rule(RuleCommand),
     /// `appliance events`
     Events(EventsArgs),
     /// `appliance status`
@@ -117,6 +121,83 @@ pub enum SecretCommand {
     Delete {
         /// Name or id.
         name: String,
+    },
+}
+
+/// `appliance agent ...`
+#[derive(Subcommand, Debug)]
+pub enum AgentCommand {
+    /// Create an agent: a named set of cgroups to intercept.
+    Create {
+        /// Its unique name.
+        name: String,
+        /// cgroup v2 path, absolute or relative to the cgroup2 mount; repeat for several.
+        #[arg(long = "cgroup", required = true)]
+        cgroups: Vec<String>,
+        /// Create cgroups that do not exist yet.
+        #[arg(long)]
+        create: bool,
+    },
+    /// List agents.
+    List,
+    /// Show one agent.
+    Get {
+        /// Its name.
+        name: String,
+    },
+    /// Change an agent; only the fields given change.
+    Update {
+        /// Its name.
+        name: String,
+        /// New name.
+        #[arg(long)]
+        rename: Option<String>,
+        /// Replace its cgroups; repeat for several.
+        #[arg(long = "cgroup")]
+        cgroups: Vec<String>,
+        /// Create cgroups that do not exist yet.
+        #[arg(long)]
+        create: bool,
+    },
+    /// Delete an agent.
+    Delete {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// `appliance rule ...`
+#[derive(Subcommand, Debug)]
+pub enum RuleCommand {
+    /// Create an access rule.
+    Create {
+        /// Host (exact or `*.example.com`).
+        #[arg(long)]
+        host: String,
+        /// `allow` or `block`.
+        #[arg(long)]
+        action: String,
+        /// Path pattern, such as `/v1/admin/*`.
+        #[arg(long)]
+        path: Option<String>,
+        /// HTTP method.
+        #[arg(long)]
+        method: Option<String>,
+        /// Limit the rule to one agent.
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// List access rules.
+    List,
+    /// Show one access rule.
+    Get {
+        /// Its id.
+        id: String,
+    },
+    /// Delete an access rule.
+    Delete {
+        /// Its id.
+        id: String,
     },
 }
 
@@ -417,6 +498,8 @@ async fn execute(client: &Client, output: Output, command: ClientCommand) -> Res
             }
         }
         ClientCommand::Secret(command) => secret(client, output, *command).await?,
+        ClientCommand::Agent(command) => agent(client, output, command).await?,
+        ClientCommand::Rule(command) => rule(client, output, command).await?,
     }
     Ok(())
 }
@@ -495,6 +578,154 @@ async fn secret(client: &Client, output: Output, command: SecretCommand) -> Resu
             client.call(Method::DELETE, &path, None).await?;
             if let Output::Table = output {
                 eprintln!("appliance: deleted secret {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn show_record(output: Output, record: &Value) {
+    match output {
+        Output::Json => print_json(record),
+        Output::Table => {
+            if let Some(object) = record.as_object() {
+                for (key, value) in object {
+                    println!("{key:<10} {}", text(value));
+                }
+            }
+        }
+    }
+}
+
+async fn agent(client: &Client, output: Output, command: AgentCommand) -> Result<(), Failure> {
+    let path_of = |name: &str| format!("/v1/agents/{}", percent_encode_segment(name));
+    match command {
+        AgentCommand::Create {
+            name,
+            cgroups,
+            create,
+        } => {
+            let body = json!({"name": name, "cgroups": cgroups, "create": create});
+            show_record(
+                output,
+                &answer_json(client.call(Method::POST, "/v1/agents", Some(&body)).await?),
+            );
+        }
+        AgentCommand::List => {
+            let answer = answer_json(client.call(Method::GET, "/v1/agents", None).await?);
+            match output {
+                Output::Json => print_json(&answer),
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = answer["agents"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|agent| {
+                            let cgroups: Vec<String> = agent["cgroups"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .map(text)
+                                .collect();
+                            vec![
+                                text(&agent["name"]),
+                                cgroups.join(","),
+                                text(&agent["updatedAt"]),
+                            ]
+                        })
+                        .collect();
+                    print_table(&["NAME", "CGROUPS", "UPDATED"], &rows);
+                }
+            }
+        }
+        AgentCommand::Get { name } => {
+            show_record(
+                output,
+                &answer_json(client.call(Method::GET, &path_of(&name), None).await?),
+            );
+        }
+        AgentCommand::Update {
+            name,
+            rename,
+            cgroups,
+            create,
+        } => {
+            let mut body = Map::new();
+            if let Some(rename) = rename {
+                body.insert("name".into(), json!(rename));
+            }
+            if !cgroups.is_empty() {
+                body.insert("cgroups".into(), json!(cgroups));
+            }
+            if create {
+                body.insert("create".into(), json!(true));
+            }
+            let body = Value::Object(body);
+            show_record(
+                output,
+                &answer_json(
+                    client
+                        .call(Method::PATCH, &path_of(&name), Some(&body))
+                        .await?,
+                ),
+            );
+        }
+        AgentCommand::Delete { name } => {
+            client.call(Method::DELETE, &path_of(&name), None).await?;
+            if let Output::Table = output {
+                eprintln!("appliance: deleted agent {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn rule(client: &Client, output: Output, command: RuleCommand) -> Result<(), Failure> {
+    let path_of = |id: &str| format!("/v1/rules/{}", percent_encode_segment(id));
+    match command {
+        RuleCommand::Create {
+            host,
+            action,
+            path,
+            method,
+            agent,
+        } => {
+            let body = json!({"host": host, "action": action, "path": path, "method": method, "agent": agent});
+            show_record(
+                output,
+                &answer_json(client.call(Method::POST, "/v1/rules", Some(&body)).await?),
+            );
+        }
+        RuleCommand::List => {
+            let answer = answer_json(client.call(Method::GET, "/v1/rules", None).await?);
+            match output {
+                Output::Json => print_json(&answer),
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = answer["rules"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|rule| {
+                            ["id", "action", "host", "path", "method", "agent"]
+                                .iter()
+                                .map(|key| text(&rule[*key]))
+                                .collect()
+                        })
+                        .collect();
+                    print_table(&["ID", "ACTION", "HOST", "PATH", "METHOD", "AGENT"], &rows);
+                }
+            }
+        }
+        RuleCommand::Get { id } => {
+            show_record(
+                output,
+                &answer_json(client.call(Method::GET, &path_of(&id), None).await?),
+            );
+        }
+        RuleCommand::Delete { id } => {
+            client.call(Method::DELETE, &path_of(&id), None).await?;
+            if let Output::Table = output {
+                eprintln!("appliance: deleted rule {id}");
             }
         }
     }

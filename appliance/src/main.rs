@@ -46,6 +46,12 @@ enum Command {
     /// Manage secrets (values are read from stdin or a file, never from arguments).
     #[command(subcommand)]
     Secret(Box<commands::SecretCommand>),
+    /// Manage agents: named sets of cgroups whose traffic is intercepted.
+    #[command(subcommand)]
+    Agent(commands::AgentCommand),
+    /// Manage access rules: allow or block requests by host, path and method.
+    #[command(subcommand)]
+    Rule(commands::RuleCommand),
     /// The appliance's certificate authority.
     #[command(subcommand)]
     Ca(commands::CaCommand),
@@ -307,6 +313,8 @@ impl Command {
         match self {
             Self::Secret(command) => ClientCommand::Secret(command),
             Self::Ca(command) => ClientCommand::Ca(command),
+            Self::Agent(command) => ClientCommand::Agent(command),
+            Self::Rule(command) => ClientCommand::Rule(command),
             Self::Events(args) => ClientCommand::Events(args),
             Self::Status => ClientCommand::Status,
             Self::Daemon(_) | Self::Exec(_) | Self::Completions { .. } | Self::Man => {

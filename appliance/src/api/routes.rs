@@ -450,6 +450,44 @@ pub async fn dispatch(
 mod tests {
     use super::*;
 
+    /// `(METHOD, path)` pairs listed under `paths:` in an OpenAPI document.
+    fn documented_routes(document: &str) -> Vec<(String, String)> {
+        let mut routes = Vec::new();
+        let mut in_paths = false;
+        let mut current = None;
+        for line in document.lines() {
+            if !line.starts_with(' ') {
+                in_paths = line.trim_end() == "paths:";
+                continue;
+            }
+            if !in_paths {
+                continue;
+            }
+            if let Some(path) = line.strip_prefix("  /") {
+                current = Some(format!("/{}", path.trim_end().trim_end_matches(':')));
+            } else if let (Some(path), Some(key)) = (&current, line.strip_prefix("    ")) {
+                let key = key.split(':').next().unwrap_or_default();
+                if ["get", "post", "put", "patch", "delete"].contains(&key) {
+                    routes.push((key.to_ascii_uppercase(), path.clone()));
+                }
+            }
+        }
+        routes.sort();
+        routes
+    }
+
+    #[test]
+    fn every_served_route_is_documented_and_vice_versa() {
+        let document = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.yaml"));
+        let documented = documented_routes(document);
+        let mut served: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|route| (route.method.to_owned(), route.path.to_owned()))
+            .collect();
+        served.sort();
+        assert_eq!(served, documented);
+    }
+
     #[test]
     fn routes_match_with_ids_and_nothing_else() {
         let (route, id) = find(&Method::PATCH, "/v1/secrets/sec_1").unwrap();
