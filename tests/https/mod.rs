@@ -269,6 +269,7 @@ impl Upstream {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
+                let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let seen = task_seen.clone();
                 let release_sse = Arc::clone(&task_release);

@@ -38,6 +38,8 @@ enum Task {
     /// Set up, check formatting and lints, and run every test, privileged ones included
     /// (needs root).
     Test,
+    /// Measure the engine against a direct connection on loopback (BENCH_SECONDS per figure).
+    Bench,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,6 +60,10 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             require_root("the privileged tests (cgroups, eBPF)")?;
             test()
+        }
+        Task::Bench => {
+            setup()?;
+            run(cargo().args(["bench", "--package", "appliance", "--bench", "proxy"]))
         }
     }
 }

@@ -1,0 +1,245 @@
+//! `cargo xtask bench`: throughput of the engine on loopback, against a direct connection to
+//! the same HTTPS upstream, in one run.
+//!
+//! - keep-alive: requests/s over a fixed set of kept-alive HTTP/1.1 connections;
+//! - new connections: TLS connections/s, each with one request, then closed.
+//!
+//! Modes: `direct` (client to upstream), `intercepted` (engine terminates TLS and injects a
+//! header), `pass-through` (engine copies TLS bytes for a host without a secret). The eBPF
+//! redirect itself is a rewrite at connect(); it is not in this loop.
+
+#[path = "../../tests/https/mod.rs"]
+mod https;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use appliance::addr::{ClientAddr, OrigDstAddr};
+use appliance::audit::EventLog;
+use appliance::capture::{CgroupId, LookupError, OriginalDestinations, Redirect};
+use appliance::engine::Engine;
+use appliance::injection::{LoadedSecret, SecretIndex, SecretInjector};
+use appliance::proxy::{Proxy, ProxySettings, Unintercepted};
+use appliance::secret::SecretSpec;
+use appliance::tls::{CertificateAuthority, LeafCache, UpstreamTls};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::rt::TokioIo;
+use rustls::RootCertStore;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+const KEEP_ALIVE_CONNECTIONS: usize = 32;
+const NEW_CONNECTION_WORKERS: usize = 8;
+
+fn seconds() -> Duration {
+    Duration::from_secs(
+        std::env::var("BENCH_SECONDS")
+            .ok()
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(5),
+    )
+}
+
+struct AllTo(Redirect);
+
+impl OriginalDestinations for AllTo {
+    fn take(&self, _client: ClientAddr) -> Result<Option<Redirect>, LookupError> {
+        Ok(Some(self.0))
+    }
+}
+
+fn connector(ca_pem: &str) -> TlsConnector {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Measure full handshakes: a resumed session would flatter every mode alike.
+    config.resumption = rustls::client::Resumption::disabled();
+    TlsConnector::from(Arc::new(config))
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn open(target: SocketAddr, host: &'static str, tls: &TlsConnector) -> Sender {
+    let tcp = TcpStream::connect(target).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let stream = tls
+        .connect(ServerName::try_from(host).unwrap(), tcp)
+        .await
+        .unwrap();
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+async fn request(sender: &mut Sender, host: &str) {
+    let request = http::Request::builder()
+        .uri("/echo")
+        .header("host", host)
+        .body(Empty::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert!(response.status().is_success());
+    response.into_body().collect().await.unwrap();
+}
+
+async fn keep_alive_rate(target: SocketAddr, host: &'static str, tls: &TlsConnector) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + seconds();
+    let mut workers = Vec::new();
+    for _ in 0..KEEP_ALIVE_CONNECTIONS {
+        let mut sender = open(target, host, tls).await;
+        let done = Arc::clone(&done);
+        workers.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                request(&mut sender, host).await;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let started = Instant::now();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn new_connection_rate(target: SocketAddr, host: &'static str, tls: &TlsConnector) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + seconds();
+    let started = Instant::now();
+    let workers: Vec<_> = (0..NEW_CONNECTION_WORKERS)
+        .map(|_| {
+            let done = Arc::clone(&done);
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let mut sender = open(target, host, &tls).await;
+                    request(&mut sender, host).await;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run());
+}
+
+async fn run() {
+    let dir = std::env::temp_dir().join(format!("appliance-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let upstream_ca = https::Ca::new("bench upstream CA");
+    let upstream_ca_file = dir.join("upstream-ca.pem");
+    upstream_ca.write(&upstream_ca_file);
+    let upstream = https::Upstream::start(
+        "127.0.0.1:0".parse().unwrap(),
+        &[("api.bench.test", &upstream_ca), ("plain.bench.test", &upstream_ca)],
+    )
+    .await;
+
+    let ca = CertificateAuthority::load_or_create(&dir.join("ca")).unwrap();
+    let appliance_ca = ca.certificate_pem().to_owned();
+    let injector = SecretInjector::default();
+    let (spec, value) = SecretSpec::from_json(&serde_json::json!({
+        "name": "bench", "hostPattern": "api.bench.test", "value": "sk-bench-0123456789",
+        "injection": {"headerName": "authorization", "valueFormat": "Bearer {value}"}
+    }))
+    .unwrap();
+    injector.replace(SecretIndex::new(vec![LoadedSecret {
+        id: "sec_bench".into(),
+        spec,
+        value: value.unwrap(),
+    }]));
+    let settings = ProxySettings {
+        own_mark: 0,
+        connect_timeout: Duration::from_secs(5),
+        handshake_timeout: Duration::from_secs(5),
+        header_read_timeout: Duration::from_secs(30),
+        max_header_bytes: 64 * 1024,
+        unintercepted: Unintercepted::PassThrough,
+    };
+    let proxy = Proxy::new(
+        Arc::new(injector),
+        Arc::new(LeafCache::new(ca, 1024)),
+        UpstreamTls::new(std::slice::from_ref(&upstream_ca_file)).unwrap(),
+        Arc::new(EventLog::new(1024)),
+        settings,
+    )
+    .unwrap();
+    let redirect = Redirect {
+        original_dst: OrigDstAddr(upstream.addr),
+        cgroup_id: CgroupId(1),
+        pid: 1,
+    };
+    let engine = Engine::bind(
+        &["127.0.0.1:0".parse().unwrap()],
+        Arc::new(AllTo(redirect)),
+        Arc::new(proxy),
+    )
+    .await
+    .unwrap();
+    let engine_addr = engine.local_addrs()[0];
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(engine.serve(stop_rx, Duration::from_secs(1)));
+
+    let trusts_upstream = connector(&upstream_ca.pem);
+    let trusts_appliance = connector(&appliance_ca);
+    let modes: [(&str, SocketAddr, &'static str, &TlsConnector); 3] = [
+        ("direct", upstream.addr, "api.bench.test", &trusts_upstream),
+        ("intercepted", engine_addr, "api.bench.test", &trusts_appliance),
+        ("pass-through", engine_addr, "plain.bench.test", &trusts_upstream),
+    ];
+    println!(
+        "appliance bench: {} s per figure, {KEEP_ALIVE_CONNECTIONS} kept-alive connections, {NEW_CONNECTION_WORKERS} connecting workers, {} cores",
+        seconds().as_secs(),
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
+    let mut results = Vec::new();
+    for (name, target, host, tls) in modes {
+        let keep_alive = keep_alive_rate(target, host, tls).await;
+        let connections = new_connection_rate(target, host, tls).await;
+        results.push((name, keep_alive, connections));
+    }
+    let (_, direct_keep_alive, direct_connections) = results[0];
+    println!("{:<13} {:>14} {:>8} {:>16} {:>8}", "mode", "keep-alive r/s", "ratio", "new TLS conn/s", "ratio");
+    for (name, keep_alive, connections) in &results {
+        println!(
+            "{name:<13} {keep_alive:>14.0} {:>7.0}% {connections:>16.0} {:>7.0}%",
+            100.0 * keep_alive / direct_keep_alive,
+            100.0 * connections / direct_connections
+        );
+    }
+    let intercepted = results[1].1 / direct_keep_alive;
+    let passed = results[2].1 / direct_keep_alive;
+    println!(
+        "targets: intercepted keep-alive >= 50% of direct: {}; pass-through >= 95% of direct: {}",
+        if intercepted >= 0.5 { "met" } else { "MISSED" },
+        if passed >= 0.95 { "met" } else { "MISSED" }
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
