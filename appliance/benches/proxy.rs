@@ -158,7 +158,10 @@ async fn run() {
     upstream_ca.write(&upstream_ca_file);
     let upstream = https::Upstream::start(
         "127.0.0.1:0".parse().unwrap(),
-        &[("api.bench.test", &upstream_ca), ("plain.bench.test", &upstream_ca)],
+        &[
+            ("api.bench.test", &upstream_ca),
+            ("plain.bench.test", &upstream_ca),
+        ],
     )
     .await;
 
@@ -211,8 +214,18 @@ async fn run() {
     let trusts_appliance = connector(&appliance_ca);
     let modes: [(&str, SocketAddr, &'static str, &TlsConnector); 3] = [
         ("direct", upstream.addr, "api.bench.test", &trusts_upstream),
-        ("intercepted", engine_addr, "api.bench.test", &trusts_appliance),
-        ("pass-through", engine_addr, "plain.bench.test", &trusts_upstream),
+        (
+            "intercepted",
+            engine_addr,
+            "api.bench.test",
+            &trusts_appliance,
+        ),
+        (
+            "pass-through",
+            engine_addr,
+            "plain.bench.test",
+            &trusts_upstream,
+        ),
     ];
     println!(
         "appliance bench: {} s per figure, {KEEP_ALIVE_CONNECTIONS} kept-alive connections, {NEW_CONNECTION_WORKERS} connecting workers, {} cores",
@@ -226,7 +239,10 @@ async fn run() {
         results.push((name, keep_alive, connections));
     }
     let (_, direct_keep_alive, direct_connections) = results[0];
-    println!("{:<13} {:>14} {:>8} {:>16} {:>8}", "mode", "keep-alive r/s", "ratio", "new TLS conn/s", "ratio");
+    println!(
+        "{:<13} {:>14} {:>8} {:>16} {:>8}",
+        "mode", "keep-alive r/s", "ratio", "new TLS conn/s", "ratio"
+    );
     for (name, keep_alive, connections) in &results {
         println!(
             "{name:<13} {keep_alive:>14.0} {:>7.0}% {connections:>16.0} {:>7.0}%",

@@ -12,6 +12,7 @@ pub mod api;
 pub mod audit;
 pub mod capture;
 pub mod client;
+pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod exec;

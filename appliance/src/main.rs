@@ -6,30 +6,30 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
-use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
+use anyhow::Context as _;
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
 
 mod commands;
 use commands::{ClientCommand, Output};
 
 use appliance::api::ApiSettings;
 use appliance::capture::{self, CaptureSettings};
+use appliance::config::{Config, ForeignNetns, LogFormatConfig, UninterceptedConfig};
 use appliance::daemon::{self, DaemonSettings};
 use appliance::logging::{self, LogFormat};
 use appliance::proxy::{ProxySettings, Unintercepted};
 
 const DEFAULT_AGENTS_CGROUP: &str = "appliance-agents";
-const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/appliance";
-const DEFAULT_STATE_DIR: &str = "/var/lib/appliance";
 const DEFAULT_SOCKET: &str = "/run/appliance/admin.sock";
 
 /// Transparent credential-injecting network appliance.
 #[derive(Parser)]
 #[command(name = "appliance", version, about)]
 struct Cli {
-    /// The daemon's admin socket.
-    #[arg(long, global = true, env = "APPLIANCE_SOCKET", default_value = DEFAULT_SOCKET)]
-    socket: PathBuf,
+    /// The daemon's admin socket [default: /run/appliance/admin.sock, or api.socket of the
+    /// daemon's configuration].
+    #[arg(long, global = true, env = "APPLIANCE_SOCKET")]
+    socket: Option<PathBuf>,
     /// Print JSON instead of tables (for scripts).
     #[arg(long, global = true)]
     json: bool,
@@ -68,86 +68,55 @@ enum Command {
     Man,
 }
 
-/// Connections to hosts without a secret, without SNI, or not TLS.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum UninterceptedPolicy {
-    /// Carry them to their destination untouched.
-    PassThrough,
-    /// Close them.
-    Refuse,
-}
-
-/// What to do with intercepted connections from another network namespace.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum ForeignNetns {
-    /// Fail them: the engine cannot be reached from there, and nothing may bypass it.
-    Refuse,
-    /// Let them go out unredirected.
-    Allow,
-}
-
+/// `appliance daemon`: every option overrides the configuration file.
 #[derive(Args)]
 struct DaemonArgs {
-    /// IPv4 address of the engine listener.
-    #[arg(long, default_value_t = Ipv4Addr::LOCALHOST)]
-    listen_v4: Ipv4Addr,
-    /// IPv6 address of the engine listener.
-    #[arg(long, default_value_t = Ipv6Addr::LOCALHOST)]
-    listen_v6: Ipv6Addr,
-    /// Port of the engine listener (both families).
-    #[arg(long, default_value_t = 15443)]
-    port: u16,
-    /// Destination port to intercept (repeat for several).
-    #[arg(long = "intercept-port", default_values_t = [443u16])]
-    intercept_ports: Vec<u16>,
-    /// Parent cgroup of `appliance exec` cgroups, absolute or relative to the cgroup2 mount;
-    /// created when missing and always intercepted.
-    #[arg(long, env = "APPLIANCE_AGENTS_CGROUP", default_value = DEFAULT_AGENTS_CGROUP)]
-    agents_cgroup: PathBuf,
-    /// Another cgroup to intercept, with its descendants (repeat for several).
-    #[arg(long = "cgroup")]
-    cgroups: Vec<PathBuf>,
-    /// bpffs directory where programs' links and maps are pinned.
-    #[arg(long, env = "APPLIANCE_BPFFS_DIR", default_value = DEFAULT_BPFFS_DIR)]
-    bpffs_dir: PathBuf,
-    /// SO_MARK of the appliance's own upstream connections, which are never intercepted
-    /// (decimal or 0x-hex, not 0).
-    #[arg(long, default_value = "0x61706c69", value_parser = parse_mark)]
-    mark: u32,
-    /// Intercepted connections from other network namespaces.
-    #[arg(long, value_enum, default_value_t = ForeignNetns::Refuse)]
-    foreign_netns: ForeignNetns,
-    /// Directory of persistent state (the CA lives in <state-dir>/ca).
-    #[arg(long, env = "APPLIANCE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-    state_dir: PathBuf,
-    /// PEM file of CA certificates trusted for upstreams besides the system store
-    /// (repeat for several).
-    #[arg(long = "upstream-ca")]
-    upstream_ca_files: Vec<PathBuf>,
-    /// Connections to hosts with no secret (or without SNI, or not TLS).
-    #[arg(long, value_enum, default_value_t = UninterceptedPolicy::PassThrough)]
-    unintercepted: UninterceptedPolicy,
-    /// Seconds allowed for connecting to an upstream.
-    #[arg(long, default_value_t = 10)]
-    connect_timeout_seconds: u64,
-    /// Seconds allowed for a client's TLS handshake, and for each request's headers.
-    #[arg(long, default_value_t = 15)]
-    client_timeout_seconds: u64,
-    /// Largest request header block accepted, in bytes.
-    #[arg(long, default_value_t = 64 * 1024)]
-    max_header_bytes: usize,
-    /// Group whose members may use the admin socket (root and the daemon's user always may).
+    /// Configuration file [default: /etc/appliance/config.toml when it exists].
+    #[arg(long, env = "APPLIANCE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Check the configuration, print the effective settings and exit.
     #[arg(long)]
-    admin_group: Option<String>,
-    /// Seconds to wait for open connections at shutdown.
-    #[arg(long, default_value_t = 10)]
-    drain_seconds: u64,
-    /// Log line format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    check_config: bool,
     /// Remove every pinned program and map (all interception stops) and exit.
     #[arg(long)]
     detach_all: bool,
+    /// IPv4 address of the engine listener (listen.ipv4).
+    #[arg(long)]
+    listen_v4: Option<Ipv4Addr>,
+    /// IPv6 address of the engine listener (listen.ipv6).
+    #[arg(long)]
+    listen_v6: Option<Ipv6Addr>,
+    /// Port of the engine listener (listen.port).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Destination port to intercept, repeatable (capture.intercept_ports).
+    #[arg(long = "intercept-port")]
+    intercept_ports: Vec<u16>,
+    /// Parent cgroup of `appliance exec` cgroups (capture.agents_cgroup).
+    #[arg(long, env = "APPLIANCE_AGENTS_CGROUP")]
+    agents_cgroup: Option<PathBuf>,
+    /// Another cgroup to intercept, repeatable (capture.cgroups).
+    #[arg(long = "cgroup")]
+    cgroups: Vec<PathBuf>,
+    /// bpffs directory for pinned links and maps (capture.bpffs_dir).
+    #[arg(long, env = "APPLIANCE_BPFFS_DIR")]
+    bpffs_dir: Option<PathBuf>,
+    /// SO_MARK of the appliance's own upstream connections, decimal or 0x-hex
+    /// (capture.mark).
+    #[arg(long, value_parser = parse_mark)]
+    mark: Option<u32>,
+    /// State directory: CA, store, master key (state.dir).
+    #[arg(long, env = "APPLIANCE_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// PEM file of CAs trusted for upstreams, repeatable (upstream.ca_files).
+    #[arg(long = "upstream-ca")]
+    upstream_ca_files: Vec<PathBuf>,
+    /// Group allowed to use the admin socket (api.admin_group).
+    #[arg(long)]
+    admin_group: Option<String>,
+    /// Log line format (log.format).
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
 }
 
 #[derive(Args)]
@@ -181,86 +150,128 @@ fn parse_mark(text: &str) -> Result<u32, String> {
 }
 
 impl DaemonArgs {
-    fn into_settings(self, socket: PathBuf) -> anyhow::Result<DaemonSettings> {
-        if self.intercept_ports.contains(&self.port) {
-            bail!(
-                "--intercept-port {} is the engine's own --port; choose different ports",
-                self.port
-            );
+    /// The configuration file with these options applied on top, validated.
+    fn config(&self, socket: Option<PathBuf>) -> anyhow::Result<(Config, String)> {
+        let (mut config, origin) = Config::load(self.config.as_deref())?;
+        let listen = &mut config.listen;
+        listen.ipv4 = self.listen_v4.unwrap_or(listen.ipv4);
+        listen.ipv6 = self.listen_v6.unwrap_or(listen.ipv6);
+        listen.port = self.port.unwrap_or(listen.port);
+        let capture = &mut config.capture;
+        if !self.intercept_ports.is_empty() {
+            capture.intercept_ports.clone_from(&self.intercept_ports);
         }
-        if self.intercept_ports.contains(&0) {
-            bail!("--intercept-port 0 is not a port; give 1-65535");
+        if let Some(agents) = &self.agents_cgroup {
+            capture.agents_cgroup.clone_from(agents);
         }
-        if self.intercept_ports.len() > appliance_common::MAX_INTERCEPTED_PORTS as usize {
-            bail!(
-                "--intercept-port was given {} times; at most {} ports can be intercepted",
-                self.intercept_ports.len(),
-                appliance_common::MAX_INTERCEPTED_PORTS
-            );
+        capture.cgroups.extend(self.cgroups.iter().cloned());
+        if let Some(bpffs_dir) = &self.bpffs_dir {
+            capture.bpffs_dir.clone_from(bpffs_dir);
         }
-        let capture = CaptureSettings {
-            bpffs_dir: self.bpffs_dir,
-            engine_v4: self.listen_v4,
-            engine_v6: self.listen_v6,
-            engine_port: self.port,
-            intercepted_ports: self.intercept_ports,
-            own_mark: self.mark,
-            refuse_foreign_netns: matches!(self.foreign_netns, ForeignNetns::Refuse),
-            ebpf_log_level: if tracing::enabled!(target: "appliance_ebpf", tracing::Level::DEBUG) {
-                4
-            } else {
-                3
-            },
-        };
-        let client_timeout = Duration::from_secs(self.client_timeout_seconds);
-        let proxy = ProxySettings {
-            own_mark: self.mark,
-            connect_timeout: Duration::from_secs(self.connect_timeout_seconds),
-            handshake_timeout: client_timeout,
-            header_read_timeout: client_timeout,
-            max_header_bytes: self.max_header_bytes,
-            unintercepted: match self.unintercepted {
-                UninterceptedPolicy::PassThrough => Unintercepted::PassThrough,
-                UninterceptedPolicy::Refuse => Unintercepted::Refuse,
-            },
-        };
-        Ok(DaemonSettings {
-            capture,
-            listen: vec![
-                SocketAddr::new(self.listen_v4.into(), self.port),
-                SocketAddr::new(self.listen_v6.into(), self.port),
-            ],
-            proxy,
-            state_dir: self.state_dir,
-            upstream_ca_files: self.upstream_ca_files,
-            leaf_cache_capacity: 10_000,
-            credentials_dir: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
-            api: ApiSettings {
-                socket,
-                admin_group: self.admin_group,
-                max_body_bytes: 256 * 1024,
-                request_timeout: Duration::from_secs(10),
-            },
-            agents_cgroup: self.agents_cgroup,
-            cgroups: self.cgroups,
-            drain: Duration::from_secs(self.drain_seconds),
-        })
+        capture.mark = self.mark.unwrap_or(capture.mark);
+        if let Some(state_dir) = &self.state_dir {
+            config.state.dir.clone_from(state_dir);
+        }
+        config
+            .upstream
+            .ca_files
+            .extend(self.upstream_ca_files.iter().cloned());
+        if let Some(group) = &self.admin_group {
+            config.api.admin_group.clone_from(group);
+        }
+        if let Some(socket) = socket {
+            config.api.socket = socket;
+        }
+        if let Some(format) = self.log_format {
+            config.log.format = match format {
+                LogFormat::Text => LogFormatConfig::Text,
+                LogFormat::Json => LogFormatConfig::Json,
+            };
+        }
+        let described = origin.map_or_else(
+            || "built-in defaults".to_owned(),
+            |path| path.display().to_string(),
+        );
+        config.validate(std::path::Path::new(&format!(
+            "{described} with command-line options"
+        )))?;
+        Ok((config, described))
     }
 }
 
-fn run_daemon(args: DaemonArgs, socket: PathBuf) -> anyhow::Result<()> {
-    logging::init(args.log_format, "info");
-    if args.detach_all {
-        let cgroups = capture::detach_all(&args.bpffs_dir)?;
-        tracing::info!(cgroups, bpffs_dir = %args.bpffs_dir.display(), "detached everything");
+fn settings(config: &Config) -> DaemonSettings {
+    let capture = CaptureSettings {
+        bpffs_dir: config.capture.bpffs_dir.clone(),
+        engine_v4: config.listen.ipv4,
+        engine_v6: config.listen.ipv6,
+        engine_port: config.listen.port,
+        intercepted_ports: config.capture.intercept_ports.clone(),
+        own_mark: config.capture.mark,
+        refuse_foreign_netns: config.capture.foreign_netns == ForeignNetns::Refuse,
+        ebpf_log_level: if tracing::enabled!(target: "appliance_ebpf", tracing::Level::DEBUG) {
+            4
+        } else {
+            3
+        },
+    };
+    let client_timeout = Duration::from_secs(config.proxy.client_timeout_seconds);
+    let proxy = ProxySettings {
+        own_mark: config.capture.mark,
+        connect_timeout: Duration::from_secs(config.upstream.connect_timeout_seconds),
+        handshake_timeout: client_timeout,
+        header_read_timeout: client_timeout,
+        max_header_bytes: config.proxy.max_header_bytes,
+        unintercepted: match config.proxy.unintercepted {
+            UninterceptedConfig::PassThrough => Unintercepted::PassThrough,
+            UninterceptedConfig::Refuse => Unintercepted::Refuse,
+        },
+    };
+    DaemonSettings {
+        capture,
+        listen: vec![
+            SocketAddr::new(config.listen.ipv4.into(), config.listen.port),
+            SocketAddr::new(config.listen.ipv6.into(), config.listen.port),
+        ],
+        proxy,
+        state_dir: config.state.dir.clone(),
+        upstream_ca_files: config.upstream.ca_files.clone(),
+        leaf_cache_capacity: 10_000,
+        credentials_dir: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+        api: ApiSettings {
+            socket: config.api.socket.clone(),
+            admin_group: Some(config.api.admin_group.clone()).filter(|group| !group.is_empty()),
+            max_body_bytes: config.api.max_body_bytes,
+            request_timeout: Duration::from_secs(10),
+        },
+        agents_cgroup: config.capture.agents_cgroup.clone(),
+        cgroups: config.capture.cgroups.clone(),
+        drain: Duration::from_secs(config.proxy.drain_seconds),
+    }
+}
+
+fn run_daemon(args: DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
+    let (config, origin) = args.config(socket)?;
+    let format = match config.log.format {
+        LogFormatConfig::Text => LogFormat::Text,
+        LogFormatConfig::Json => LogFormat::Json,
+    };
+    logging::init(format, &config.log.level);
+    if args.check_config {
+        println!("# effective configuration ({origin}): valid");
+        println!("{config:#?}");
         return Ok(());
     }
-    let settings = args.into_settings(socket)?;
+    if args.detach_all {
+        let cgroups = capture::detach_all(&config.capture.bpffs_dir)?;
+        tracing::info!(cgroups, bpffs_dir = %config.capture.bpffs_dir.display(), "detached everything");
+        return Ok(());
+    }
+    tracing::info!(config = %origin, "configuration loaded");
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?
-        .block_on(daemon::run(settings))
+        .block_on(daemon::run(settings(&config)))
 }
 
 fn main() -> ExitCode {
@@ -296,7 +307,8 @@ fn main() -> ExitCode {
             } else {
                 Output::Table
             };
-            return commands::run(&cli.socket, output, client_command.into_client());
+            let socket = cli.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+            return commands::run(&socket, output, client_command.into_client());
         }
     };
     match outcome {

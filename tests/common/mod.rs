@@ -236,8 +236,13 @@ impl Daemon {
             Some(cgroup) => command_in_cgroup(cgroup, APPLIANCE),
             None => Command::new(APPLIANCE),
         };
+        // An empty configuration: built-in defaults, whatever is installed in /etc.
+        let config = std::env::temp_dir().join(format!("{}.toml", unique(0, "empty-config")));
+        fs::write(&config, "").unwrap();
         command
             .arg("daemon")
+            .arg("--config")
+            .arg(&config)
             .args(["--log-format", "json"])
             .args(["--port", &self.port.to_string()])
             .arg("--agents-cgroup")

@@ -1,0 +1,481 @@
+//! The daemon's configuration file (TOML). Every setting has a default, so no file is needed;
+//! every value is checked at start, and a wrong one names its key and the fix.
+//! `systemd/config.toml` documents each setting and is checked against these defaults.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the daemon looks when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/appliance/config.toml";
+
+/// A configuration problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (unknown key, wrong type).
+    #[error("{}: {message}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's description, which names the key and line.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{}: {key}: {message}", path.display())]
+    Invalid {
+        /// The file (or `command line`).
+        path: PathBuf,
+        /// The dotted key, such as `capture.intercept_ports`.
+        key: &'static str,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+/// Where the engine listens.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Listen {
+    /// IPv4 listener address.
+    pub ipv4: Ipv4Addr,
+    /// IPv6 listener address.
+    pub ipv6: Ipv6Addr,
+    /// Listener port (both families).
+    pub port: u16,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            ipv4: Ipv4Addr::LOCALHOST,
+            ipv6: Ipv6Addr::LOCALHOST,
+            port: 15443,
+        }
+    }
+}
+
+/// Connections from other network namespaces.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForeignNetns {
+    /// Refuse them: they cannot reach the engine, and nothing may bypass it.
+    Refuse,
+    /// Let them go out unredirected.
+    Allow,
+}
+
+/// What is intercepted.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CaptureConfig {
+    /// Destination ports whose TCP is redirected and whose UDP is refused.
+    pub intercept_ports: Vec<u16>,
+    /// Parent cgroup of `appliance exec` cgroups (created, always intercepted).
+    pub agents_cgroup: PathBuf,
+    /// Further cgroups always intercepted.
+    pub cgroups: Vec<PathBuf>,
+    /// bpffs directory for pinned links and maps.
+    pub bpffs_dir: PathBuf,
+    /// SO_MARK of the appliance's own upstream sockets.
+    pub mark: u32,
+    /// Intercepted connections from other network namespaces.
+    pub foreign_netns: ForeignNetns,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            intercept_ports: vec![443],
+            agents_cgroup: "appliance-agents".into(),
+            cgroups: Vec::new(),
+            bpffs_dir: "/sys/fs/bpf/appliance".into(),
+            mark: 0x6170_6c69,
+            foreign_netns: ForeignNetns::Refuse,
+        }
+    }
+}
+
+/// Persistent state.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateConfig {
+    /// Holds the CA, the store and (without systemd credentials) the master key.
+    pub dir: PathBuf,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            dir: "/var/lib/appliance".into(),
+        }
+    }
+}
+
+/// The admin API.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Unix socket path.
+    pub socket: PathBuf,
+    /// Group allowed to use the socket besides root; empty: root only.
+    pub admin_group: String,
+    /// Largest request body, bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            socket: "/run/appliance/admin.sock".into(),
+            admin_group: String::new(),
+            max_body_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Connections to upstreams.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// PEM files of CAs trusted besides the system store.
+    pub ca_files: Vec<PathBuf>,
+    /// Limit on TCP connect plus TLS handshake, seconds.
+    pub connect_timeout_seconds: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            ca_files: Vec::new(),
+            connect_timeout_seconds: 10,
+        }
+    }
+}
+
+/// Connections without a secret.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum UninterceptedConfig {
+    /// Carry them to their destination untouched.
+    PassThrough,
+    /// Close them.
+    Refuse,
+}
+
+/// The proxy.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Hosts without a secret, no SNI, or not TLS.
+    pub unintercepted: UninterceptedConfig,
+    /// Limit on a client's TLS handshake and on each request's headers, seconds.
+    pub client_timeout_seconds: u64,
+    /// Largest request header block, bytes.
+    pub max_header_bytes: usize,
+    /// Time open connections get to finish at shutdown, seconds.
+    pub drain_seconds: u64,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            unintercepted: UninterceptedConfig::PassThrough,
+            client_timeout_seconds: 15,
+            max_header_bytes: 64 * 1024,
+            drain_seconds: 10,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormatConfig {
+    /// Human-readable.
+    Text,
+    /// JSON lines.
+    Json,
+}
+
+/// Logging.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Line format.
+    pub format: LogFormatConfig,
+    /// `tracing` filter, such as `info` or `info,appliance_ebpf=debug`; RUST_LOG overrides.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormatConfig::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `[listen]`
+    pub listen: Listen,
+    /// `[capture]`
+    pub capture: CaptureConfig,
+    /// `[state]`
+    pub state: StateConfig,
+    /// `[api]`
+    pub api: ApiConfig,
+    /// `[upstream]`
+    pub upstream: UpstreamConfig,
+    /// `[proxy]`
+    pub proxy: ProxyConfig,
+    /// `[log]`
+    pub log: LogConfig,
+}
+
+impl Config {
+    /// Reads `path`; without one, [`DEFAULT_CONFIG`] if it exists, else the defaults.
+    pub fn load(path: Option<&Path>) -> Result<(Self, Option<PathBuf>), ConfigError> {
+        let path = match path {
+            Some(path) => path.to_path_buf(),
+            None if Path::new(DEFAULT_CONFIG).exists() => PathBuf::from(DEFAULT_CONFIG),
+            None => return Ok((Self::default(), None)),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let config = Self::parse(&text, &path)?;
+        Ok((config, Some(path)))
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|error| ConfigError::Parse {
+            path: origin.into(),
+            message: error.to_string(),
+        })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    /// Checks values serde cannot.
+    pub fn validate(&self, origin: &Path) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| ConfigError::Invalid {
+            path: origin.into(),
+            key,
+            message,
+        };
+        let ports = &self.capture.intercept_ports;
+        if ports.is_empty() {
+            return Err(invalid(
+                "capture.intercept_ports",
+                "is empty; list at least one port, such as [443]".into(),
+            ));
+        }
+        if ports.contains(&0) {
+            return Err(invalid(
+                "capture.intercept_ports",
+                "contains 0; give ports 1-65535".into(),
+            ));
+        }
+        if ports.len() > appliance_common::MAX_INTERCEPTED_PORTS as usize {
+            return Err(invalid(
+                "capture.intercept_ports",
+                format!(
+                    "lists {} ports; at most {} can be intercepted",
+                    ports.len(),
+                    appliance_common::MAX_INTERCEPTED_PORTS
+                ),
+            ));
+        }
+        if ports.contains(&self.listen.port) {
+            return Err(invalid(
+                "listen.port",
+                format!("{} is also in capture.intercept_ports; the engine's own port must not be intercepted", self.listen.port),
+            ));
+        }
+        if self.listen.port == 0 {
+            return Err(invalid(
+                "listen.port",
+                "is 0; capture must know the port, give 1-65535".into(),
+            ));
+        }
+        if self.capture.mark == 0 {
+            return Err(invalid(
+                "capture.mark",
+                "is 0, which means no mark; choose a non-zero mark no other software uses".into(),
+            ));
+        }
+        for (key, seconds) in [
+            (
+                "upstream.connect_timeout_seconds",
+                self.upstream.connect_timeout_seconds,
+            ),
+            (
+                "proxy.client_timeout_seconds",
+                self.proxy.client_timeout_seconds,
+            ),
+        ] {
+            if seconds == 0 {
+                return Err(invalid(
+                    key,
+                    "is 0; give a number of seconds, such as 10".into(),
+                ));
+            }
+        }
+        if self.proxy.max_header_bytes < 1024 {
+            return Err(invalid(
+                "proxy.max_header_bytes",
+                "is below 1024; real requests need more, such as 65536".into(),
+            ));
+        }
+        if self.api.max_body_bytes < 1024 {
+            return Err(invalid(
+                "api.max_body_bytes",
+                "is below 1024; secrets need more, such as 262144".into(),
+            ));
+        }
+        if !self.api.socket.is_absolute() {
+            return Err(invalid(
+                "api.socket",
+                "must be an absolute path, such as /run/appliance/admin.sock".into(),
+            ));
+        }
+        if !self.state.dir.is_absolute() {
+            return Err(invalid(
+                "state.dir",
+                "must be an absolute path, such as /var/lib/appliance".into(),
+            ));
+        }
+        if !self.capture.bpffs_dir.is_absolute() {
+            return Err(invalid(
+                "capture.bpffs_dir",
+                "must be an absolute path under a bpffs, such as /sys/fs/bpf/appliance".into(),
+            ));
+        }
+        if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(invalid(
+                "log.level",
+                format!("is not a tracing filter ({error}); use e.g. \"info\""),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(text: &str) -> String {
+        Config::parse(text, Path::new("test.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn the_shipped_file_documents_exactly_the_defaults() {
+        let shipped = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../systemd/config.toml"
+        ));
+        let uncommented: String = shipped
+            .lines()
+            .map(|line| {
+                line.strip_prefix("# ")
+                    .filter(|rest| rest.contains(" = "))
+                    .unwrap_or(line)
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(
+            Config::parse(shipped, Path::new("config.toml")).unwrap(),
+            Config::default()
+        );
+        assert_eq!(
+            Config::parse(&uncommented, Path::new("config.toml")).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn every_bad_value_names_its_key_and_the_fix() {
+        for (text, expected) in [
+            (
+                "[capture]\nintercept_ports = []",
+                "capture.intercept_ports: is empty",
+            ),
+            (
+                "[capture]\nintercept_ports = [0]",
+                "capture.intercept_ports: contains 0",
+            ),
+            (
+                "[listen]\nport = 443",
+                "listen.port: 443 is also in capture.intercept_ports",
+            ),
+            ("[listen]\nport = 0", "listen.port: is 0"),
+            ("[capture]\nmark = 0", "capture.mark: is 0"),
+            (
+                "[upstream]\nconnect_timeout_seconds = 0",
+                "upstream.connect_timeout_seconds: is 0",
+            ),
+            (
+                "[proxy]\nclient_timeout_seconds = 0",
+                "proxy.client_timeout_seconds: is 0",
+            ),
+            (
+                "[proxy]\nmax_header_bytes = 10",
+                "proxy.max_header_bytes: is below 1024",
+            ),
+            (
+                "[api]\nmax_body_bytes = 10",
+                "api.max_body_bytes: is below 1024",
+            ),
+            (
+                "[api]\nsocket = \"admin.sock\"",
+                "api.socket: must be an absolute path",
+            ),
+            (
+                "[state]\ndir = \"state\"",
+                "state.dir: must be an absolute path",
+            ),
+            (
+                "[capture]\nbpffs_dir = \"pins\"",
+                "capture.bpffs_dir: must be an absolute path",
+            ),
+            (
+                "[log]\nlevel = \"info,[\"",
+                "log.level: is not a tracing filter",
+            ),
+            (
+                "[proxy]\nunintercepted = \"drop\"",
+                "unknown variant `drop`, expected `pass-through` or `refuse`",
+            ),
+            ("[listen]\nport = \"x\"", "invalid type"),
+            ("[listen]\nprot = 1", "unknown field `prot`"),
+            (
+                "[capture]\nforeign_netns = \"maybe\"",
+                "expected `refuse` or `allow`",
+            ),
+            ("[listen]\nipv4 = \"localhost\"", "invalid IPv4 address"),
+        ] {
+            let error = error_of(text);
+            assert!(error.contains(expected), "{text:?}: {error}");
+            assert!(error.starts_with("test.toml"), "{error}");
+        }
+    }
+}
