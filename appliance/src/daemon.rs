@@ -49,7 +49,12 @@ pub struct DaemonSettings {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(settings: DaemonSettings) -> anyhow::Result<()> {
+/// Runs the daemon until SIGTERM or SIGINT. SIGHUP calls `reload` for fresh settings and
+/// applies what can change without dropping connections.
+pub async fn run(
+    settings: DaemonSettings,
+    reload: impl Fn() -> anyhow::Result<DaemonSettings>,
+) -> anyhow::Result<()> {
     let (key, key_source) =
         MasterKey::load_or_create(settings.credentials_dir.as_deref(), &settings.state_dir)
             .context("loading the master key")?;
@@ -76,16 +81,16 @@ pub async fn run(settings: DaemonSettings) -> anyhow::Result<()> {
     let api_leaves = Arc::clone(&leaves);
     let upstream_tls = UpstreamTls::new(&settings.upstream_ca_files)
         .context("loading trusted upstream certificates")?;
-    let proxy = Proxy::new(
+    let proxy = Arc::new(Proxy::new(
         Arc::clone(&injector) as Arc<dyn crate::injection::Injector>,
         leaves,
         upstream_tls,
         Arc::clone(&events),
         settings.proxy.clone(),
-    )?;
+    )?);
     let destinations = Arc::new(capture.original_destinations()?);
     // Listen before attaching, so the first redirected connection finds the engine.
-    let engine = Engine::bind(&settings.listen, destinations, Arc::new(proxy)).await?;
+    let engine = Engine::bind(&settings.listen, destinations, Arc::clone(&proxy)).await?;
     let listening = engine.local_addrs();
 
     let mut base = vec![Cgroup::create(&settings.agents_cgroup)
@@ -111,7 +116,7 @@ pub async fn run(settings: DaemonSettings) -> anyhow::Result<()> {
 
     let admin_api = api::bind(settings.api.clone()).context("starting the admin API")?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let api_task = tokio::spawn(admin_api.serve(state, stop_rx.clone()));
+    let api_task = tokio::spawn(admin_api.serve(Arc::clone(&state), stop_rx.clone()));
     let served = tokio::spawn(engine.serve(stop_rx, settings.drain));
     info!(
         event = "ready",
@@ -121,18 +126,97 @@ pub async fn run(settings: DaemonSettings) -> anyhow::Result<()> {
         "appliance ready"
     );
 
+    notify("READY=1\nSTATUS=intercepting");
+
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = terminate.recv() => info!("SIGTERM received; stopping"),
-        _ = interrupt.recv() => info!("SIGINT received; stopping"),
+    let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => {
+                info!("SIGTERM received; stopping");
+                break;
+            }
+            _ = interrupt.recv() => {
+                info!("SIGINT received; stopping");
+                break;
+            }
+            _ = hangup.recv() => {
+                notify("RELOADING=1");
+                match reload().and_then(|fresh| apply_reload(&settings, &fresh, &proxy, &state)) {
+                    Ok(()) => info!(event = "reloaded", "configuration reloaded"),
+                    Err(error) => warn!(error = %format!("{error:#}"), "reload failed; keeping the running configuration"),
+                }
+                notify("READY=1\nSTATUS=intercepting");
+            }
+        }
     }
+    notify("STOPPING=1");
     // Redirection stays pinned: while the daemon is away, intercepted connections fail
     // instead of bypassing it. `appliance daemon --detach-all` ends interception.
     let _ = stop_tx.send(true);
     served.await.context("engine task failed")?;
     api_task.await.context("admin API task failed")?;
     info!("appliance stopped");
+    Ok(())
+}
+
+/// Applies what a reload may change without dropping connections: upstream trust and proxy
+/// settings (for new connections), and secrets, rules and agents re-read from the store.
+/// Settings that need a restart are named in a warning and left as they are.
+fn apply_reload(
+    running: &DaemonSettings,
+    fresh: &DaemonSettings,
+    proxy: &Proxy,
+    state: &ApiState,
+) -> anyhow::Result<()> {
+    let restart_only = [
+        ("listen", running.listen != fresh.listen),
+        ("capture", running.capture != fresh.capture),
+        (
+            "capture.agents_cgroup",
+            running.agents_cgroup != fresh.agents_cgroup,
+        ),
+        ("capture.cgroups", running.cgroups != fresh.cgroups),
+        ("state.dir", running.state_dir != fresh.state_dir),
+        ("api", running.api != fresh.api),
+    ];
+    for (key, _) in restart_only.iter().filter(|(_, changed)| *changed) {
+        warn!(
+            key,
+            "changed in the configuration; takes effect at the next restart"
+        );
+    }
+    let upstream_tls = UpstreamTls::new(&fresh.upstream_ca_files)
+        .context("loading trusted upstream certificates")?;
+    proxy.reconfigure(upstream_tls, fresh.proxy.clone());
+    let reloaded = |error: crate::api::ApiError| anyhow::anyhow!(error.message);
+    state.reload_secrets().map_err(reloaded)?;
+    state.reload_rules().map_err(reloaded)?;
+    state.reconcile_agents().map_err(reloaded)?;
+    Ok(())
+}
+
+/// Tells systemd about the daemon's state (`sd_notify`), when it runs under systemd.
+fn notify(state: &str) {
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        if let Err(error) = notify_to(std::path::Path::new(&path), state) {
+            warn!(%error, "cannot notify systemd");
+        }
+    }
+}
+
+fn notify_to(path: &std::path::Path, state: &str) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt as _;
+    use std::os::unix::ffi::OsStrExt as _;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let socket = UnixDatagram::unbound()?;
+    let bytes = path.as_os_str().as_bytes();
+    let address = match bytes.strip_prefix(b"@") {
+        Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name)?,
+        None => SocketAddr::from_pathname(path)?,
+    };
+    socket.send_to_addr(state.as_bytes(), &address)?;
     Ok(())
 }
 
@@ -176,4 +260,29 @@ fn spawn_ebpf_log_reader(capture: &mut Capture) -> anyhow::Result<()> {
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::notify_to;
+
+    #[test]
+    fn notifications_reach_path_and_abstract_sockets() {
+        let path = std::env::temp_dir().join(format!("appliance-notify-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let receiver = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        notify_to(&path, "READY=1").unwrap();
+        let mut buffer = [0u8; 64];
+        let length = receiver.recv(&mut buffer).unwrap();
+        assert_eq!(&buffer[..length], b"READY=1");
+        std::fs::remove_file(&path).unwrap();
+
+        use std::os::linux::net::SocketAddrExt as _;
+        let name = format!("appliance-notify-test-{}", std::process::id());
+        let address = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let receiver = std::os::unix::net::UnixDatagram::bind_addr(&address).unwrap();
+        notify_to(std::path::Path::new(&format!("@{name}")), "STOPPING=1").unwrap();
+        let length = receiver.recv(&mut buffer).unwrap();
+        assert_eq!(&buffer[..length], b"STOPPING=1");
+    }
 }

@@ -17,11 +17,13 @@ pub mod daemon;
 pub mod engine;
 pub mod exec;
 pub mod injection;
+pub mod install;
 pub mod logging;
 pub mod policy;
 pub mod proxy;
 pub mod secret;
 pub mod store;
+mod swap;
 pub mod tls;
 
 #[cfg(test)]

@@ -59,6 +59,23 @@ enum Command {
     Events(commands::EventsArgs),
     /// Show the daemon's health.
     Status,
+    /// Install the appliance (binary, systemd unit, configuration, master key, completion,
+    /// man page) under a root directory; run `systemctl daemon-reload` afterwards.
+    Install {
+        /// Root to install under (a staging directory, or / for this host).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+    /// Detach every eBPF program and remove what `install` wrote; `--purge` also removes the
+    /// configuration, the master key and the store (all secrets).
+    Uninstall {
+        /// Root the appliance was installed under.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// Also remove configuration, master key and store.
+        #[arg(long)]
+        purge: bool,
+    },
     /// Print a shell completion script.
     Completions {
         /// The shell.
@@ -250,7 +267,7 @@ fn settings(config: &Config) -> DaemonSettings {
 }
 
 fn run_daemon(args: DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
-    let (config, origin) = args.config(socket)?;
+    let (config, origin) = args.config(socket.clone())?;
     let format = match config.log.format {
         LogFormatConfig::Text => LogFormat::Text,
         LogFormatConfig::Json => LogFormat::Json,
@@ -271,7 +288,60 @@ fn run_daemon(args: DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?
-        .block_on(daemon::run(settings(&config)))
+        .block_on(daemon::run(settings(&config), || {
+            let (config, _) = args.config(socket.clone())?;
+            Ok(settings(&config))
+        }))
+}
+
+fn install(root: &std::path::Path) -> anyhow::Result<i32> {
+    let binary = std::env::current_exe().context("finding this executable")?;
+    let mut completion = Vec::new();
+    clap_complete::generate(
+        clap_complete::Shell::Bash,
+        &mut Cli::command(),
+        "appliance",
+        &mut completion,
+    );
+    let mut man = Vec::new();
+    clap_mangen::Man::new(Cli::command())
+        .render(&mut man)
+        .context("rendering the man page")?;
+    let report = appliance::install::install(root, &binary, &completion, &man)?;
+    for path in &report.written {
+        println!("installed {}", path.display());
+    }
+    for path in &report.kept {
+        println!("kept      {} (already there)", path.display());
+    }
+    println!("next: systemctl daemon-reload && systemctl enable --now appliance");
+    Ok(0)
+}
+
+fn uninstall(root: &std::path::Path, purge: bool) -> anyhow::Result<i32> {
+    if root == std::path::Path::new("/") && std::path::Path::new("/run/systemd/system").exists() {
+        let stopped = std::process::Command::new("systemctl")
+            .args(["disable", "--now", "appliance"])
+            .status();
+        if !stopped.is_ok_and(|status| status.success()) {
+            eprintln!("appliance: warning: systemctl disable --now appliance failed; continuing");
+        }
+    }
+    let config_path = root.join("etc/appliance/config.toml");
+    let config = if config_path.exists() {
+        Config::load(Some(&config_path))?.0
+    } else {
+        Config::default()
+    };
+    let cgroups = capture::detach_all(&config.capture.bpffs_dir)?;
+    println!(
+        "detached {cgroups} intercepted cgroups ({})",
+        config.capture.bpffs_dir.display()
+    );
+    for path in appliance::install::uninstall(root, purge)? {
+        println!("removed {}", path.display());
+    }
+    Ok(0)
 }
 
 fn main() -> ExitCode {
@@ -288,6 +358,8 @@ fn main() -> ExitCode {
             )
             .map_err(anyhow::Error::from)
         }
+        Command::Install { root } => install(&root),
+        Command::Uninstall { root, purge } => uninstall(&root, purge),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -329,7 +401,12 @@ impl Command {
             Self::Rule(command) => ClientCommand::Rule(command),
             Self::Events(args) => ClientCommand::Events(args),
             Self::Status => ClientCommand::Status,
-            Self::Daemon(_) | Self::Exec(_) | Self::Completions { .. } | Self::Man => {
+            Self::Daemon(_)
+            | Self::Exec(_)
+            | Self::Install { .. }
+            | Self::Uninstall { .. }
+            | Self::Completions { .. }
+            | Self::Man => {
                 unreachable!("handled in main")
             }
         }

@@ -199,6 +199,7 @@ pub struct Daemon {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
     extra_args: Vec<String>,
+    extra_env: Vec<(String, PathBuf)>,
     cgroup: Option<PathBuf>,
 }
 
@@ -210,6 +211,16 @@ impl Daemon {
 
     /// Starts a daemon for `slot` whose process lives in `cgroup`.
     pub fn start_in(slot: u8, extra_args: &[&str], cgroup: Option<&Path>) -> Self {
+        Self::start_with(slot, extra_args, cgroup, &[])
+    }
+
+    /// Starts a daemon for `slot` with extra environment variables.
+    pub fn start_with(
+        slot: u8,
+        extra_args: &[&str],
+        cgroup: Option<&Path>,
+        env: &[(&str, &Path)],
+    ) -> Self {
         let mut daemon = Self {
             child: None,
             log: std::env::temp_dir().join(format!("{}.log", unique(slot, "daemon"))),
@@ -219,6 +230,10 @@ impl Daemon {
             state_dir: std::env::temp_dir().join(unique(slot, "state")),
             socket: std::env::temp_dir().join(format!("{}.sock", unique(slot, "admin"))),
             extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
+            extra_env: env
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_path_buf()))
+                .collect(),
             cgroup: cgroup.map(Path::to_path_buf),
         };
         daemon.spawn();
@@ -254,6 +269,7 @@ impl Daemon {
             .arg("--socket")
             .arg(&self.socket)
             .args(&self.extra_args)
+            .envs(self.extra_env.iter().map(|(name, value)| (name, value)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -272,6 +288,11 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
     }
 
     /// Kills the daemon with SIGKILL: no cleanup code runs.

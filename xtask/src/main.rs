@@ -40,6 +40,22 @@ enum Task {
     Test,
     /// Measure the engine against a direct connection on loopback (BENCH_SECONDS per figure).
     Bench,
+    /// Build the release binary and install it with its unit, configuration, master key,
+    /// completion and man page (`appliance install`).
+    Install {
+        /// Root to install under.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+    /// Detach every eBPF program and remove the installed files (`appliance uninstall`).
+    Uninstall {
+        /// Root the appliance was installed under.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// Also remove configuration, master key and store.
+        #[arg(long)]
+        purge: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,6 +76,25 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             require_root("the privileged tests (cgroups, eBPF)")?;
             test()
+        }
+        Task::Install { root } => {
+            setup()?;
+            build_release()?;
+            run(
+                Command::new(workspace_root().join("target/release/appliance"))
+                    .arg("install")
+                    .arg("--root")
+                    .arg(root),
+            )
+        }
+        Task::Uninstall { root, purge } => {
+            let binary = workspace_root().join("target/release/appliance");
+            let mut command = Command::new(binary);
+            command.arg("uninstall").arg("--root").arg(root);
+            if purge {
+                command.arg("--purge");
+            }
+            run(&mut command)
         }
         Task::Bench => {
             setup()?;

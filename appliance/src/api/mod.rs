@@ -59,7 +59,7 @@ pub enum ApiStartError {
 }
 
 /// API settings.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApiSettings {
     /// Socket path.
     pub socket: PathBuf,

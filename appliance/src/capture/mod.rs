@@ -103,7 +103,7 @@ pub enum CaptureError {
 }
 
 /// How the eBPF programs are set up.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CaptureSettings {
     /// Directory on a bpffs where maps and links are pinned.
     pub bpffs_dir: PathBuf,

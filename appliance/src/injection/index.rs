@@ -3,7 +3,7 @@
 //! of secrets.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use http::request::Parts;
 use tracing::{debug, warn};
@@ -15,6 +15,7 @@ use super::{Injector, Verdict, Workload};
 use crate::audit::SecretUse;
 use crate::policy::{AccessPolicy, Action};
 use crate::secret::{HostPattern, SecretSpec, SecretValue};
+use crate::swap::Swappable;
 
 /// A secret ready for injection.
 pub struct LoadedSecret {
@@ -118,33 +119,6 @@ impl SecretIndex {
             )
         });
         matched
-    }
-}
-
-/// A value replaced whole while readers keep the one they took.
-struct Swappable<T>(RwLock<Arc<T>>);
-
-impl<T: Default> Default for Swappable<T> {
-    fn default() -> Self {
-        Self(RwLock::new(Arc::new(T::default())))
-    }
-}
-
-impl<T> Swappable<T> {
-    fn load(&self) -> Arc<T> {
-        Arc::clone(
-            &self
-                .0
-                .read()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        )
-    }
-
-    fn store(&self, value: T) {
-        *self
-            .0
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(value);
     }
 }
 

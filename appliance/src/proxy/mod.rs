@@ -26,6 +26,7 @@ use crate::addr::UpstreamAddr;
 use crate::audit::EventLog;
 use crate::capture::Redirect;
 use crate::injection::{Injector, Workload};
+use crate::swap::Swappable;
 use crate::tls::{LeafCache, TlsConfigError, UpstreamTls};
 use request::ConnectionContext;
 use upstream::{PoolSettings, UpstreamPool};
@@ -113,9 +114,32 @@ async fn read_client_hello(stream: &mut TcpStream) -> io::Result<Opening> {
 pub struct Proxy {
     injector: Arc<dyn Injector>,
     server_config: Arc<ServerConfig>,
-    pool: Arc<UpstreamPool>,
     events: Arc<EventLog>,
+    runtime: Swappable<Runtime>,
+}
+
+/// What a reload may replace. A connection keeps the runtime it started with, so a reload
+/// never drops one.
+struct Runtime {
+    pool: Arc<UpstreamPool>,
     settings: ProxySettings,
+}
+
+impl Runtime {
+    fn new(upstream_tls: UpstreamTls, settings: ProxySettings) -> Self {
+        let pool = UpstreamPool::new(
+            upstream_tls,
+            PoolSettings {
+                own_mark: settings.own_mark,
+                connect_timeout: settings.connect_timeout,
+                max_idle_per_key: 64,
+            },
+        );
+        Self {
+            pool: Arc::new(pool),
+            settings,
+        }
+    }
 }
 
 impl Proxy {
@@ -128,21 +152,17 @@ impl Proxy {
         events: Arc<EventLog>,
         settings: ProxySettings,
     ) -> Result<Self, TlsConfigError> {
-        let pool = UpstreamPool::new(
-            upstream_tls,
-            PoolSettings {
-                own_mark: settings.own_mark,
-                connect_timeout: settings.connect_timeout,
-                max_idle_per_key: 64,
-            },
-        );
         Ok(Self {
             injector,
             server_config: crate::tls::server_config(leaves)?,
-            pool: Arc::new(pool),
             events,
-            settings,
+            runtime: Swappable::new(Runtime::new(upstream_tls, settings)),
         })
+    }
+
+    /// Replaces upstream trust and settings for new connections; open ones keep theirs.
+    pub fn reconfigure(&self, upstream_tls: UpstreamTls, settings: ProxySettings) {
+        self.runtime.store(Runtime::new(upstream_tls, settings));
     }
 
     /// Serves one redirected connection until it ends, or until `shutdown` asks HTTP
@@ -154,13 +174,14 @@ impl Proxy {
         shutdown: watch::Receiver<bool>,
     ) {
         let _ = stream.set_nodelay(true);
+        let runtime = self.runtime.load();
         let workload = Workload {
             cgroup_id: redirect.cgroup_id,
             pid: redirect.pid,
         };
         let upstream = UpstreamAddr::from(redirect.original_dst);
         let opening = match tokio::time::timeout(
-            self.settings.handshake_timeout,
+            runtime.settings.handshake_timeout,
             read_client_hello(&mut stream),
         )
         .await
@@ -188,13 +209,18 @@ impl Proxy {
         match (accepted, server_name) {
             (Some(accepted), Some(name)) if self.injector.intercepts(&name, &workload) => {
                 info!(event = "intercepted", server_name = %name, "terminating TLS");
-                self.intercept(stream, *accepted, name, upstream, workload, shutdown)
+                let connection = Connection {
+                    server_name: name,
+                    upstream,
+                    workload,
+                };
+                self.intercept(&runtime, stream, *accepted, connection, shutdown)
                     .await;
             }
-            (_, name) => match self.settings.unintercepted {
+            (_, name) => match runtime.settings.unintercepted {
                 Unintercepted::PassThrough => {
                     debug!(server_name = ?name, "passing through");
-                    self.pass_through(stream, &seen, upstream).await;
+                    pass_through(&runtime, stream, &seen, upstream).await;
                 }
                 Unintercepted::Refuse => {
                     info!(event = "refused", server_name = ?name, "no secret for this host; refusing by policy");
@@ -202,38 +228,56 @@ impl Proxy {
             },
         }
     }
+}
 
-    async fn pass_through(&self, mut client: TcpStream, seen: &[u8], upstream: UpstreamAddr) {
-        let result = async {
-            let mut server = upstream::connect_marked(
-                upstream,
-                self.settings.own_mark,
-                self.settings.connect_timeout,
-            )
-            .await
-            .map_err(io::Error::other)?;
-            server.write_all(seen).await?;
-            tokio::io::copy_bidirectional(&mut client, &mut server).await
-        }
-        .await;
-        match result {
-            Ok((sent, received)) => debug!(%upstream, sent, received, "pass-through closed"),
-            Err(error) => debug!(%upstream, %error, "pass-through ended with an error"),
-        }
+/// Where an intercepted connection goes, and whose it is.
+struct Connection {
+    server_name: String,
+    upstream: UpstreamAddr,
+    workload: Workload,
+}
+
+async fn pass_through(
+    runtime: &Runtime,
+    mut client: TcpStream,
+    seen: &[u8],
+    upstream: UpstreamAddr,
+) {
+    let result = async {
+        let mut server = upstream::connect_marked(
+            upstream,
+            runtime.settings.own_mark,
+            runtime.settings.connect_timeout,
+        )
+        .await
+        .map_err(io::Error::other)?;
+        server.write_all(seen).await?;
+        tokio::io::copy_bidirectional(&mut client, &mut server).await
     }
+    .await;
+    match result {
+        Ok((sent, received)) => debug!(%upstream, sent, received, "pass-through closed"),
+        Err(error) => debug!(%upstream, %error, "pass-through ended with an error"),
+    }
+}
 
+impl Proxy {
     async fn intercept(
         &self,
+        runtime: &Runtime,
         stream: TcpStream,
         accepted: Accepted,
-        server_name: String,
-        upstream: UpstreamAddr,
-        workload: Workload,
+        connection: Connection,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let Connection {
+            server_name,
+            upstream,
+            workload,
+        } = connection;
         let handshake = StartHandshake::from_parts(accepted, stream)
             .into_stream(Arc::clone(&self.server_config));
-        let tls = match tokio::time::timeout(self.settings.handshake_timeout, handshake).await {
+        let tls = match tokio::time::timeout(runtime.settings.handshake_timeout, handshake).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(error)) => {
                 // Typically a client that does not trust the appliance CA.
@@ -250,7 +294,7 @@ impl Proxy {
             upstream,
             workload,
             injector: Arc::clone(&self.injector),
-            pool: Arc::clone(&self.pool),
+            pool: Arc::clone(&runtime.pool),
             events: Arc::clone(&self.events),
         });
         let service = hyper::service::service_fn(move |request| {
@@ -260,12 +304,14 @@ impl Proxy {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(self.settings.header_read_timeout)
-            .max_buf_size(self.settings.max_header_bytes.max(8192));
+            .header_read_timeout(runtime.settings.header_read_timeout)
+            .max_buf_size(runtime.settings.max_header_bytes.max(8192));
         builder
             .http2()
             .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(self.settings.max_header_bytes).unwrap_or(u32::MAX))
+            .max_header_list_size(
+                u32::try_from(runtime.settings.max_header_bytes).unwrap_or(u32::MAX),
+            )
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(20));
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
