@@ -40,6 +40,9 @@ enum Task {
     Test,
     /// Measure the engine against a direct connection on loopback (BENCH_SECONDS per figure).
     Bench,
+    /// Show the appliance at work: an agent with a placeholder key calls a local stand-in
+    /// for api.anthropic.com; the upstream receives the real key (needs root).
+    Demo,
     /// Build the release binary and install it with its unit, configuration, master key,
     /// completion and man page (`appliance install`).
     Install {
@@ -95,6 +98,11 @@ fn main() -> anyhow::Result<()> {
                 command.arg("--purge");
             }
             run(&mut command)
+        }
+        Task::Demo => {
+            setup()?;
+            require_root("the demo (it attaches eBPF programs)")?;
+            demo()
         }
         Task::Bench => {
             setup()?;
@@ -268,11 +276,20 @@ fn build_release() -> anyhow::Result<()> {
     run(cargo().args(["build", "--release", "--package", "appliance"]))
 }
 
+fn demo() -> anyhow::Result<()> {
+    run(cargo().args(["build", "--package", "appliance"]))?;
+    run(Command::new("bash")
+        .arg(workspace_root().join("xtask/demo.sh"))
+        .arg(workspace_root().join("target/debug/appliance")))
+}
+
 fn test() -> anyhow::Result<()> {
     step("checking formatting");
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     step("linting");
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     step("running every test");
-    run(cargo().args(["test", "--workspace"]))
+    run(cargo().args(["test"]))?;
+    step("running the demo");
+    demo()
 }
