@@ -189,6 +189,25 @@ async fn service(
                 .insert("connection", "upgrade".parse().unwrap());
             response
         }
+        "/upload" => {
+            let content_encoding = headers.get("content-encoding").cloned();
+            let body = request
+                .into_body()
+                .collect()
+                .await
+                .map(|body| body.to_bytes());
+            let body = body.unwrap_or_default();
+            let digest = ring::digest::digest(&ring::digest::SHA256, &body);
+            let hex: String = digest
+                .as_ref()
+                .iter()
+                .map(|byte| format!("{byte:02x}"))
+                .collect();
+            Response::new(full(
+                json!({"sha256": hex, "length": body.len(), "content_encoding": content_encoding})
+                    .to_string(),
+            ))
+        }
         // Everything else echoes what arrived.
         _ => Response::new(full(
             json!({
