@@ -1027,3 +1027,187 @@ fn a_stopping_daemon_lets_open_requests_finish() {
         setup.daemon.log_text()
     );
 }
+
+/// A stand-in for github.com's smart HTTP: `git http-backend` behind HTTPS, accepting only
+/// Basic `x-access-token:<token>`.
+const GIT_SERVER: &str = r#"
+import base64, http.server, os, ssl, subprocess, sys
+root, ip, cert, key, token = sys.argv[1:6]
+expected = "Basic " + base64.b64encode(f"x-access-token:{token}".encode()).decode()
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def handle_git(self):
+        if self.headers.get("authorization") != expected:
+            self.send_response(401)
+            self.send_header("www-authenticate", 'Basic realm="GitHub"')
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
+        path, _, query = self.path.partition("?")
+        length = int(self.headers.get("content-length") or 0)
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            body = b""
+            while True:
+                size = int(self.rfile.readline().strip(), 16)
+                if size == 0:
+                    self.rfile.readline()
+                    break
+                body += self.rfile.read(size)
+                self.rfile.readline()
+        else:
+            body = self.rfile.read(length)
+        env = dict(os.environ, GIT_PROJECT_ROOT=root, GIT_HTTP_EXPORT_ALL="1", PATH_INFO=path,
+                   REQUEST_METHOD=self.command, QUERY_STRING=query, REMOTE_USER="x-access-token",
+                   REMOTE_ADDR="127.0.0.1", CONTENT_TYPE=self.headers.get("content-type", ""),
+                   CONTENT_LENGTH=str(len(body)),
+                   HTTP_CONTENT_ENCODING=self.headers.get("content-encoding", ""),
+                   GIT_PROTOCOL=self.headers.get("git-protocol", ""))
+        out = subprocess.run(["git", "http-backend"], input=body, env=env, capture_output=True).stdout
+        head, _, payload = out.partition(b"\r\n\r\n")
+        status = 200
+        headers = []
+        for line in head.decode().split("\r\n"):
+            name, _, value = line.partition(": ")
+            if name.lower() == "status":
+                status = int(value.split()[0])
+            elif name:
+                headers.append((name, value))
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+    do_GET = handle_git
+    do_POST = handle_git
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer((ip, 443), Handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+print("ready", flush=True)
+server.serve_forever()
+"#;
+
+fn git(args: &[&str], dir: &Path) -> Output {
+    Command::new("git")
+        .args([
+            "-c",
+            "user.email=agent@example.com",
+            "-c",
+            "user.name=agent",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn git_clone_and_push_over_https_with_the_github_shortcut() {
+    require_root();
+    let slot = 18;
+    let dir = std::env::temp_dir().join(unique(slot, "git"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("repos/o")).unwrap();
+    // A bare repository with one commit, served as github.com/o/r.git.
+    assert_ok(&git(&["init", "--bare", "repos/o/r.git"], &dir));
+    assert_ok(&git(&["init", "seed"], &dir));
+    std::fs::write(dir.join("seed/README"), "hello\n").unwrap();
+    assert_ok(&git(&["add", "README"], &dir.join("seed")));
+    assert_ok(&git(&["commit", "-m", "first"], &dir.join("seed")));
+    assert_ok(&git(
+        &["push", "../repos/o/r.git", "main"],
+        &dir.join("seed"),
+    ));
+
+    // The server's certificate for github.com, from a test CA the appliance trusts.
+    let ca = https::Ca::new("git test CA");
+    let (cert, key) = ca.server_pem("github.com");
+    std::fs::write(dir.join("server.pem"), cert).unwrap();
+    std::fs::write(dir.join("server.key"), key).unwrap();
+    let upstream_ca = dir.join("upstream-ca.pem");
+    ca.write(&upstream_ca);
+    let ip = upstream_ip(slot).to_string();
+    let token = "ghp_REALtoken0123456789";
+    let mut server = Command::new("python3")
+        .args(["-c", GIT_SERVER])
+        .arg(dir.join("repos"))
+        .arg(&ip)
+        .arg(dir.join("server.pem"))
+        .arg(dir.join("server.key"))
+        .arg(token)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready");
+
+    let daemon = Daemon::start(slot, &["--upstream-ca", upstream_ca.to_str().unwrap()]);
+    create_secret(&daemon, &["github", "--type", "github"], token);
+    let appliance_ca = dir.join("appliance-ca.pem");
+    std::fs::write(&appliance_ca, cli(&daemon, &["ca", "export"], None).stdout).unwrap();
+
+    // The agent: plain git, no credentials at all, inside an intercepted cgroup.
+    let agent_git = |args: &[&str], cwd: &Path| {
+        Command::new(APPLIANCE)
+            .arg("exec")
+            .arg("--agents-cgroup")
+            .arg(&daemon.agents_cgroup)
+            .args([
+                "--",
+                "git",
+                "-c",
+                "user.email=agent@example.com",
+                "-c",
+                "user.name=agent",
+            ])
+            .arg("-c")
+            .arg(format!("http.curloptResolve=github.com:443:{ip}"))
+            .args(args)
+            .current_dir(cwd)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            // The variable outranks http.sslCAInfo; a machine-wide one must not win.
+            .env("GIT_SSL_CAINFO", &appliance_ca)
+            .output()
+            .unwrap()
+    };
+    assert_ok(&agent_git(
+        &["clone", "https://github.com/o/r.git", "clone"],
+        &dir,
+    ));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("clone/README")).unwrap(),
+        "hello\n"
+    );
+    std::fs::write(dir.join("clone/CHANGE"), "from the agent\n").unwrap();
+    assert_ok(&git(&["add", "CHANGE"], &dir.join("clone")));
+    assert_ok(&git(&["commit", "-m", "agent change"], &dir.join("clone")));
+    assert_ok(&agent_git(&["push", "origin", "main"], &dir.join("clone")));
+    let log = git(
+        &["--git-dir", "repos/o/r.git", "log", "--format=%s", "main"],
+        &dir,
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&log.stdout),
+        "agent change\nfirst\n"
+    );
+    let config = std::fs::read_to_string(dir.join("clone/.git/config")).unwrap();
+    assert!(
+        !config.contains(token),
+        "the token reached the agent's repository"
+    );
+
+    server.kill().unwrap();
+    server.wait().unwrap();
+    drop(daemon);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

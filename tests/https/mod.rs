@@ -51,6 +51,16 @@ impl Ca {
         std::fs::write(path, &self.pem).unwrap();
     }
 
+    /// A certificate and key for `host`, PEM, for servers outside this process.
+    pub fn server_pem(&self, host: &str) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![host.to_owned()])
+            .unwrap()
+            .signed_by(&key, &self.issuer)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
     fn server_cert(&self, host: &str) -> Arc<CertifiedKey> {
         let key = KeyPair::generate().unwrap();
         let cert = CertificateParams::new(vec![host.to_owned()])
