@@ -2,8 +2,8 @@
 //! configuration, master key, shell completion, man page; and removing it again.
 
 use std::fs;
-use std::io::{self, Write as _};
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::io;
+
 use std::path::{Path, PathBuf};
 
 const UNIT: &str = include_str!("../../systemd/appliance.service");
@@ -37,22 +37,7 @@ fn failed<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
 }
 
 fn write(path: &Path, contents: &[u8], mode: u32) -> Result<(), InstallError> {
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(failed("creating", parent))?;
-    }
-    let temporary = path.with_extension("installing");
-    let mut file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(mode)
-        .open(&temporary)
-        .map_err(failed("creating", &temporary))?;
-    file.write_all(contents)
-        .map_err(failed("writing", &temporary))?;
-    fs::set_permissions(&temporary, fs::Permissions::from_mode(mode))
-        .map_err(failed("setting permissions of", &temporary))?;
-    fs::rename(&temporary, path).map_err(failed("installing", path))
+    crate::files::write_atomically(path, contents, mode).map_err(failed("installing", path))
 }
 
 /// What an installation did, for the operator.
@@ -96,12 +81,11 @@ pub fn install(
     if key.exists() {
         report.kept.push(key);
     } else {
-        let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), bytes.as_mut())
-            .map_err(|_| failed("generating", &key)(io::Error::other("no system randomness")))?;
-        let hex =
-            zeroize::Zeroizing::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
-        write(&key, hex.as_bytes(), 0o600)?;
+        crate::store::MasterKey::create_file(&key).map_err(|error| InstallError {
+            action: "creating the master key",
+            path: key.clone(),
+            source: io::Error::other(error),
+        })?;
         report.written.push(key);
     }
     Ok(report)

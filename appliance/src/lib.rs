@@ -16,6 +16,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod exec;
+mod files;
 pub mod injection;
 pub mod install;
 pub mod logging;

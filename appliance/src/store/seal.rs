@@ -114,38 +114,42 @@ impl MasterKey {
         if path.exists() {
             return Ok((read_key(&path, true)?, KeySource::File(path)));
         }
+        let key = Self::create_file(&path)?;
+        Ok((key, KeySource::Created(path)))
+    }
+
+    /// Generates a new key and writes it to `path` (which must not exist) as 64 hex digits,
+    /// mode 0600.
+    pub fn create_file(path: &Path) -> Result<Self, KeyError> {
+        let io_error = |action| {
+            move |source| KeyError::Io {
+                action,
+                path: path.to_path_buf(),
+                source,
+            }
+        };
         let mut key = Zeroizing::new([0u8; KEY_BYTES]);
         SystemRandom::new()
             .fill(key.as_mut())
-            .map_err(|_| KeyError::Io {
-                action: "generating",
-                path: path.clone(),
-                source: io::Error::other("no system randomness"),
-            })?;
+            .map_err(|_| io_error("generating")(io::Error::other("no system randomness")))?;
         let hex = Zeroizing::new(
             key.iter()
                 .map(|byte| format!("{byte:02x}"))
                 .collect::<String>(),
         );
-        let io_error = |action| {
-            let path = path.clone();
-            move |source| KeyError::Io {
-                action,
-                path,
-                source,
-            }
-        };
-        fs::create_dir_all(state_dir).map_err(io_error("creating its directory"))?;
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(io_error("creating its directory"))?;
+        }
         let mut file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&path)
+            .open(path)
             .map_err(io_error("creating"))?;
         file.write_all(hex.as_bytes())
             .and_then(|()| file.sync_all())
             .map_err(io_error("writing"))?;
-        Ok((Self(key), KeySource::Created(path)))
+        Ok(Self(key))
     }
 }
 

@@ -2,8 +2,8 @@
 //! (private key readable by the daemon only), rotatable.
 
 use std::fs;
-use std::io::{self, Write as _};
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::io;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -77,22 +77,9 @@ fn offset(time: SystemTime) -> OffsetDateTime {
     OffsetDateTime::from(time)
 }
 
-/// Writes `contents` to `path` atomically with `mode`, so a crash never leaves half a key.
 fn write_private(path: &Path, contents: &str, mode: u32) -> Result<(), CaError> {
-    let temporary = path.with_extension("tmp");
-    let mut file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(mode)
-        .open(&temporary)
-        .map_err(io_error("creating", &temporary))?;
-    file.write_all(contents.as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(io_error("writing", &temporary))?;
-    fs::set_permissions(&temporary, fs::Permissions::from_mode(mode))
-        .map_err(io_error("setting permissions of", &temporary))?;
-    fs::rename(&temporary, path).map_err(io_error("renaming to", path))
+    crate::files::write_atomically(path, contents.as_bytes(), mode)
+        .map_err(io_error("writing", path))
 }
 
 impl CertificateAuthority {
