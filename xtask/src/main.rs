@@ -12,9 +12,21 @@ use clap::{Parser, Subcommand};
 
 /// bpf-linker release verified with the nightly toolchain's LLVM on these machines.
 const BPF_LINKER_VERSION: &str = "0.13";
-/// Debian packages the tests and operators use: bpftool (inspect programs and maps),
-/// iproute2 (network namespaces), curl (a real client), nftables, util-linux (setpriv).
-const DEBIAN_PACKAGES: &[&str] = &["bpftool", "iproute2", "curl", "nftables", "util-linux"];
+/// Debian packages the tests, the demo and operators use: bpftool (inspect programs and
+/// maps), iproute2 and nftables (network inspection), curl and git (real clients),
+/// util-linux (setpriv, unshare), openssl (the demo's test CA), gzip, and systemd
+/// (systemd-analyze checks the unit).
+const DEBIAN_PACKAGES: &[&str] = &[
+    "bpftool",
+    "iproute2",
+    "nftables",
+    "curl",
+    "git",
+    "util-linux",
+    "openssl",
+    "gzip",
+    "systemd",
+];
 
 #[derive(Parser)]
 #[command(about = "Project tasks for the appliance")]
