@@ -1031,11 +1031,32 @@ fn a_stopping_daemon_lets_open_requests_finish() {
 /// A stand-in for github.com's smart HTTP: `git http-backend` behind HTTPS, accepting only
 /// Basic `x-access-token:<token>`.
 const GIT_SERVER: &str = r#"
-import base64, http.server, os, ssl, subprocess, sys
+import base64, http.server, json, os, ssl, subprocess, sys
 root, ip, cert, key, token = sys.argv[1:6]
 expected = "Basic " + base64.b64encode(f"x-access-token:{token}".encode()).decode()
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    def handle_lfs(self, path, body):
+        store = os.path.join(root, "lfs")
+        os.makedirs(store, exist_ok=True)
+        if path.endswith("/info/lfs/objects/batch"):
+            request = json.loads(body)
+            base = "https://github.com" + path[: -len("/batch")]
+            objects = []
+            for item in request["objects"]:
+                stored = os.path.exists(os.path.join(store, item["oid"]))
+                entry = {"oid": item["oid"], "size": item["size"], "authenticated": True}
+                if request["operation"] == "download" or not stored:
+                    entry["actions"] = {request["operation"]: {"href": f"{base}/{item['oid']}"}}
+                objects.append(entry)
+            return 200, "application/vnd.git-lfs+json", json.dumps({"transfer": "basic", "objects": objects}).encode()
+        oid = path.rsplit("/", 1)[1]
+        if self.command == "PUT":
+            with open(os.path.join(store, oid), "wb") as f:
+                f.write(body)
+            return 200, "text/plain", b""
+        with open(os.path.join(store, oid), "rb") as f:
+            return 200, "application/octet-stream", f.read()
     def handle_git(self):
         if self.headers.get("authorization") != expected:
             self.send_response(401)
@@ -1056,6 +1077,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.rfile.readline()
         else:
             body = self.rfile.read(length)
+        if "/info/lfs/" in path:
+            status, kind, payload = self.handle_lfs(path, body)
+            self.send_response(status)
+            self.send_header("content-type", kind)
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
         env = dict(os.environ, GIT_PROJECT_ROOT=root, GIT_HTTP_EXPORT_ALL="1", PATH_INFO=path,
                    REQUEST_METHOD=self.command, QUERY_STRING=query, REMOTE_USER="x-access-token",
                    REMOTE_ADDR="127.0.0.1", CONTENT_TYPE=self.headers.get("content-type", ""),
@@ -1080,6 +1109,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(payload)
     do_GET = handle_git
     do_POST = handle_git
+    do_PUT = handle_git
     def log_message(self, *args):
         pass
 server = http.server.ThreadingHTTPServer((ip, 443), Handler)
@@ -1157,6 +1187,10 @@ fn git_clone_and_push_over_https_with_the_github_shortcut() {
     std::fs::write(&appliance_ca, cli(&daemon, &["ca", "export"], None).stdout).unwrap();
 
     // The agent: plain git, no credentials at all, inside an intercepted cgroup.
+    // The agent resolves github.com to the stand-in through a private /etc/hosts (its own
+    // mount namespace, same network): git-lfs, written in Go, ignores curl's resolve option.
+    let hosts = dir.join("hosts");
+    std::fs::write(&hosts, format!("{ip} github.com\n")).unwrap();
     let agent_git = |args: &[&str], cwd: &Path| {
         Command::new(APPLIANCE)
             .arg("exec")
@@ -1164,14 +1198,22 @@ fn git_clone_and_push_over_https_with_the_github_shortcut() {
             .arg(&daemon.agents_cgroup)
             .args([
                 "--",
+                "unshare",
+                "--mount",
+                "sh",
+                "-c",
+                "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
+            ])
+            .arg(&hosts)
+            .args([
                 "git",
                 "-c",
                 "user.email=agent@example.com",
                 "-c",
                 "user.name=agent",
+                "-c",
+                "lfs.locksverify=false",
             ])
-            .arg("-c")
-            .arg(format!("http.curloptResolve=github.com:443:{ip}"))
             .args(args)
             .current_dir(cwd)
             .env("GIT_TERMINAL_PROMPT", "0")
@@ -1205,6 +1247,29 @@ fn git_clone_and_push_over_https_with_the_github_shortcut() {
         !config.contains(token),
         "the token reached the agent's repository"
     );
+
+    // git-lfs: push a large file to the LFS store, then fetch it into a fresh clone.
+    let blob: Vec<u8> = (0..200_000u32)
+        .map(|n| (n.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    assert_ok(&git(&["lfs", "install", "--local"], &dir.join("clone")));
+    assert_ok(&git(&["lfs", "track", "*.bin"], &dir.join("clone")));
+    std::fs::write(dir.join("clone/big.bin"), &blob).unwrap();
+    assert_ok(&git(
+        &["add", ".gitattributes", "big.bin"],
+        &dir.join("clone"),
+    ));
+    assert_ok(&git(&["commit", "-m", "large file"], &dir.join("clone")));
+    assert_ok(&agent_git(&["push", "origin", "main"], &dir.join("clone")));
+    let stored = std::fs::read_dir(dir.join("repos/lfs")).unwrap().count();
+    assert_eq!(stored, 1, "the LFS object did not reach the server");
+    assert_ok(&agent_git(
+        &["clone", "https://github.com/o/r.git", "clone2"],
+        &dir,
+    ));
+    assert_ok(&git(&["lfs", "install", "--local"], &dir.join("clone2")));
+    assert_ok(&agent_git(&["lfs", "pull"], &dir.join("clone2")));
+    assert_eq!(std::fs::read(dir.join("clone2/big.bin")).unwrap(), blob);
 
     server.kill().unwrap();
     server.wait().unwrap();

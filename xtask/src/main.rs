@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 /// bpf-linker release verified with the nightly toolchain's LLVM on these machines.
 const BPF_LINKER_VERSION: &str = "0.13";
 /// Debian packages the tests, the demo and operators use: bpftool (inspect programs and
-/// maps), iproute2 and nftables (network inspection), curl and git (real clients),
+/// maps), iproute2 and nftables (network inspection), curl, git and git-lfs (real clients),
 /// util-linux (setpriv, unshare), openssl (the demo's test CA), gzip, and systemd
 /// (systemd-analyze checks the unit).
 const DEBIAN_PACKAGES: &[&str] = &[
