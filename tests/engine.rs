@@ -511,3 +511,53 @@ print(json.dumps({{"ok": sum(ok), "total": len(ok)}}))
     let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(result["ok"], 1000, "{result}");
 }
+
+#[tokio::test]
+async fn silent_and_oversized_clients_are_cut_off_and_others_unaffected() {
+    use tokio::io::AsyncReadExt as _;
+    let fixture = start("limits").await;
+    // A client that never sends a ClientHello is closed after the handshake timeout (5 s).
+    let mut silent = tokio::net::TcpStream::connect(fixture.engine_addr)
+        .await
+        .unwrap();
+    let mut buffer = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(20), silent.read(&mut buffer))
+        .await
+        .expect("a silent client was kept open");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+
+    // A header block over the limit (64 KiB) is refused.
+    let big = format!("X-Big: {}", "a".repeat(70 * 1024));
+    let oversized = run(curl(
+        &fixture,
+        &fixture.appliance_ca,
+        "api.test",
+        "/echo",
+        &["--http1.1", "-H", &big, "-w", "\n%{http_code}"],
+    ))
+    .await;
+    let stdout = String::from_utf8_lossy(&oversized.stdout);
+    assert!(
+        stdout.ends_with("\n431") || !oversized.status.success(),
+        "oversized headers were accepted: {stdout}"
+    );
+    assert!(
+        fixture.seen.requests().is_empty(),
+        "the oversized request reached the upstream"
+    );
+
+    // Meanwhile the engine serves everyone else.
+    let normal = run(curl(
+        &fixture,
+        &fixture.appliance_ca,
+        "api.test",
+        "/echo",
+        &[],
+    ))
+    .await;
+    assert!(
+        normal.status.success(),
+        "{}",
+        String::from_utf8_lossy(&normal.stderr)
+    );
+}
