@@ -232,11 +232,24 @@ async fn run() {
         seconds().as_secs(),
         std::thread::available_parallelism().map_or(0, usize::from)
     );
+    // BENCH_MODES=intercepted (comma-separated) narrows a run, e.g. for profiling one path.
+    let selected = std::env::var("BENCH_MODES").ok();
+    let wanted = |name: &str| {
+        selected
+            .as_deref()
+            .is_none_or(|list| list.split(',').any(|m| m == name))
+    };
     let mut results = Vec::new();
-    for (name, target, host, tls) in modes {
+    for (name, target, host, tls) in modes.into_iter().filter(|mode| wanted(mode.0)) {
         let keep_alive = keep_alive_rate(target, host, tls).await;
         let connections = new_connection_rate(target, host, tls).await;
         results.push((name, keep_alive, connections));
+    }
+    if results.len() < 3 {
+        for (name, keep_alive, connections) in &results {
+            println!("{name:<13} {keep_alive:>14.0} r/s {connections:>10.0} conn/s");
+        }
+        return;
     }
     let (_, direct_keep_alive, direct_connections) = results[0];
     println!(

@@ -100,7 +100,8 @@ pub async fn serve(
             ));
         }
     }
-    let upgrade = request.version() == Version::HTTP_11 && is_upgrade(request.headers());
+    let version = request.version();
+    let upgrade = version == Version::HTTP_11 && is_upgrade(request.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
     let method = parts.method.clone();
@@ -134,7 +135,10 @@ pub async fn serve(
     let key = PoolKey {
         upstream: context.upstream,
         server_name: context.server_name.clone(),
-        http11_only: upgrade,
+        // An HTTP/1.1 client gets its own upstream HTTP/1.1 connection per request in flight:
+        // funnelling every such client into one shared HTTP/2 connection serialized them on
+        // its single connection task (measured: 33% -> 37% of direct in cargo xtask bench).
+        http11_only: upgrade || version == Version::HTTP_11,
     };
     let result = async {
         let mut sender = context.pool.checkout(&key).await?;

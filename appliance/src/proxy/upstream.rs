@@ -98,7 +98,7 @@ pub struct PoolKey {
     pub upstream: UpstreamAddr,
     /// The TLS server name it verified.
     pub server_name: String,
-    /// Whether only HTTP/1.1 may be used (upgrades).
+    /// Whether only HTTP/1.1 may be used (upgrades, and requests of HTTP/1.1 clients).
     pub http11_only: bool,
 }
 
