@@ -169,6 +169,19 @@ fn curl(fixture: &Fixture, ca: &Path, host: &str, path: &str, extra: &[&str]) ->
     command
 }
 
+/// Runs a Python program and checks that it succeeded.
+async fn python(program: &str) -> std::process::Output {
+    let mut command = Command::new("python3");
+    command.args(["-c", program]);
+    let output = run(command).await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
 async fn run(mut command: Command) -> std::process::Output {
     tokio::task::spawn_blocking(move || command.output().unwrap())
         .await
@@ -257,17 +270,7 @@ print(json.dumps({{"status": response.status, "body": json.loads(response.read()
         ca = fixture.appliance_ca.display(),
         port = fixture.engine_addr.port()
     );
-    let output = run({
-        let mut command = Command::new("python3");
-        command.args(["-c", &program]);
-        command
-    })
-    .await;
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = python(&program).await;
     let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(result["status"], 200);
     assert_eq!(result["body"]["authorization"], SECRET);
@@ -451,17 +454,7 @@ print(echo.decode())
         ca = fixture.appliance_ca.display(),
         port = fixture.engine_addr.port()
     );
-    let output = run({
-        let mut command = Command::new("python3");
-        command.args(["-c", &program]);
-        command
-    })
-    .await;
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = python(&program).await;
     assert_eq!(
         String::from_utf8(output.stdout).unwrap().trim(),
         "ping through the upgrade"
@@ -497,17 +490,7 @@ print(json.dumps({{"ok": sum(ok), "total": len(ok)}}))
         port = fixture.engine_addr.port(),
         secret = SECRET,
     );
-    let output = run({
-        let mut command = Command::new("python3");
-        command.args(["-c", &program]);
-        command
-    })
-    .await;
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = python(&program).await;
     let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(result["ok"], 1000, "{result}");
 }

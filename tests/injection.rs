@@ -123,6 +123,34 @@ impl Setup {
         command.output().unwrap()
     }
 
+    /// curl reading `/sse` of api.openai.com from inside `appliance exec`, with its output
+    /// as lines.
+    fn sse_client(
+        &self,
+    ) -> (
+        std::process::Child,
+        std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    ) {
+        let mut sse = Command::new(APPLIANCE)
+            .arg("exec")
+            .arg("--agents-cgroup")
+            .arg(&self.daemon.agents_cgroup)
+            .args(["--", "curl", "-sS", "-N", "--max-time", "30", "--cacert"])
+            .arg(&self.appliance_ca)
+            .arg("--resolve")
+            .arg(format!("api.openai.com:443:{}", self.upstream_ip))
+            .arg("https://api.openai.com/sse")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = sse.stdout.take().unwrap();
+        (
+            sse,
+            std::io::BufRead::lines(std::io::BufReader::new(stdout)),
+        )
+    }
+
     /// The last request the upstream received for `host`.
     fn last_request(&self, host: &str) -> https::SeenRequest {
         self.upstream
@@ -894,20 +922,7 @@ fn sse_websocket_and_two_hundred_clients_over_the_real_redirect() {
     );
 
     // Server-sent events: the first event arrives while the upstream holds the response open.
-    let mut sse = Command::new(APPLIANCE)
-        .arg("exec")
-        .arg("--agents-cgroup")
-        .arg(&setup.daemon.agents_cgroup)
-        .args(["--", "curl", "-sS", "-N", "--max-time", "30", "--cacert"])
-        .arg(&setup.appliance_ca)
-        .arg("--resolve")
-        .arg(format!("api.openai.com:443:{}", setup.upstream_ip))
-        .arg("https://api.openai.com/sse")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(sse.stdout.take().unwrap()));
+    let (mut sse, mut lines) = setup.sse_client();
     assert_eq!(lines.next().unwrap().unwrap(), "data: one");
     setup.upstream.release_sse.notify_one();
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
@@ -995,20 +1010,7 @@ fn a_stopping_daemon_lets_open_requests_finish() {
         &["openai", "--type", "openai"],
         "sk-proj-DRAIN",
     );
-    let mut sse = Command::new(APPLIANCE)
-        .arg("exec")
-        .arg("--agents-cgroup")
-        .arg(&setup.daemon.agents_cgroup)
-        .args(["--", "curl", "-sS", "-N", "--max-time", "30", "--cacert"])
-        .arg(&setup.appliance_ca)
-        .arg("--resolve")
-        .arg(format!("api.openai.com:443:{}", setup.upstream_ip))
-        .arg("https://api.openai.com/sse")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(sse.stdout.take().unwrap()));
+    let (mut sse, mut lines) = setup.sse_client();
     assert_eq!(lines.next().unwrap().unwrap(), "data: one");
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(setup.daemon.pid() as i32, libc::SIGTERM) };
