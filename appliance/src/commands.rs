@@ -522,30 +522,25 @@ async fn secret(client: &Client, output: Output, command: SecretCommand) -> Resu
             show_secret(output, &created);
         }
         SecretCommand::List => {
-            let answer = answer_json(client.call(Method::GET, "/v1/secrets", None).await?);
-            let secrets = answer["secrets"].as_array().cloned().unwrap_or_default();
-            match output {
-                Output::Json => print_json(&answer),
-                Output::Table => {
-                    let rows: Vec<Vec<String>> = secrets
-                        .iter()
-                        .map(|secret| {
-                            vec![
-                                text(&secret["name"]),
-                                text(&secret["type"]),
-                                hosts_of(secret),
-                                text(&secret["agent"]),
-                                text(&secret["preview"]),
-                                text(&secret["lastUsedAt"]),
-                            ]
-                        })
-                        .collect();
-                    print_table(
-                        &["NAME", "TYPE", "HOSTS", "AGENT", "PREVIEW", "LAST USED"],
-                        &rows,
-                    );
-                }
-            }
+            let headers = ["NAME", "TYPE", "HOSTS", "AGENT", "PREVIEW", "LAST USED"];
+            list(
+                client,
+                output,
+                "/v1/secrets",
+                "secrets",
+                &headers,
+                |secret| {
+                    vec![
+                        text(&secret["name"]),
+                        text(&secret["type"]),
+                        hosts_of(secret),
+                        text(&secret["agent"]),
+                        text(&secret["preview"]),
+                        text(&secret["lastUsedAt"]),
+                    ]
+                },
+            )
+            .await?;
         }
         SecretCommand::Get { name } => {
             let path = format!("/v1/secrets/{}", percent_encode_segment(&name));
@@ -584,6 +579,32 @@ async fn secret(client: &Client, output: Output, command: SecretCommand) -> Resu
     Ok(())
 }
 
+/// Fetches a list endpoint and prints the API's JSON, or a table with one row per record
+/// under `key`.
+async fn list(
+    client: &Client,
+    output: Output,
+    path: &str,
+    key: &str,
+    headers: &[&str],
+    row: impl Fn(&Value) -> Vec<String>,
+) -> Result<(), Failure> {
+    let answer = answer_json(client.call(Method::GET, path, None).await?);
+    match output {
+        Output::Json => print_json(&answer),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = answer[key]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(row)
+                .collect();
+            print_table(headers, &rows);
+        }
+    }
+    Ok(())
+}
+
 fn show_record(output: Output, record: &Value) {
     match output {
         Output::Json => print_json(record),
@@ -612,31 +633,21 @@ async fn agent(client: &Client, output: Output, command: AgentCommand) -> Result
             );
         }
         AgentCommand::List => {
-            let answer = answer_json(client.call(Method::GET, "/v1/agents", None).await?);
-            match output {
-                Output::Json => print_json(&answer),
-                Output::Table => {
-                    let rows: Vec<Vec<String>> = answer["agents"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|agent| {
-                            let cgroups: Vec<String> = agent["cgroups"]
-                                .as_array()
-                                .into_iter()
-                                .flatten()
-                                .map(text)
-                                .collect();
-                            vec![
-                                text(&agent["name"]),
-                                cgroups.join(","),
-                                text(&agent["updatedAt"]),
-                            ]
-                        })
-                        .collect();
-                    print_table(&["NAME", "CGROUPS", "UPDATED"], &rows);
-                }
-            }
+            let headers = ["NAME", "CGROUPS", "UPDATED"];
+            list(client, output, "/v1/agents", "agents", &headers, |agent| {
+                let cgroups: Vec<String> = agent["cgroups"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(text)
+                    .collect();
+                vec![
+                    text(&agent["name"]),
+                    cgroups.join(","),
+                    text(&agent["updatedAt"]),
+                ]
+            })
+            .await?;
         }
         AgentCommand::Get { name } => {
             show_record(
@@ -697,24 +708,14 @@ async fn rule(client: &Client, output: Output, command: RuleCommand) -> Result<(
             );
         }
         RuleCommand::List => {
-            let answer = answer_json(client.call(Method::GET, "/v1/rules", None).await?);
-            match output {
-                Output::Json => print_json(&answer),
-                Output::Table => {
-                    let rows: Vec<Vec<String>> = answer["rules"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|rule| {
-                            ["id", "action", "host", "path", "method", "agent"]
-                                .iter()
-                                .map(|key| text(&rule[*key]))
-                                .collect()
-                        })
-                        .collect();
-                    print_table(&["ID", "ACTION", "HOST", "PATH", "METHOD", "AGENT"], &rows);
-                }
-            }
+            let headers = ["ID", "ACTION", "HOST", "PATH", "METHOD", "AGENT"];
+            list(client, output, "/v1/rules", "rules", &headers, |rule| {
+                ["id", "action", "host", "path", "method", "agent"]
+                    .iter()
+                    .map(|key| text(&rule[*key]))
+                    .collect()
+            })
+            .await?;
         }
         RuleCommand::Get { id } => {
             show_record(
