@@ -32,6 +32,10 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+// The shipped binary's allocator, so that the engine here allocates as the daemon does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const KEEP_ALIVE_CONNECTIONS: usize = 32;
 const NEW_CONNECTION_WORKERS: usize = 8;
 

@@ -19,6 +19,11 @@ use appliance::daemon::{self, DaemonSettings};
 use appliance::logging::{self, LogFormat};
 use appliance::proxy::{ProxySettings, Unintercepted};
 
+/// glibc malloc serialized the engine's worker threads on its arena locks under load
+/// (futex waits in the profile); mimalloc keeps per-thread heaps.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DEFAULT_AGENTS_CGROUP: &str = "appliance-agents";
 const DEFAULT_SOCKET: &str = "/run/appliance/admin.sock";
 
