@@ -395,6 +395,62 @@ async fn server_sent_events_arrive_before_the_response_ends() {
     assert!(child.wait().unwrap().success());
 }
 
+#[tokio::test]
+async fn a_second_upstream_connection_resumes_the_tls_session() {
+    let fixture = start("resume").await;
+    // An open event stream keeps the first HTTP/1.1 upstream connection busy, so the next
+    // request needs a second one.
+    let mut command = curl(
+        &fixture,
+        &fixture.appliance_ca,
+        "api.test",
+        "/sse",
+        &["-N", "--http1.1"],
+    );
+    command.stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut stream = command.spawn().unwrap();
+    let stdout = stream.stdout.take().unwrap();
+    let first = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        lines.next().unwrap().unwrap();
+        lines
+    });
+    let lines = tokio::time::timeout(Duration::from_secs(20), first)
+        .await
+        .expect("the event stream did not start")
+        .unwrap();
+    let output = run(curl(
+        &fixture,
+        &fixture.appliance_ca,
+        "api.test",
+        "/echo",
+        &["--http1.1"],
+    ))
+    .await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    fixture.release_sse.notify_one();
+    let finished = tokio::task::spawn_blocking(move || {
+        lines.for_each(drop);
+        stream.wait().unwrap()
+    });
+    assert!(finished.await.unwrap().success());
+    let resumed: Vec<(String, bool)> = fixture
+        .seen
+        .requests()
+        .into_iter()
+        .map(|request| (request.target, request.resumed))
+        .collect();
+    assert_eq!(
+        resumed,
+        [("/sse".to_owned(), false), ("/echo".to_owned(), true)],
+        "the first upstream connection makes a full handshake, the second resumes it"
+    );
+}
+
 fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap()

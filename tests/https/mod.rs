@@ -97,6 +97,8 @@ pub struct SeenRequest {
     pub target: String,
     /// Headers, lower-case names, repeated values joined with ", ".
     pub headers: BTreeMap<String, String>,
+    /// Whether the TLS connection it came on resumed an earlier session.
+    pub resumed: bool,
 }
 
 /// What an upstream received.
@@ -130,6 +132,7 @@ fn full(text: impl Into<Bytes>) -> UpstreamBody {
 async fn service(
     mut request: Request<Incoming>,
     server_name: String,
+    resumed: bool,
     seen: Seen,
     release_sse: Arc<Notify>,
 ) -> Result<Response<UpstreamBody>, Infallible> {
@@ -153,6 +156,7 @@ async fn service(
         method: request.method().to_string(),
         target: target.clone(),
         headers: headers.clone(),
+        resumed,
     };
     seen.0.lock().unwrap().push(record);
     let response = match request.uri().path() {
@@ -307,10 +311,13 @@ impl Upstream {
                         return;
                     };
                     let server_name = tls.get_ref().1.server_name().unwrap_or("").to_owned();
+                    let resumed =
+                        tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
                     let handler = hyper::service::service_fn(move |request| {
                         service(
                             request,
                             server_name.clone(),
+                            resumed,
                             seen.clone(),
                             Arc::clone(&release_sse),
                         )
