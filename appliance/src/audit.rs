@@ -3,7 +3,7 @@
 //! `/v1/events` and written as structured log lines.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
@@ -14,16 +14,16 @@ use tokio::sync::watch;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SecretUse {
     /// Its id.
-    pub id: String,
+    pub id: Arc<str>,
     /// Its name.
-    pub name: String,
+    pub name: Arc<str>,
 }
 
 /// One audited request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuditEvent {
     /// The agent the workload belongs to, if any.
-    pub agent: Option<String>,
+    pub agent: Option<Arc<str>>,
     /// cgroup v2 id of the workload.
     pub cgroup_id: u64,
     /// Its pid.
@@ -31,9 +31,9 @@ pub struct AuditEvent {
     /// Secrets injected.
     pub secrets: Vec<SecretUse>,
     /// TLS server name.
-    pub host: String,
+    pub host: Arc<str>,
     /// HTTP method.
-    pub method: String,
+    pub method: http::Method,
     /// Request path (no query: it may hold a credential).
     pub path: String,
     /// Response status sent to the client.
@@ -45,7 +45,7 @@ pub struct AuditEvent {
 /// A bounded log of recent events with increasing sequence numbers.
 pub struct EventLog {
     capacity: usize,
-    entries: Mutex<VecDeque<(u64, String, AuditEvent)>>,
+    entries: Mutex<VecDeque<(u64, OffsetDateTime, AuditEvent)>>,
     latest: watch::Sender<u64>,
 }
 
@@ -61,7 +61,7 @@ impl EventLog {
 
     /// Records `event` and writes it as a log line.
     pub fn record(&self, event: AuditEvent) {
-        let secrets: Vec<&str> = event.secrets.iter().map(|s| s.name.as_str()).collect();
+        let secrets: Vec<&str> = event.secrets.iter().map(|s| &*s.name).collect();
         tracing::info!(
             target: "appliance::audit",
             event = "request",
@@ -76,9 +76,8 @@ impl EventLog {
             secrets = ?secrets,
             "audit"
         );
-        let time = OffsetDateTime::now_utc()
-            .format(&Rfc3339)
-            .unwrap_or_default();
+        // Formatted when read: most events are never asked for.
+        let time = OffsetDateTime::now_utc();
         let mut entries = self
             .entries
             .lock()
@@ -104,13 +103,13 @@ impl EventLog {
             .map(|(sequence, time, event)| {
                 json!({
                     "seq": sequence,
-                    "time": time,
-                    "agent": event.agent,
+                    "time": rfc3339(*time),
+                    "agent": event.agent.as_deref(),
                     "cgroupId": event.cgroup_id,
                     "pid": event.pid,
-                    "secrets": event.secrets.iter().map(|s| json!({"id": s.id, "name": s.name})).collect::<Vec<_>>(),
-                    "host": event.host,
-                    "method": event.method,
+                    "secrets": event.secrets.iter().map(|s| json!({"id": &*s.id, "name": &*s.name})).collect::<Vec<_>>(),
+                    "host": &*event.host,
+                    "method": event.method.as_str(),
                     "path": event.path,
                     "status": event.status,
                     "outcome": event.outcome,
@@ -128,8 +127,8 @@ impl EventLog {
         entries
             .iter()
             .rev()
-            .find(|(_, _, event)| event.secrets.iter().any(|secret| secret.id == id))
-            .map(|(_, time, _)| time.clone())
+            .find(|(_, _, event)| event.secrets.iter().any(|secret| &*secret.id == id))
+            .map(|(_, time, _)| rfc3339(*time))
     }
 
     /// Waits until an event newer than `after` exists (or the log is dropped).
@@ -137,6 +136,10 @@ impl EventLog {
         let mut latest = self.latest.subscribe();
         let _ = latest.wait_for(|latest| *latest > after).await;
     }
+}
+
+fn rfc3339(time: OffsetDateTime) -> String {
+    time.format(&Rfc3339).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -153,7 +156,7 @@ mod tests {
                 name: "a".into(),
             }],
             host: "api.example.com".into(),
-            method: "GET".into(),
+            method: http::Method::GET,
             path: path.into(),
             status: 200,
             outcome: "forwarded",

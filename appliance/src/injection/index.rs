@@ -40,6 +40,8 @@ pub struct SecretIndex {
     secrets: Vec<LoadedSecret>,
     /// One per secret, built once here rather than per request.
     redactors: Vec<Arc<Redactor>>,
+    /// How each secret appears in audit events, built once rather than per request.
+    uses: Vec<SecretUse>,
     exact: HashMap<String, Vec<RuleRef>>,
     wildcard: HashMap<String, Vec<RuleRef>>,
 }
@@ -68,6 +70,13 @@ impl SecretIndex {
             .map(|secret| {
                 let injections = secret.spec.rules.iter().map(|rule| &rule.injection);
                 Arc::new(Redactor::new(&secret.value, injections))
+            })
+            .collect();
+        index.uses = secrets
+            .iter()
+            .map(|secret| SecretUse {
+                id: Arc::from(secret.id.as_str()),
+                name: Arc::from(secret.spec.name.as_str()),
             })
             .collect();
         index.secrets = secrets;
@@ -179,11 +188,11 @@ impl Injector for SecretInjector {
             match apply(&rule.injection, &secret.value, request) {
                 Ok(true) => {
                     debug!(secret_id = %secret.id, secret = %secret.spec.name, %host, %path, "secret injected");
-                    if !injected.iter().any(|used: &SecretUse| used.id == secret.id) {
-                        injected.push(SecretUse {
-                            id: secret.id.clone(),
-                            name: secret.spec.name.clone(),
-                        });
+                    if !injected
+                        .iter()
+                        .any(|used: &SecretUse| *used.id == *secret.id)
+                    {
+                        injected.push(index.uses[reference.secret].clone());
                         redactors.push(Arc::clone(&index.redactors[reference.secret]));
                     }
                 }

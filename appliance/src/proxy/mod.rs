@@ -290,7 +290,8 @@ impl Proxy {
             }
         };
         let context = Arc::new(ConnectionContext {
-            server_name,
+            agent: self.injector.agent(&workload).map(Arc::from),
+            server_name: Arc::from(server_name),
             upstream,
             workload,
             injector: Arc::clone(&self.injector),

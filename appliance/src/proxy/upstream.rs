@@ -97,7 +97,7 @@ pub struct PoolKey {
     /// Where the connection goes.
     pub upstream: UpstreamAddr,
     /// The TLS server name it verified.
-    pub server_name: String,
+    pub server_name: Arc<str>,
     /// Whether only HTTP/1.1 may be used (upgrades, and requests of HTTP/1.1 clients).
     pub http11_only: bool,
 }
@@ -196,9 +196,9 @@ impl UpstreamPool {
 
     async fn connect(&self, key: &PoolKey) -> Result<Sender, UpstreamError> {
         let upstream = key.upstream;
-        let server_name = ServerName::try_from(key.server_name.clone()).map_err(|_| {
+        let server_name = ServerName::try_from(key.server_name.to_string()).map_err(|_| {
             UpstreamError::ServerName {
-                server_name: key.server_name.clone(),
+                server_name: key.server_name.to_string(),
             }
         })?;
         let config = if key.http11_only {
