@@ -146,21 +146,90 @@ async fn new_connection_rate(target: SocketAddr, host: &'static str, tls: &TlsCo
     done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
 }
 
-fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(run());
+/// Where the parties of a run execute.
+#[derive(Clone, Copy)]
+enum Placement {
+    /// Load generator, upstream and appliance share every core, as on a busy host.
+    Shared,
+    /// The appliance runs on the last core, load generator and upstream on the first: what
+    /// the workload sees when the appliance has capacity of its own (the figure the engine
+    /// issue's targets are about).
+    Isolated,
 }
 
-async fn run() {
+impl Placement {
+    fn key(self) -> &'static str {
+        match self {
+            Placement::Shared => "shared",
+            Placement::Isolated => "isolated",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Placement::Shared => "shared cores",
+            Placement::Isolated => "appliance on its own core",
+        }
+    }
+}
+
+/// A runtime whose worker threads run only on `cpu` (all cores when `None`).
+fn runtime(workers: usize, cpu: Option<usize>) -> tokio::runtime::Runtime {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(workers).enable_all();
+    if let Some(cpu) = cpu {
+        builder.on_thread_start(move || pin_current_thread(cpu));
+    }
+    builder.build().unwrap()
+}
+
+fn pin_current_thread(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes within it and sched_setaffinity reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let result = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(result, 0, "pinning a bench thread to cpu {cpu} failed");
+    }
+}
+
+fn main() {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    println!(
+        "appliance bench: {} s per figure, {KEEP_ALIVE_CONNECTIONS} kept-alive connections, {NEW_CONNECTION_WORKERS} connecting workers, {cores} cores",
+        seconds().as_secs(),
+    );
+    let mut placements = vec![Placement::Shared];
+    if cores >= 2 {
+        placements.push(Placement::Isolated);
+    }
+    // BENCH_PLACEMENT=shared or =isolated narrows a run.
+    let selected = std::env::var("BENCH_PLACEMENT").ok();
+    placements.retain(|placement| {
+        selected
+            .as_deref()
+            .is_none_or(|wanted| wanted == placement.key())
+    });
+    for placement in placements {
+        let (load, appliance) = match placement {
+            Placement::Shared => (runtime(cores, None), None),
+            Placement::Isolated => (runtime(1, Some(0)), Some(runtime(1, Some(cores - 1)))),
+        };
+        println!("\n{}:", placement.name());
+        load.block_on(run(
+            placement,
+            appliance.as_ref().map(|rt| rt.handle().clone()),
+        ));
+    }
+}
+
+async fn run(placement: Placement, appliance_runtime: Option<tokio::runtime::Handle>) {
     let dir = std::env::temp_dir().join(format!("appliance-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let upstream_ca = https::Ca::new("bench upstream CA");
     let upstream_ca_file = dir.join("upstream-ca.pem");
     upstream_ca.write(&upstream_ca_file);
-    let upstream = https::Upstream::start(
+    let upstream = https::Upstream::start_unrecorded(
         "127.0.0.1:0".parse().unwrap(),
         &[
             ("api.bench.test", &upstream_ca),
@@ -203,16 +272,24 @@ async fn run() {
         cgroup_id: CgroupId(1),
         pid: 1,
     };
-    let engine = Engine::bind(
-        &["127.0.0.1:0".parse().unwrap()],
-        Arc::new(AllTo(redirect)),
-        Arc::new(proxy),
-    )
-    .await
-    .unwrap();
-    let engine_addr = engine.local_addrs()[0];
-    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(engine.serve(stop_rx, Duration::from_secs(1)));
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    // The engine's sockets belong to the runtime that binds them, so it starts there.
+    let start_engine = async move {
+        let engine = Engine::bind(
+            &["127.0.0.1:0".parse().unwrap()],
+            Arc::new(AllTo(redirect)),
+            Arc::new(proxy),
+        )
+        .await
+        .unwrap();
+        let engine_addr = engine.local_addrs()[0];
+        tokio::spawn(engine.serve(stop_rx, Duration::from_secs(1)));
+        engine_addr
+    };
+    let engine_addr = match &appliance_runtime {
+        Some(handle) => handle.spawn(start_engine).await.unwrap(),
+        None => start_engine.await,
+    };
 
     let trusts_upstream = connector(&upstream_ca.pem);
     let trusts_appliance = connector(&appliance_ca);
@@ -231,11 +308,6 @@ async fn run() {
             &trusts_upstream,
         ),
     ];
-    println!(
-        "appliance bench: {} s per figure, {KEEP_ALIVE_CONNECTIONS} kept-alive connections, {NEW_CONNECTION_WORKERS} connecting workers, {} cores",
-        seconds().as_secs(),
-        std::thread::available_parallelism().map_or(0, usize::from)
-    );
     // BENCH_MODES=intercepted (comma-separated) narrows a run, e.g. for profiling one path.
     let selected = std::env::var("BENCH_MODES").ok();
     let wanted = |name: &str| {
@@ -249,6 +321,8 @@ async fn run() {
         let connections = new_connection_rate(target, host, tls).await;
         results.push((name, keep_alive, connections));
     }
+    let _ = stop.send(true);
+    let _ = std::fs::remove_dir_all(&dir);
     if results.len() < 3 {
         for (name, keep_alive, connections) in &results {
             println!("{name:<13} {keep_alive:>14.0} r/s {connections:>10.0} conn/s");
@@ -267,12 +341,13 @@ async fn run() {
             100.0 * connections / direct_connections
         );
     }
+    let verdict = |ratio: f64, target: f64| if ratio >= target { "met" } else { "MISSED" };
     let intercepted = results[1].1 / direct_keep_alive;
     let passed = results[2].1 / direct_keep_alive;
     println!(
-        "targets: intercepted keep-alive >= 50% of direct: {}; pass-through >= 95% of direct: {}",
-        if intercepted >= 0.5 { "met" } else { "MISSED" },
-        if passed >= 0.95 { "met" } else { "MISSED" }
+        "targets ({}): intercepted keep-alive >= 50% of direct: {}; pass-through >= 95% of direct: {}",
+        placement.name(),
+        verdict(intercepted, 0.5),
+        verdict(passed, 0.95)
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -101,14 +101,17 @@ pub struct SeenRequest {
     pub resumed: bool,
 }
 
-/// What an upstream received.
+/// What an upstream received (nothing, for an upstream started without recording).
 #[derive(Clone, Default)]
-pub struct Seen(Arc<Mutex<Vec<SeenRequest>>>);
+pub struct Seen(Option<Arc<Mutex<Vec<SeenRequest>>>>);
 
 impl Seen {
     /// Every request so far.
     pub fn requests(&self) -> Vec<SeenRequest> {
-        self.0.lock().unwrap().clone()
+        self.0
+            .as_ref()
+            .map(|requests| requests.lock().unwrap().clone())
+            .unwrap_or_default()
     }
 
     /// `(server name, authorization header)` of every request.
@@ -158,7 +161,9 @@ async fn service(
         headers: headers.clone(),
         resumed,
     };
-    seen.0.lock().unwrap().push(record);
+    if let Some(requests) = &seen.0 {
+        requests.lock().unwrap().push(record);
+    }
     let response = match request.uri().path() {
         "/sse" => {
             let (mut sender, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(2);
@@ -260,7 +265,13 @@ fn certs_for(hosts: &[(&str, &Ca)]) -> CertsBySni {
 impl Upstream {
     /// Starts on `bind`, presenting for each `(host, ca)` a certificate for `host` from `ca`.
     pub async fn start(bind: SocketAddr, hosts: &[(&str, &Ca)]) -> Self {
-        Self::serve(bind, certs_for(hosts)).await
+        Self::serve(bind, certs_for(hosts), true).await
+    }
+
+    /// [`Upstream::start`] without recording requests, for benchmarks: a record of millions
+    /// of requests would make the upstream slower with every request.
+    pub async fn start_unrecorded(bind: SocketAddr, hosts: &[(&str, &Ca)]) -> Self {
+        Self::serve(bind, certs_for(hosts), false).await
     }
 
     /// [`Upstream::start`] for tests without a runtime: it runs on a thread of its own for
@@ -275,14 +286,14 @@ impl Upstream {
                 .build()
                 .unwrap();
             runtime.block_on(async move {
-                ready_tx.send(Self::serve(bind, certs).await).unwrap();
+                ready_tx.send(Self::serve(bind, certs, true).await).unwrap();
                 std::future::pending::<()>().await;
             });
         });
         ready_rx.recv().unwrap()
     }
 
-    async fn serve(bind: SocketAddr, certs: CertsBySni) -> Self {
+    async fn serve(bind: SocketAddr, certs: CertsBySni, recording: bool) -> Self {
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -294,7 +305,7 @@ impl Upstream {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let seen = Seen::default();
+        let seen = Seen(recording.then(Arc::default));
         let release_sse = Arc::new(Notify::new());
         let (task_seen, task_release) = (seen.clone(), Arc::clone(&release_sse));
         tokio::spawn(async move {
