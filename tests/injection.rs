@@ -825,6 +825,129 @@ fn agents_scope_secrets_rules_block_and_deleting_an_agent_detaches_it() {
     remove_cgroup_tree(&agent_cgroup);
 }
 
+#[test]
+fn agent_and_rule_updates_take_effect_over_the_real_redirect() {
+    let setup = setup(19, &[]);
+    let daemon = &setup.daemon;
+    let first = cgroup2_mount().join(unique(19, "first"));
+    let second = cgroup2_mount().join(unique(19, "second"));
+    assert_ok(&cli(
+        daemon,
+        &[
+            "agent",
+            "create",
+            "mover",
+            "--cgroup",
+            first.to_str().unwrap(),
+            "--create",
+        ],
+        None,
+    ));
+    create_secret(
+        daemon,
+        &["mover-key", "--type", "openai", "--agent", "mover"],
+        "sk-MOVER-222",
+    );
+    let rule = cli(
+        daemon,
+        &[
+            "--json",
+            "rule",
+            "create",
+            "--host",
+            "api.openai.com",
+            "--path",
+            "/v1/admin/*",
+            "--action",
+            "block",
+        ],
+        None,
+    );
+    assert_ok(&rule);
+    let rule: Value = serde_json::from_slice(&rule.stdout).unwrap();
+    let rule_id = rule["id"].as_str().unwrap();
+
+    let moved = cli(
+        daemon,
+        &[
+            "agent",
+            "update",
+            "mover",
+            "--cgroup",
+            second.to_str().unwrap(),
+            "--create",
+        ],
+        None,
+    );
+    assert_ok(&moved);
+    assert!(
+        attached_programs(&first).is_empty(),
+        "the old cgroup is still captured"
+    );
+    assert_eq!(
+        attached_programs(&second).len(),
+        7,
+        "the new cgroup is not captured"
+    );
+
+    let curl_in_second = |path: &str| {
+        command_in_cgroup(&second, "curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "20",
+                "-w",
+                "\n%{http_code}",
+                "--cacert",
+            ])
+            .arg(&setup.appliance_ca)
+            .arg("--resolve")
+            .arg(format!("api.openai.com:443:{}", setup.upstream_ip))
+            .arg(format!("https://api.openai.com{path}"))
+            .output()
+            .unwrap()
+    };
+    assert_ok(&curl_in_second("/v1/models"));
+    assert_eq!(
+        setup.last_request("api.openai.com").headers["authorization"],
+        "Bearer sk-MOVER-222",
+        "the moved agent's workloads get its secret"
+    );
+    let blocked = curl_in_second("/v1/admin/keys");
+    assert!(
+        String::from_utf8_lossy(&blocked.stdout).ends_with("\n403"),
+        "{blocked:?}"
+    );
+
+    let allowed = cli(
+        daemon,
+        &["rule", "update", rule_id, "--action", "allow"],
+        None,
+    );
+    assert_ok(&allowed);
+    let admin = curl_in_second("/v1/admin/keys");
+    assert!(
+        String::from_utf8_lossy(&admin.stdout).ends_with("\n200"),
+        "{admin:?}"
+    );
+    let arrived = setup.last_request("api.openai.com");
+    assert_eq!(arrived.target, "/v1/admin/keys");
+    assert_eq!(arrived.headers["authorization"], "Bearer sk-MOVER-222");
+
+    let invalid = cli(
+        daemon,
+        &["rule", "update", rule_id, "--action", "maybe"],
+        None,
+    );
+    assert_eq!(invalid.status.code(), Some(3), "{invalid:?}");
+    assert!(
+        String::from_utf8_lossy(&invalid.stderr).contains("action"),
+        "{invalid:?}"
+    );
+    remove_cgroup_tree(&first);
+    remove_cgroup_tree(&second);
+}
+
 /// Peak resident memory of a process, in KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -194,6 +194,26 @@ pub enum RuleCommand {
         /// Its id.
         id: String,
     },
+    /// Change an access rule; only the fields given change.
+    Update {
+        /// Its id.
+        id: String,
+        /// Host (exact or `*.example.com`).
+        #[arg(long)]
+        host: Option<String>,
+        /// `allow` or `block`.
+        #[arg(long)]
+        action: Option<String>,
+        /// Path pattern, such as `/v1/admin/*`.
+        #[arg(long)]
+        path: Option<String>,
+        /// HTTP method.
+        #[arg(long)]
+        method: Option<String>,
+        /// Limit the rule to one agent.
+        #[arg(long)]
+        agent: Option<String>,
+    },
     /// Delete an access rule.
     Delete {
         /// Its id.
@@ -721,6 +741,33 @@ async fn rule(client: &Client, output: Output, command: RuleCommand) -> Result<(
             show_record(
                 output,
                 &answer_json(client.call(Method::GET, &path_of(&id), None).await?),
+            );
+        }
+        RuleCommand::Update {
+            id,
+            host,
+            action,
+            path,
+            method,
+            agent,
+        } => {
+            let body: Map<String, Value> = [
+                ("host", host),
+                ("action", action),
+                ("path", path),
+                ("method", method),
+                ("agent", agent),
+            ]
+            .into_iter()
+            .filter_map(|(key, value)| value.map(|value| (key.to_owned(), json!(value))))
+            .collect();
+            show_record(
+                output,
+                &answer_json(
+                    client
+                        .call(Method::PATCH, &path_of(&id), Some(&Value::Object(body)))
+                        .await?,
+                ),
             );
         }
         RuleCommand::Delete { id } => {
