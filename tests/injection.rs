@@ -123,6 +123,26 @@ impl Setup {
         command.output().unwrap()
     }
 
+    /// curl from a process in `cgroup` for `https://api.openai.com<path>`, trusting the
+    /// appliance CA; its output ends with a line holding the status code.
+    fn curl_openai_in(&self, cgroup: &Path, path: &str) -> Output {
+        command_in_cgroup(cgroup, "curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "20",
+                "-w",
+                "\n%{http_code}",
+                "--cacert",
+            ])
+            .arg(&self.appliance_ca)
+            .arg("--resolve")
+            .arg(format!("api.openai.com:443:{}", self.upstream_ip))
+            .arg(format!("https://api.openai.com{path}"))
+            .output()
+            .unwrap()
+    }
+
     /// curl reading `/sse` of api.openai.com from inside `appliance exec`, with its output
     /// as lines.
     fn sse_client(
@@ -672,6 +692,28 @@ fn the_cli_reports_errors_with_distinct_exit_codes_and_survives_restarts() {
     );
 }
 
+/// Creates a rule blocking `/v1/admin/*` on api.openai.com; returns its id.
+fn block_openai_admin_paths(daemon: &Daemon) -> String {
+    let rule = cli(
+        daemon,
+        &[
+            "--json",
+            "rule",
+            "create",
+            "--host",
+            "api.openai.com",
+            "--path",
+            "/v1/admin/*",
+            "--action",
+            "block",
+        ],
+        None,
+    );
+    assert_ok(&rule);
+    let rule: Value = serde_json::from_slice(&rule.stdout).unwrap();
+    rule["id"].as_str().unwrap().to_owned()
+}
+
 #[test]
 fn agents_scope_secrets_rules_block_and_deleting_an_agent_detaches_it() {
     let setup = setup(14, &[]);
@@ -709,21 +751,7 @@ fn agents_scope_secrets_rules_block_and_deleting_an_agent_detaches_it() {
         &["scoped", "--type", "openai", "--agent", "research"],
         "sk-RESEARCH-111",
     );
-    let rule = cli(
-        daemon,
-        &[
-            "rule",
-            "create",
-            "--host",
-            "api.openai.com",
-            "--path",
-            "/v1/admin/*",
-            "--action",
-            "block",
-        ],
-        None,
-    );
-    assert_ok(&rule);
+    block_openai_admin_paths(daemon);
     assert_ok(&cli(
         daemon,
         &[
@@ -737,23 +765,7 @@ fn agents_scope_secrets_rules_block_and_deleting_an_agent_detaches_it() {
         None,
     ));
 
-    let curl_in_agent = |path: &str| {
-        command_in_cgroup(&agent_cgroup, "curl")
-            .args([
-                "-sS",
-                "--max-time",
-                "20",
-                "-w",
-                "\n%{http_code}",
-                "--cacert",
-            ])
-            .arg(&setup.appliance_ca)
-            .arg("--resolve")
-            .arg(format!("api.openai.com:443:{}", setup.upstream_ip))
-            .arg(format!("https://api.openai.com{path}"))
-            .output()
-            .unwrap()
-    };
+    let curl_in_agent = |path: &str| setup.curl_openai_in(&agent_cgroup, path);
     assert_ok(&curl_in_agent("/v1/models"));
     assert_eq!(
         setup.last_request("api.openai.com").headers["authorization"],
@@ -848,24 +860,8 @@ fn agent_and_rule_updates_take_effect_over_the_real_redirect() {
         &["mover-key", "--type", "openai", "--agent", "mover"],
         "sk-MOVER-222",
     );
-    let rule = cli(
-        daemon,
-        &[
-            "--json",
-            "rule",
-            "create",
-            "--host",
-            "api.openai.com",
-            "--path",
-            "/v1/admin/*",
-            "--action",
-            "block",
-        ],
-        None,
-    );
-    assert_ok(&rule);
-    let rule: Value = serde_json::from_slice(&rule.stdout).unwrap();
-    let rule_id = rule["id"].as_str().unwrap();
+    let rule_id = block_openai_admin_paths(daemon);
+    let rule_id = rule_id.as_str();
 
     let moved = cli(
         daemon,
@@ -890,23 +886,7 @@ fn agent_and_rule_updates_take_effect_over_the_real_redirect() {
         "the new cgroup is not captured"
     );
 
-    let curl_in_second = |path: &str| {
-        command_in_cgroup(&second, "curl")
-            .args([
-                "-sS",
-                "--max-time",
-                "20",
-                "-w",
-                "\n%{http_code}",
-                "--cacert",
-            ])
-            .arg(&setup.appliance_ca)
-            .arg("--resolve")
-            .arg(format!("api.openai.com:443:{}", setup.upstream_ip))
-            .arg(format!("https://api.openai.com{path}"))
-            .output()
-            .unwrap()
-    };
+    let curl_in_second = |path: &str| setup.curl_openai_in(&second, path);
     assert_ok(&curl_in_second("/v1/models"));
     assert_eq!(
         setup.last_request("api.openai.com").headers["authorization"],

@@ -166,6 +166,20 @@ pub enum AgentCommand {
     },
 }
 
+/// What narrows an access rule beyond its host, for create and update.
+#[derive(Args, Debug)]
+pub struct RuleNarrowing {
+    /// Path pattern, such as `/v1/admin/*`.
+    #[arg(long)]
+    path: Option<String>,
+    /// HTTP method.
+    #[arg(long)]
+    method: Option<String>,
+    /// Limit the rule to one agent.
+    #[arg(long)]
+    agent: Option<String>,
+}
+
 /// `appliance rule ...`
 #[derive(Subcommand, Debug)]
 pub enum RuleCommand {
@@ -177,15 +191,8 @@ pub enum RuleCommand {
         /// `allow` or `block`.
         #[arg(long)]
         action: String,
-        /// Path pattern, such as `/v1/admin/*`.
-        #[arg(long)]
-        path: Option<String>,
-        /// HTTP method.
-        #[arg(long)]
-        method: Option<String>,
-        /// Limit the rule to one agent.
-        #[arg(long)]
-        agent: Option<String>,
+        #[command(flatten)]
+        narrowing: RuleNarrowing,
     },
     /// List access rules.
     List,
@@ -204,15 +211,8 @@ pub enum RuleCommand {
         /// `allow` or `block`.
         #[arg(long)]
         action: Option<String>,
-        /// Path pattern, such as `/v1/admin/*`.
-        #[arg(long)]
-        path: Option<String>,
-        /// HTTP method.
-        #[arg(long)]
-        method: Option<String>,
-        /// Limit the rule to one agent.
-        #[arg(long)]
-        agent: Option<String>,
+        #[command(flatten)]
+        narrowing: RuleNarrowing,
     },
     /// Delete an access rule.
     Delete {
@@ -717,10 +717,13 @@ async fn rule(client: &Client, output: Output, command: RuleCommand) -> Result<(
         RuleCommand::Create {
             host,
             action,
-            path,
-            method,
-            agent,
+            narrowing,
         } => {
+            let RuleNarrowing {
+                path,
+                method,
+                agent,
+            } = narrowing;
             let body = json!({"host": host, "action": action, "path": path, "method": method, "agent": agent});
             show_record(
                 output,
@@ -747,9 +750,12 @@ async fn rule(client: &Client, output: Output, command: RuleCommand) -> Result<(
             id,
             host,
             action,
-            path,
-            method,
-            agent,
+            narrowing:
+                RuleNarrowing {
+                    path,
+                    method,
+                    agent,
+                },
         } => {
             let body: Map<String, Value> = [
                 ("host", host),
