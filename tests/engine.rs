@@ -44,7 +44,7 @@ impl Injector for TestInjector {
     fn prepare(
         &self,
         _host: &str,
-        _workload: &Workload,
+        _agent: Option<&str>,
         request: &mut http::request::Parts,
     ) -> Verdict {
         if request.uri.path() == "/blocked" {

@@ -168,13 +168,10 @@ impl Injector for SecretInjector {
             || self.policy.load().concerns(host, agent)
     }
 
-    fn prepare(&self, host: &str, workload: &Workload, request: &mut Parts) -> Verdict {
-        let agent = self.agents.load().resolve(workload);
+    fn prepare(&self, host: &str, agent: Option<&str>, request: &mut Parts) -> Verdict {
         let path = request.uri.path().to_owned();
         let policy = self.policy.load();
-        if let Some((rule, Action::Block)) =
-            policy.decide(host, &path, &request.method, agent.as_deref())
-        {
+        if let Some((rule, Action::Block)) = policy.decide(host, &path, &request.method, agent) {
             return Verdict::Block {
                 reason: format!("blocked by rule {rule}"),
             };
@@ -182,7 +179,7 @@ impl Injector for SecretInjector {
         let index = self.index.load();
         let mut injected = Vec::new();
         let mut redactors: Vec<Arc<Redactor>> = Vec::new();
-        for reference in index.matching(host, &path, agent.as_deref()) {
+        for reference in index.matching(host, &path, agent) {
             let secret = &index.secrets[reference.secret];
             let rule = &secret.spec.rules[reference.rule];
             match apply(&rule.injection, &secret.value, request) {
@@ -250,7 +247,7 @@ mod tests {
             .into_parts()
             .0;
         assert!(matches!(
-            injector.prepare(host, &WORKLOAD, &mut parts),
+            injector.prepare(host, injector.agent(&WORKLOAD).as_deref(), &mut parts),
             Verdict::Forward { .. }
         ));
         parts

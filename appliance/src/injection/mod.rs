@@ -50,14 +50,16 @@ pub trait Injector: Send + Sync + 'static {
     /// answered `false` are passed through byte for byte.
     fn intercepts(&self, host: &str, workload: &Workload) -> bool;
 
-    /// Rewrites `request` (to a host [`Injector::intercepts`] accepted) and decides its fate.
+    /// Rewrites `request` (to a host [`Injector::intercepts`] accepted) from a workload of
+    /// `agent` (none: no agent) and decides its fate.
     fn prepare(
         &self,
         host: &str,
-        workload: &Workload,
+        agent: Option<&str>,
         request: &mut http::request::Parts,
     ) -> Verdict;
 
-    /// The agent `workload` belongs to, for the audit trail.
+    /// The agent `workload` belongs to. The proxy asks once per connection: a connection
+    /// keeps its agent for its secrets, rules and audit trail alike.
     fn agent(&self, workload: &Workload) -> Option<String>;
 }

@@ -111,7 +111,7 @@ pub async fn serve(
     let (injected, redactors) =
         match context
             .injector
-            .prepare(&context.server_name, &context.workload, &mut parts)
+            .prepare(&context.server_name, context.agent.as_deref(), &mut parts)
         {
             Verdict::Forward {
                 injected,
