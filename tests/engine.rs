@@ -495,25 +495,15 @@ import socket, ssl
 ctx = ssl.create_default_context(cafile="{ca}")
 ctx.set_alpn_protocols(["http/1.1"])
 s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", {port})), server_hostname="api.test")
-s.sendall(b"GET /ws HTTP/1.1\r\nHost: api.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-          b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
-head = b""
-while b"\r\n\r\n" not in head:
-    head += s.recv(1)
-assert head.startswith(b"HTTP/1.1 101"), head
-s.sendall(b"ping through the upgrade")
-echo = b""
-while len(echo) < 24:
-    echo += s.recv(64)
-print(echo.decode())
-"#,
+{websocket}"#,
         ca = fixture.appliance_ca.display(),
-        port = fixture.engine_addr.port()
+        port = fixture.engine_addr.port(),
+        websocket = https::python_websocket_echo("api.test"),
     );
     let output = python(&program).await;
     assert_eq!(
         String::from_utf8(output.stdout).unwrap().trim(),
-        "ping through the upgrade"
+        https::WEBSOCKET_ECHO
     );
     assert_eq!(
         fixture.seen.authorizations(),

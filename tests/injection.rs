@@ -1055,23 +1055,13 @@ def tls():
     let websocket = python(format!(
         r#"{connect}
 s = tls()
-s.sendall(b"GET /ws HTTP/1.1\r\nHost: api.openai.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-          b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
-head = b""
-while b"\r\n\r\n" not in head:
-    head += s.recv(1)
-assert head.startswith(b"HTTP/1.1 101"), head
-s.sendall(b"ping through the upgrade")
-echo = b""
-while len(echo) < 24:
-    echo += s.recv(64)
-print(echo.decode())
-"#
+{websocket}"#,
+        websocket = https::python_websocket_echo("api.openai.com"),
     ));
     assert_ok(&websocket);
     assert_eq!(
         String::from_utf8_lossy(&websocket.stdout).trim(),
-        "ping through the upgrade"
+        https::WEBSOCKET_ECHO
     );
 
     let before = setup.upstream.seen.requests().len();

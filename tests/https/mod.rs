@@ -25,6 +25,29 @@ use tokio::sync::Notify;
 /// Size of the `/big` body.
 pub const BIG_BODY: usize = 100 * 1024 * 1024;
 
+/// What [`python_websocket_echo`] sends through the upgraded connection and prints back.
+pub const WEBSOCKET_ECHO: &str = "ping through the upgrade";
+
+/// Python lines that, given `s`, a TLS socket connected for `host`, upgrade `/ws` to a
+/// WebSocket, send [`WEBSOCKET_ECHO`] and print what comes back.
+pub fn python_websocket_echo(host: &str) -> String {
+    format!(
+        r#"s.sendall(b"GET /ws HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+          b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    head += s.recv(1)
+assert head.startswith(b"HTTP/1.1 101"), head
+s.sendall(b"{WEBSOCKET_ECHO}")
+echo = b""
+while len(echo) < {length}:
+    echo += s.recv(64)
+print(echo.decode())
+"#,
+        length = WEBSOCKET_ECHO.len()
+    )
+}
+
 /// A test certificate authority.
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
