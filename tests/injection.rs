@@ -594,7 +594,7 @@ fn the_admin_api_answers_every_error_with_one_shape() {
 }
 
 #[test]
-fn the_cli_reports_errors_with_distinct_exit_codes_and_survives_restarts() {
+fn the_cli_reports_errors_with_distinct_exit_codes_and_survives_restarts_and_key_rotation() {
     let mut setup = setup(13, &[]);
     create_secret(
         &setup.daemon,
@@ -652,10 +652,31 @@ fn the_cli_reports_errors_with_distinct_exit_codes_and_survives_restarts() {
         "{codes:?}"
     );
 
+    let state_dir = setup.daemon.state_dir.to_str().unwrap().to_owned();
+    let rotate = ["key", "rotate", "--state-dir", state_dir.as_str()];
+    let busy = cli(&setup.daemon, &rotate, None);
+    assert_eq!(busy.status.code(), Some(1), "{busy:?}");
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("is the daemon stopped?"),
+        "{busy:?}"
+    );
+
     setup.daemon.stop();
     let down = cli(&setup.daemon, &["status"], None);
     assert_eq!(down.status.code(), Some(4), "unreachable daemon");
     assert!(String::from_utf8_lossy(&down.stderr).contains("is the service running"));
+
+    // Master key rotation while the daemon is down: the restarted daemon opens the store
+    // with the new key only, and every value survives.
+    let key_file = setup.daemon.state_dir.join("master.key");
+    let old_key = std::fs::read(&key_file).unwrap();
+    let rotated = cli(&setup.daemon, &rotate, None);
+    assert_ok(&rotated);
+    assert!(
+        String::from_utf8_lossy(&rotated.stdout).contains("2 secret values"),
+        "{rotated:?}"
+    );
+    assert_ne!(std::fs::read(&key_file).unwrap(), old_key);
 
     setup.daemon.spawn();
     let listed = cli(&setup.daemon, &["--json", "secret", "list"], None);

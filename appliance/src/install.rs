@@ -13,7 +13,9 @@ const CONFIG: &str = include_str!("../../systemd/config.toml");
 const BINARY: &str = "usr/local/bin/appliance";
 const UNIT_PATH: &str = "etc/systemd/system/appliance.service";
 const CONFIG_PATH: &str = "etc/appliance/config.toml";
-const KEY_PATH: &str = "etc/appliance/master.key";
+/// Where the master key is installed, relative to the root: the source of the unit's
+/// `LoadCredential=master.key`.
+pub const KEY_PATH: &str = "etc/appliance/master.key";
 const COMPLETION_PATH: &str = "usr/share/bash-completion/completions/appliance";
 const MAN_PATH: &str = "usr/share/man/man1/appliance.1";
 const STATE_DIR: &str = "var/lib/appliance";

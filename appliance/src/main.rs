@@ -60,6 +60,9 @@ enum Command {
     /// The appliance's certificate authority.
     #[command(subcommand)]
     Ca(commands::CaCommand),
+    /// The store's master key (run as root, with the daemon stopped).
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Show recent audit events.
     Events(commands::EventsArgs),
     /// Show the daemon's health.
@@ -139,6 +142,26 @@ struct DaemonArgs {
     /// Log line format (log.format).
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+}
+
+/// `appliance key`: works on the store directly, so the daemon must be stopped.
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Seal every secret value under a new master key and replace the key file. Stop the
+    /// daemon first; if interrupted, run it again to finish.
+    Rotate {
+        /// Configuration file, for state.dir [default: /etc/appliance/config.toml when it
+        /// exists].
+        #[arg(long, env = "APPLIANCE_CONFIG")]
+        config: Option<PathBuf>,
+        /// The daemon's state directory (state.dir).
+        #[arg(long, env = "APPLIANCE_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// The key file [default: <state dir>/master.key when it exists, else the installed
+        /// credential /etc/appliance/master.key].
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -299,6 +322,45 @@ fn run_daemon(args: DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
         }))
 }
 
+fn rotate_master_key(
+    config: Option<&std::path::Path>,
+    state_dir: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+) -> anyhow::Result<i32> {
+    use appliance::store::{self, seal::KEY_FILE, Rotation};
+    let state_dir = match state_dir {
+        Some(dir) => dir,
+        None => Config::load(config)?.0.state.dir,
+    };
+    let key_file = key_file.unwrap_or_else(|| {
+        let in_state_dir = state_dir.join(KEY_FILE);
+        if in_state_dir.exists() {
+            in_state_dir
+        } else {
+            PathBuf::from("/").join(appliance::install::KEY_PATH)
+        }
+    });
+    let store_path = state_dir.join("store");
+    let rotation = store::rotate_master_key(&store_path, &key_file).with_context(|| {
+        format!(
+            "rotating the master key {} of the store {} (is the daemon stopped? `systemctl stop appliance`)",
+            key_file.display(),
+            store_path.display()
+        )
+    })?;
+    match rotation {
+        Rotation::Rotated { values } => println!(
+            "rotated {}: {values} secret values sealed under the new key",
+            key_file.display()
+        ),
+        Rotation::Finished => println!(
+            "finished an interrupted rotation: {} holds the key the store uses",
+            key_file.display()
+        ),
+    }
+    Ok(0)
+}
+
 fn install(root: &std::path::Path) -> anyhow::Result<i32> {
     let binary = std::env::current_exe().context("finding this executable")?;
     let mut completion = Vec::new();
@@ -363,6 +425,11 @@ fn main() -> ExitCode {
             )
             .map_err(anyhow::Error::from)
         }
+        Command::Key(KeyCommand::Rotate {
+            config,
+            state_dir,
+            key_file,
+        }) => rotate_master_key(config.as_deref(), state_dir, key_file),
         Command::Install { root } => install(&root),
         Command::Uninstall { root, purge } => uninstall(&root, purge),
         Command::Completions { shell } => {
@@ -408,6 +475,7 @@ impl Command {
             Self::Status => ClientCommand::Status,
             Self::Daemon(_)
             | Self::Exec(_)
+            | Self::Key(_)
             | Self::Install { .. }
             | Self::Uninstall { .. }
             | Self::Completions { .. }

@@ -3,6 +3,7 @@
 //! record id. Every write is flushed to disk before the call returns.
 
 mod records;
+mod rotate;
 pub mod seal;
 
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use crate::injection::LoadedSecret;
 use crate::policy::{AccessRule, AgentSpec};
 use crate::secret::{SecretSpec, SecretValue, ValidationError};
 use records::{merge, Collection};
+pub use rotate::{rotate_master_key, Rotation, RotationError};
 pub use seal::{KeyError, KeySource, MasterKey, Sealer};
 
 const KEY_CHECK: &[u8] = b"key-check";
@@ -46,7 +48,7 @@ pub enum StoreError {
         name: String,
     },
     /// The master key does not open this store.
-    #[error("the master key does not match the store in {}; restore the key this store was created with (nothing was changed)", path.display())]
+    #[error("the master key does not match the store in {}; restore the key this store was created with, or run `appliance key rotate` again if a rotation was interrupted (nothing was changed)", path.display())]
     WrongKey {
         /// The store.
         path: PathBuf,
@@ -367,6 +369,39 @@ impl Store {
             })
             .map_err(|error| self.transaction_error(error))?;
         self.flush()
+    }
+
+    /// Seals every value, and the key check, again under `key`, in one transaction: the store
+    /// opens with the old key or with the new one, never with a mix. Callers swap the key file
+    /// afterwards (see [`rotate_master_key`]). Returns how many values it re-sealed.
+    pub fn reseal(&self, key: &MasterKey) -> Result<usize, StoreError> {
+        let sealer = Sealer::new(key);
+        let mut resealed = Vec::new();
+        for entry in self.values.iter() {
+            let (id, sealed) = entry.map_err(|e| self.database(e))?;
+            let plain = self
+                .sealer
+                .open(&id, &sealed)
+                .map_err(|error| StoreError::Corrupt {
+                    id: String::from_utf8_lossy(&id).into_owned(),
+                    reason: error.to_string(),
+                })?;
+            let sealed = sealer.seal(&id, &plain);
+            resealed.push((id, sealed));
+        }
+        let check = sealer.seal(KEY_CHECK, KEY_CHECK_PLAINTEXT);
+        let meta = self.db.open_tree("meta").map_err(|e| self.database(e))?;
+        (&self.values, &meta)
+            .transaction(|(values, meta)| {
+                for (id, sealed) in &resealed {
+                    values.insert(id.as_ref(), sealed.as_slice())?;
+                }
+                meta.insert(KEY_CHECK, check.as_slice())?;
+                Ok(())
+            })
+            .map_err(|error: TransactionError<StoreError>| self.transaction_error(error))?;
+        self.flush()?;
+        Ok(resealed.len())
     }
 
     /// Every secret with its decrypted value, for the injection layer.

@@ -118,6 +118,11 @@ impl MasterKey {
         Ok((key, KeySource::Created(path)))
     }
 
+    /// The key in the file at `path`, which must be private to its owner (0600).
+    pub fn from_file(path: &Path) -> Result<Self, KeyError> {
+        read_key(path, true)
+    }
+
     /// Generates a new key and writes it to `path` (which must not exist) as 64 hex digits,
     /// mode 0600.
     pub fn create_file(path: &Path) -> Result<Self, KeyError> {
