@@ -657,7 +657,7 @@ fn the_cli_reports_errors_with_distinct_exit_codes_and_survives_restarts_and_key
     let busy = cli(&setup.daemon, &rotate, None);
     assert_eq!(busy.status.code(), Some(1), "{busy:?}");
     assert!(
-        String::from_utf8_lossy(&busy.stderr).contains("is the daemon stopped?"),
+        String::from_utf8_lossy(&busy.stderr).contains("stop the daemon first"),
         "{busy:?}"
     );
 

@@ -343,7 +343,7 @@ fn rotate_master_key(
     let store_path = state_dir.join("store");
     let rotation = store::rotate_master_key(&store_path, &key_file).with_context(|| {
         format!(
-            "rotating the master key {} of the store {} (is the daemon stopped? `systemctl stop appliance`)",
+            "rotating the master key {} of the store {}",
             key_file.display(),
             store_path.display()
         )

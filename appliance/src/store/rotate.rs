@@ -39,10 +39,19 @@ pub enum RotationError {
         /// Where the store was expected.
         path: PathBuf,
     },
+    /// The store could not be opened, typically because the daemon holds its lock.
+    #[error("the store in {} cannot be opened ({source}); stop the daemon first (`systemctl stop appliance`), then run this again", path.display())]
+    InUse {
+        /// The store.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: sled::Error,
+    },
     /// A key file could not be read or written.
     #[error(transparent)]
     Key(#[from] KeyError),
-    /// The store refused: wrong key, or in use by a running daemon.
+    /// The store refused: wrong key, or a damaged value.
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Replacing the key file failed; the new key is in `from` and already seals the store.
@@ -69,15 +78,15 @@ pub fn rotate_master_key(store_path: &Path, key_file: &Path) -> Result<Rotation,
     }
     let next_path = next_key_path(key_file);
     let current = MasterKey::from_file(key_file)?;
-    let store = match Store::open(store_path, &current) {
+    let store = match Store::open(store_path, &current).map_err(in_use) {
         Ok(store) => store,
-        Err(StoreError::WrongKey { .. }) if next_path.exists() => {
+        Err(RotationError::Store(StoreError::WrongKey { .. })) if next_path.exists() => {
             let next = MasterKey::from_file(&next_path)?;
-            drop(Store::open(store_path, &next)?);
+            drop(Store::open(store_path, &next).map_err(in_use)?);
             replace(&next_path, key_file)?;
             return Ok(Rotation::Finished);
         }
-        Err(error) => return Err(error.into()),
+        Err(error) => return Err(error),
     };
     if next_path.exists() {
         fs::remove_file(&next_path).map_err(|source| KeyError::Io {
@@ -96,6 +105,13 @@ pub fn rotate_master_key(store_path: &Path, key_file: &Path) -> Result<Rotation,
     drop(store);
     replace(&next_path, key_file)?;
     Ok(Rotation::Rotated { values })
+}
+
+fn in_use(error: StoreError) -> RotationError {
+    match error {
+        StoreError::Database { path, source } => RotationError::InUse { path, source },
+        other => RotationError::Store(other),
+    }
 }
 
 fn next_key_path(key_file: &Path) -> PathBuf {
@@ -212,7 +228,7 @@ mod tests {
         let open = Store::open(&store, &key).unwrap();
         let error = rotate_master_key(&store, &key_file).unwrap_err();
         assert!(
-            error.to_string().contains("another appliance daemon"),
+            error.to_string().contains("stop the daemon first"),
             "{error}"
         );
         drop(open);
