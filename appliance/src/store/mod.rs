@@ -126,6 +126,7 @@ impl SecretRecord {
 pub struct Store {
     path: PathBuf,
     db: sled::Db,
+    meta: sled::Tree,
     secrets: sled::Tree,
     names: sled::Tree,
     values: sled::Tree,
@@ -194,6 +195,7 @@ impl Store {
             }
         }
         Ok(Self {
+            meta,
             secrets: db.open_tree("secrets").map_err(database)?,
             names: db.open_tree("secret_names").map_err(database)?,
             values: db.open_tree("secret_values").map_err(database)?,
@@ -390,8 +392,7 @@ impl Store {
             resealed.push((id, sealed));
         }
         let check = sealer.seal(KEY_CHECK, KEY_CHECK_PLAINTEXT);
-        let meta = self.db.open_tree("meta").map_err(|e| self.database(e))?;
-        (&self.values, &meta)
+        (&self.values, &self.meta)
             .transaction(|(values, meta)| {
                 for (id, sealed) in &resealed {
                     values.insert(id.as_ref(), sealed.as_slice())?;
