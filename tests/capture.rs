@@ -4,7 +4,6 @@
 mod common;
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -141,7 +140,7 @@ fn unselected_processes_and_the_appliance_itself_connect_directly() {
         neighbour_id,
     );
 
-    let outside = python_json(Command::new("python3"), &python_probe(&host, "AF_INET"));
+    let outside = python_json(test_command("python3"), &python_probe(&host, "AF_INET"));
     assert_direct(&outside);
     let events = redirected_events(&daemon).len();
     assert_eq!(events, 1, "only the selected process was redirected");
@@ -225,7 +224,7 @@ print(json.dumps(result))
     let (len, _) = receiver_other.recv_from(&mut buf).unwrap();
     assert_eq!(&buf[..len], b"from-cgroup");
 
-    let outside = python_json(Command::new("python3"), &program);
+    let outside = python_json(test_command("python3"), &program);
     assert_eq!(outside["443"], "sent");
     assert_eq!(outside["connect"], "connected");
     let (len, _) = receiver_443.recv_from(&mut buf).unwrap();
@@ -258,7 +257,7 @@ fn a_restarted_daemon_adopts_its_pinned_links() {
 
     daemon.kill_hard();
     // Interception stays while the daemon is away: the connection fails, it never bypasses.
-    let down = Command::new(APPLIANCE)
+    let down = test_command(APPLIANCE)
         .arg("exec")
         .arg("--agents-cgroup")
         .arg(&daemon.agents_cgroup)
@@ -334,7 +333,7 @@ fn exec_refuses_a_cgroup_no_appliance_intercepts() {
     require_root();
     let slot = 8;
     let (agents, _) = make_cgroup(&unique(slot, "unwatched"));
-    let output = Command::new(APPLIANCE)
+    let output = test_command(APPLIANCE)
         .arg("exec")
         .arg("--agents-cgroup")
         .arg(&agents)

@@ -2,6 +2,7 @@
 //! HTTPS upstream on loopback, and real clients (curl, Python). Every connection the engine
 //! accepts is treated as redirected to the upstream, as capture would report.
 
+mod common;
 mod https;
 
 use std::io::{BufRead as _, BufReader};
@@ -18,6 +19,7 @@ use appliance::engine::Engine;
 use appliance::injection::{Injector, Verdict, Workload};
 use appliance::proxy::{Proxy, ProxySettings, Unintercepted};
 use appliance::tls::{CertificateAuthority, LeafCache, UpstreamTls};
+use common::{test_command, Running};
 use https::{Ca, Seen, Upstream, BIG_BODY};
 use tokio::sync::{watch, Notify};
 
@@ -155,7 +157,7 @@ async fn start(name: &str) -> Fixture {
 
 /// curl reaching `https://<host><path>` through the engine, trusting `ca`.
 fn curl(fixture: &Fixture, ca: &Path, host: &str, path: &str, extra: &[&str]) -> Command {
-    let mut command = Command::new("curl");
+    let mut command = test_command("curl");
     command
         .args(["-sS", "-v", "--max-time", "60", "--cacert"])
         .arg(ca)
@@ -171,7 +173,7 @@ fn curl(fixture: &Fixture, ca: &Path, host: &str, path: &str, extra: &[&str]) ->
 
 /// Runs a Python program and checks that it succeeded.
 async fn python(program: &str) -> std::process::Output {
-    let mut command = Command::new("python3");
+    let mut command = test_command("python3");
     command.args(["-c", program]);
     let output = run(command).await;
     assert!(
@@ -375,7 +377,7 @@ async fn server_sent_events_arrive_before_the_response_ends() {
     let fixture = start("sse").await;
     let mut command = curl(&fixture, &fixture.appliance_ca, "api.test", "/sse", &["-N"]);
     command.stdout(Stdio::piped()).stderr(Stdio::null());
-    let mut child = command.spawn().unwrap();
+    let mut child = Running::spawn(&mut command);
     let stdout = child.stdout.take().unwrap();
     let first = tokio::task::spawn_blocking(move || {
         let mut lines = BufReader::new(stdout).lines();
@@ -408,7 +410,7 @@ async fn a_second_upstream_connection_resumes_the_tls_session() {
         &["-N", "--http1.1"],
     );
     command.stdout(Stdio::piped()).stderr(Stdio::null());
-    let mut stream = command.spawn().unwrap();
+    let mut stream = Running::spawn(&mut command);
     let stdout = stream.stdout.take().unwrap();
     let first = tokio::task::spawn_blocking(move || {
         let mut lines = BufReader::new(stdout).lines();

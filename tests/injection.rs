@@ -8,7 +8,7 @@ mod https;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
 use common::*;
 use https::{Ca, Upstream};
@@ -70,7 +70,7 @@ fn setup(slot: u8, extra: &[&str]) -> Setup {
 
 /// Runs the `appliance` CLI against the daemon's socket, feeding `stdin` when given.
 fn cli(daemon: &Daemon, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut command = Command::new(APPLIANCE);
+    let mut command = test_command(APPLIANCE);
     command
         .arg("--socket")
         .arg(&daemon.socket)
@@ -109,7 +109,7 @@ fn create_secret(daemon: &Daemon, args: &[&str], value: &str) {
 impl Setup {
     /// curl inside `appliance exec`, to `https://<host><path>` resolved to the upstream.
     fn curl(&self, ca: &Path, host: &str, path: &str, extra: &[&str]) -> Output {
-        let mut command = Command::new(APPLIANCE);
+        let mut command = test_command(APPLIANCE);
         command
             .arg("exec")
             .arg("--agents-cgroup")
@@ -148,22 +148,22 @@ impl Setup {
     fn sse_client(
         &self,
     ) -> (
-        std::process::Child,
+        Running,
         std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
     ) {
-        let mut sse = Command::new(APPLIANCE)
-            .arg("exec")
-            .arg("--agents-cgroup")
-            .arg(&self.daemon.agents_cgroup)
-            .args(["--", "curl", "-sS", "-N", "--max-time", "30", "--cacert"])
-            .arg(&self.appliance_ca)
-            .arg("--resolve")
-            .arg(format!("api.openai.com:443:{}", self.upstream_ip))
-            .arg("https://api.openai.com/sse")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut sse = Running::spawn(
+            test_command(APPLIANCE)
+                .arg("exec")
+                .arg("--agents-cgroup")
+                .arg(&self.daemon.agents_cgroup)
+                .args(["--", "curl", "-sS", "-N", "--max-time", "30", "--cacert"])
+                .arg(&self.appliance_ca)
+                .arg("--resolve")
+                .arg(format!("api.openai.com:443:{}", self.upstream_ip))
+                .arg("https://api.openai.com/sse")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null()),
+        );
         let stdout = sse.stdout.take().unwrap();
         (
             sse,
@@ -386,7 +386,7 @@ fn generic_secrets_inject_by_query_path_and_several_headers() {
 
 /// curl talking raw HTTP to the admin socket; returns (status, body).
 fn raw_api(socket: &Path, method: &str, path: &str, body: Option<(&str, &str)>) -> (u16, Value) {
-    let mut command = Command::new("curl");
+    let mut command = test_command("curl");
     command
         .args(["-sS", "--unix-socket"])
         .arg(socket)
@@ -556,7 +556,7 @@ fn the_admin_api_answers_every_error_with_one_shape() {
     // Members of the admin group may use the socket; others cannot even connect, and a
     // caller let in by a loosened mode is still refused by SO_PEERCRED.
     let as_user = |uid: &str, gid: &str| {
-        Command::new("setpriv")
+        test_command("setpriv")
             .args([
                 "--reuid",
                 uid,
@@ -620,7 +620,7 @@ fn the_cli_reports_errors_with_distinct_exit_codes_and_survives_restarts_and_key
         .map(|_| {
             let socket = setup.daemon.socket.clone();
             std::thread::spawn(move || {
-                let mut child = Command::new(APPLIANCE)
+                let mut child = test_command(APPLIANCE)
                     .arg("--socket")
                     .arg(socket)
                     .args([
@@ -700,7 +700,7 @@ fn the_cli_reports_errors_with_distinct_exit_codes_and_survives_restarts_and_key
         "sk-ant-KEEP-0123456789"
     );
     // Nothing in the state directory holds a value in plaintext.
-    let grep = Command::new("grep")
+    let grep = test_command("grep")
         .args(["-r", "-l", "sk-ant-KEEP-0123456789"])
         .arg(&setup.daemon.state_dir)
         .output()
@@ -1004,7 +1004,7 @@ fn large_and_compressed_bodies_pass_byte_for_byte_in_bounded_memory() {
     }
     let plain = setup.dir.join("upload.txt");
     std::fs::write(&plain, &raw).unwrap();
-    assert!(Command::new("gzip")
+    assert!(test_command("gzip")
         .arg("-kf")
         .arg(&plain)
         .status()
@@ -1054,7 +1054,7 @@ fn sse_websocket_and_two_hundred_clients_over_the_real_redirect() {
     assert!(sse.wait().unwrap().success());
 
     let python = |program: String| {
-        Command::new(APPLIANCE)
+        test_command(APPLIANCE)
             .arg("exec")
             .arg("--agents-cgroup")
             .arg(&setup.daemon.agents_cgroup)
@@ -1237,7 +1237,7 @@ server.serve_forever()
 "#;
 
 fn git(args: &[&str], dir: &Path) -> Output {
-    Command::new("git")
+    test_command("git")
         .args([
             "-c",
             "user.email=agent@example.com",
@@ -1279,23 +1279,18 @@ fn git_clone_and_push_over_https_with_the_github_shortcut() {
     ca.write(&upstream_ca);
     let ip = upstream_ip(slot).to_string();
     let token = "ghp_REALtoken0123456789";
-    let mut server = Command::new("python3")
-        .args(["-c", GIT_SERVER])
-        .arg(dir.join("repos"))
-        .arg(&ip)
-        .arg(dir.join("server.pem"))
-        .arg(dir.join("server.key"))
-        .arg(token)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut ready = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
-        &mut ready,
-    )
-    .unwrap();
-    assert_eq!(ready.trim(), "ready");
+    let mut server = Running::spawn(
+        test_command("python3")
+            .args(["-c", GIT_SERVER])
+            .arg(dir.join("repos"))
+            .arg(&ip)
+            .arg(dir.join("server.pem"))
+            .arg(dir.join("server.key"))
+            .arg(token)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    server.wait_ready();
 
     let daemon = Daemon::start(slot, &["--upstream-ca", upstream_ca.to_str().unwrap()]);
     create_secret(&daemon, &["github", "--type", "github"], token);
@@ -1308,7 +1303,7 @@ fn git_clone_and_push_over_https_with_the_github_shortcut() {
     let hosts = dir.join("hosts");
     std::fs::write(&hosts, format!("{ip} github.com\n")).unwrap();
     let agent_git = |args: &[&str], cwd: &Path| {
-        Command::new(APPLIANCE)
+        test_command(APPLIANCE)
             .arg("exec")
             .arg("--agents-cgroup")
             .arg(&daemon.agents_cgroup)
@@ -1387,8 +1382,7 @@ fn git_clone_and_push_over_https_with_the_github_shortcut() {
     assert_ok(&agent_git(&["lfs", "pull"], &dir.join("clone2")));
     assert_eq!(std::fs::read(dir.join("clone2/big.bin")).unwrap(), blob);
 
-    server.kill().unwrap();
-    server.wait().unwrap();
+    drop(server);
     drop(daemon);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -4,7 +4,6 @@ mod common;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -18,7 +17,7 @@ fn the_unit_verifies_and_keeps_its_security_rating() {
     // systemd-analyze checks that ExecStart's binary exists: point it at the built one.
     let unit = dir.join("appliance.service");
     std::fs::write(&unit, UNIT.replace("/usr/local/bin/appliance", APPLIANCE)).unwrap();
-    let verify = Command::new("systemd-analyze")
+    let verify = test_command("systemd-analyze")
         .arg("verify")
         .arg(&unit)
         .output()
@@ -28,7 +27,7 @@ fn the_unit_verifies_and_keeps_its_security_rating() {
         "{}",
         String::from_utf8_lossy(&verify.stderr)
     );
-    let security = Command::new("systemd-analyze")
+    let security = test_command("systemd-analyze")
         .args(["security", "--offline=true"])
         .arg(&unit)
         .output()
@@ -53,7 +52,7 @@ fn install_runs_and_uninstall_detaches_everything() {
     require_root();
     let slot = 21;
     let root = std::env::temp_dir().join(unique(slot, "root"));
-    let installed = Command::new(APPLIANCE)
+    let installed = test_command(APPLIANCE)
         .args(["install", "--root"])
         .arg(&root)
         .output()
@@ -110,19 +109,19 @@ fn install_runs_and_uninstall_detaches_everything() {
             &format!("socket = {:?}", socket),
         );
     std::fs::write(&config, text).unwrap();
-    let check = Command::new(&binary)
+    let check = test_command(&binary)
         .args(["daemon", "--check-config", "--config"])
         .arg(&config)
         .output()
         .unwrap();
     assert!(check.status.success(), "{check:?}");
-    let mut daemon = Command::new(&binary)
-        .args(["daemon", "--config"])
-        .arg(&config)
-        .env("CREDENTIALS_DIRECTORY", root.join("etc/appliance"))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let daemon = Running::spawn(
+        test_command(&binary)
+            .args(["daemon", "--config"])
+            .arg(&config)
+            .env("CREDENTIALS_DIRECTORY", root.join("etc/appliance"))
+            .stderr(std::process::Stdio::null()),
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !socket.exists() {
         assert!(
@@ -131,7 +130,7 @@ fn install_runs_and_uninstall_detaches_everything() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let status = Command::new(&binary)
+    let status = test_command(&binary)
         .arg("--socket")
         .arg(&socket)
         .arg("status")
@@ -142,10 +141,9 @@ fn install_runs_and_uninstall_detaches_everything() {
     assert_eq!(attached_programs(&agents_path).len(), 7);
     // The key came from the credential, so none was created in the state directory.
     assert!(!state.join("master.key").exists());
-    daemon.kill().unwrap();
-    daemon.wait().unwrap();
+    drop(daemon);
 
-    let removed = Command::new(&binary)
+    let removed = test_command(&binary)
         .args(["uninstall", "--purge", "--root"])
         .arg(&root)
         .output()

@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod process;
+pub use process::*;
+
 pub const APPLIANCE: &str = env!("CARGO_BIN_EXE_appliance");
 
 pub fn require_root() {
@@ -83,7 +86,7 @@ pub fn remove_cgroup_tree(path: &Path) {
 /// A command that starts inside `cgroup` (it moves itself in before exec).
 pub fn command_in_cgroup(cgroup: &Path, program: &str) -> Command {
     let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
-    let mut command = Command::new(program);
+    let mut command = test_command(program);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         command.pre_exec(move || {
@@ -198,6 +201,7 @@ pub struct Daemon {
     pub bpffs_dir: PathBuf,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
+    config: PathBuf,
     extra_args: Vec<String>,
     extra_env: Vec<(String, PathBuf)>,
     cgroup: Option<PathBuf>,
@@ -229,6 +233,7 @@ impl Daemon {
             bpffs_dir: PathBuf::from("/sys/fs/bpf").join(unique(slot, "pins")),
             state_dir: std::env::temp_dir().join(unique(slot, "state")),
             socket: std::env::temp_dir().join(format!("{}.sock", unique(slot, "admin"))),
+            config: std::env::temp_dir().join(format!("{}.toml", unique(slot, "config"))),
             extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
             extra_env: env
                 .iter()
@@ -249,15 +254,14 @@ impl Daemon {
             .unwrap();
         let mut command = match &self.cgroup {
             Some(cgroup) => command_in_cgroup(cgroup, APPLIANCE),
-            None => Command::new(APPLIANCE),
+            None => test_command(APPLIANCE),
         };
         // An empty configuration: built-in defaults, whatever is installed in /etc.
-        let config = std::env::temp_dir().join(format!("{}.toml", unique(0, "empty-config")));
-        fs::write(&config, "").unwrap();
+        fs::write(&self.config, "").unwrap();
         command
             .arg("daemon")
             .arg("--config")
-            .arg(&config)
+            .arg(&self.config)
             .args(["--log-format", "json"])
             .args(["--port", &self.port.to_string()])
             .arg("--agents-cgroup")
@@ -349,7 +353,7 @@ impl Daemon {
 
     /// `appliance exec` of Python in a named cgroup under this daemon's agents cgroup.
     pub fn exec_python(&self, name: &str) -> Command {
-        let mut command = Command::new(APPLIANCE);
+        let mut command = test_command(APPLIANCE);
         command
             .arg("exec")
             .arg("--agents-cgroup")
@@ -360,7 +364,7 @@ impl Daemon {
 
     /// Runs `appliance daemon --detach-all` for this daemon's bpffs directory.
     pub fn detach_all(&self) -> Output {
-        Command::new(APPLIANCE)
+        test_command(APPLIANCE)
             .args(["daemon", "--detach-all", "--bpffs-dir"])
             .arg(&self.bpffs_dir)
             .output()
@@ -374,13 +378,14 @@ impl Drop for Daemon {
         let _ = self.detach_all();
         remove_cgroup_tree(&self.agents_cgroup);
         let _ = fs::remove_file(&self.log);
+        let _ = fs::remove_file(&self.config);
         let _ = fs::remove_dir_all(&self.state_dir);
     }
 }
 
 /// `bpftool -j ARGS`, parsed.
 pub fn bpftool(args: &[&str]) -> Value {
-    let output = Command::new("bpftool")
+    let output = test_command("bpftool")
         .arg("-j")
         .args(args)
         .output()

@@ -10,22 +10,39 @@ use std::process::Command;
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 
+mod hygiene;
+
 /// bpf-linker release verified with the nightly toolchain's LLVM on these machines.
 const BPF_LINKER_VERSION: &str = "0.13";
-/// Debian packages the tests, the demo and operators use: bpftool (inspect programs and
-/// maps), iproute2 and nftables (network inspection), curl, git and git-lfs (real clients),
-/// util-linux (setpriv, unshare), openssl (the demo's test CA), gzip, and systemd
-/// (systemd-analyze checks the unit).
-const DEBIAN_PACKAGES: &[&str] = &[
-    "bpftool",
-    "iproute2",
-    "nftables",
-    "curl",
-    "git",
-    "util-linux",
-    "openssl",
-    "gzip",
-    "systemd",
+/// A program that a test, the demo, the bench or an operator runs, and the Debian package
+/// that ships it. `cargo xtask setup` installs the package of every command it cannot find,
+/// and `cargo xtask test` refuses to start while one is still missing. A unit test below
+/// reads the tests' sources and fails when they start a program this list does not name.
+/// Entries are (command, package).
+const TOOLS: &[(&str, &str)] = &[
+    // Inspect the eBPF programs and maps the capture tests check.
+    ("bpftool", "bpftool"),
+    // Network inspection for operators (docs/operations.md).
+    ("ip", "iproute2"),
+    ("nft", "nftables"),
+    // Real clients and helpers of the end-to-end tests.
+    ("curl", "curl"),
+    ("git", "git"),
+    ("git-lfs", "git-lfs"),
+    ("python3", "python3"),
+    ("gzip", "gzip"),
+    ("grep", "grep"),
+    ("sh", "dash"),
+    ("bash", "bash"),
+    ("timeout", "coreutils"),
+    ("true", "coreutils"),
+    ("setpriv", "util-linux"),
+    ("unshare", "util-linux"),
+    ("mount", "mount"),
+    // The demo's test CA.
+    ("openssl", "openssl"),
+    // Checks the systemd unit.
+    ("systemd-analyze", "systemd"),
 ];
 
 #[derive(Parser)]
@@ -254,15 +271,31 @@ fn install_bpf_linker() -> anyhow::Result<()> {
         ))
 }
 
-fn install_debian_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+fn is_on_path(command: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::metadata(dir.join(command))
+                .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// (command, package) of the tools whose command is not on PATH.
+fn missing_tools() -> Vec<(&'static str, &'static str)> {
+    TOOLS
         .iter()
         .copied()
-        .filter(|package| {
-            !output_of("dpkg-query", &["-W", "-f=${Status}", package])
-                .is_some_and(|status| status.contains("install ok installed"))
-        })
+        .filter(|(command, _)| !is_on_path(command))
+        .collect()
+}
+
+fn install_debian_packages() -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = missing_tools()
+        .iter()
+        .map(|(_, package)| *package)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
@@ -283,6 +316,24 @@ fn install_debian_packages() -> anyhow::Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// Fails, naming each missing command and its package, when setup left one out.
+fn require_tools() -> anyhow::Result<()> {
+    let missing = missing_tools();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = missing
+        .iter()
+        .map(|(command, package)| format!("{command} (Debian package {package})"))
+        .collect();
+    let packages: Vec<&str> = missing.iter().map(|(_, package)| *package).collect();
+    bail!(
+        "the tests need commands that are not on PATH: {}; install them with: apt-get install {}",
+        list.join(", "),
+        packages.join(" ")
+    )
+}
+
 fn build_release() -> anyhow::Result<()> {
     step("building target/release/appliance");
     run(cargo().args(["build", "--release", "--package", "appliance"]))
@@ -296,14 +347,33 @@ fn demo() -> anyhow::Result<()> {
 }
 
 fn test() -> anyhow::Result<()> {
+    require_tools()?;
+    hygiene::sweep_leftovers()?;
+    hygiene::adopt_orphans()?;
     step("checking formatting");
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     step("linting");
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     step("running every test");
-    let (passed, failed) = run_counting_tests(cargo().arg("test"))?;
+    let counted = run_counting_tests(cargo().arg("test"));
+    let leaked = hygiene::reap_orphans();
+    let (passed, failed) = counted?;
+    if !leaked.is_empty() {
+        println!("tests: {passed} passed, {failed} failed");
+        bail!(
+            "the tests left processes running (killed now): {}",
+            leaked.join("; ")
+        );
+    }
     step("running the demo");
     demo()?;
+    let leaked = hygiene::reap_orphans();
+    if !leaked.is_empty() {
+        bail!(
+            "the demo left processes running (killed now): {}",
+            leaked.join("; ")
+        );
+    }
     println!("tests: {passed} passed, {failed} failed");
     Ok(())
 }
@@ -347,4 +417,65 @@ fn run_counting_tests(command: &mut Command) -> anyhow::Result<(u64, u64)> {
         bail!("cargo test failed with {status}");
     }
     Ok((passed, failed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TOOLS;
+
+    /// Programs the tests, the bench and the demo start, read from their sources: the first
+    /// argument of `test_command`/`Command::new`/`command_in_cgroup`, the program after `"--"`
+    /// in an argument list, and git-lfs wherever `git lfs` is run.
+    fn programs_started() -> Vec<String> {
+        let root = super::workspace_root();
+        let mut sources = Vec::new();
+        for dir in ["tests", "tests/common", "tests/https", "appliance/benches"] {
+            for entry in std::fs::read_dir(root.join(dir)).unwrap().flatten() {
+                if entry.path().extension().is_some_and(|ext| ext == "rs") {
+                    sources.push(std::fs::read_to_string(entry.path()).unwrap());
+                }
+            }
+        }
+        let mut programs = Vec::new();
+        for source in &sources {
+            for marker in ["test_command(\"", "Command::new(\"", "\"--\", \""] {
+                for (index, _) in source.match_indices(marker) {
+                    let rest = &source[index + marker.len()..];
+                    programs.push(rest[..rest.find('"').unwrap()].to_owned());
+                }
+            }
+            for (index, _) in source.match_indices("command_in_cgroup(") {
+                let rest = &source[index..];
+                let call = &rest[..rest.find(')').unwrap()];
+                if let Some((_, quoted)) = call.split_once('"') {
+                    programs.push(quoted[..quoted.find('"').unwrap()].to_owned());
+                }
+            }
+            if source.contains("\"lfs\"") {
+                programs.push("git-lfs".to_owned());
+            }
+        }
+        programs.sort();
+        programs.dedup();
+        programs
+    }
+
+    #[test]
+    fn setup_installs_every_program_the_tests_start() {
+        let programs = programs_started();
+        for expected in ["curl", "git", "git-lfs", "python3", "bpftool", "setpriv"] {
+            assert!(
+                programs.iter().any(|p| p == expected),
+                "scan missed {expected}: {programs:?}"
+            );
+        }
+        let unlisted: Vec<&String> = programs
+            .iter()
+            .filter(|program| !TOOLS.iter().any(|(command, _)| command == program))
+            .collect();
+        assert!(
+            unlisted.is_empty(),
+            "tests start {unlisted:?}, which xtask's TOOLS does not list (so setup would not install them)"
+        );
+    }
 }
