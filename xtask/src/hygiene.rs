@@ -133,9 +133,17 @@ pub fn adopt_orphans() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A child of this process, as /proc shows it.
+struct Child {
+    pid: i32,
+    /// Exited but not reaped: nothing runs any more.
+    zombie: bool,
+    cmdline: String,
+}
+
 /// This process's children: once every command it ran has been waited for, only orphans
 /// that were reparented here.
-fn children() -> Vec<(i32, String)> {
+fn children() -> Vec<Child> {
     let me = std::process::id().to_string();
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
@@ -145,36 +153,45 @@ fn children() -> Vec<(i32, String)> {
         .filter_map(|entry| {
             let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
             let stat = fs::read_to_string(entry.path().join("stat")).ok()?;
-            // Fields after the command name, which is in parentheses and may hold spaces.
-            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
+            // Fields after the command name, which is in parentheses and may hold spaces:
+            // state, then parent pid.
+            let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+            let state = fields.next()?;
+            let ppid = fields.next()?;
             (ppid == me).then(|| {
                 let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
                 let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-                (pid, cmdline.trim().to_owned())
+                Child {
+                    pid,
+                    zombie: state == "Z",
+                    cmdline: cmdline.trim().to_owned(),
+                }
             })
         })
         .collect()
 }
 
-/// Kills and reaps every orphan the tests left running, and their descendants (which become
-/// orphans in turn), and returns what each was.
+/// Reaps the orphans that already exited, kills and reaps every one the tests left running,
+/// and their descendants (which become orphans in turn), and returns what the running ones
+/// were.
 pub fn reap_orphans() -> Vec<String> {
-    let mut reaped = Vec::new();
+    let mut killed = Vec::new();
     for _ in 0..50 {
         let orphans = children();
         if orphans.is_empty() {
             break;
         }
-        for (pid, cmdline) in orphans {
-            // SAFETY: kill and waitpid on our own child.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
+        for orphan in orphans {
+            if !orphan.zombie {
+                // SAFETY: kill(2) on our own child.
+                unsafe { libc::kill(orphan.pid, libc::SIGKILL) };
+                killed.push(format!("{} ({})", orphan.pid, orphan.cmdline));
             }
-            reaped.push(format!("{pid} {cmdline}"));
+            // SAFETY: waitpid on our own child.
+            unsafe { libc::waitpid(orphan.pid, std::ptr::null_mut(), 0) };
         }
     }
-    reaped
+    killed
 }
 
 #[cfg(test)]
