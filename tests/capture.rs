@@ -352,3 +352,56 @@ fn exec_refuses_a_cgroup_no_appliance_intercepts() {
     assert_eq!(cgroup_count.count(), 0, "exec left its cgroup behind");
     remove_cgroup_tree(&agents);
 }
+
+#[test]
+fn a_foreign_namespace_never_escapes_with_the_appliances_mark() {
+    require_root();
+    let slot = 23;
+    let daemon = Daemon::start(slot, &[]);
+    // An unprivileged agent makes a network namespace of its own (where it holds
+    // CAP_NET_ADMIN, so SO_MARK is allowed), listens on 443 there and connects to itself:
+    // once plainly, once with the appliance's own mark (the built-in default).
+    let program = r#"
+import json, socket, subprocess
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+server.bind(("127.0.0.1", 443))
+server.listen(8)
+result = {}
+for name, mark in (("plain", None), ("with_mark", 0x6170_6c69)):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if mark is not None:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+    s.settimeout(5)
+    try:
+        s.connect(("127.0.0.1", 443))
+        result[name] = "connected"
+    except PermissionError:
+        result[name] = "refused"
+print(json.dumps(result))
+"#;
+    let mut command = test_command(APPLIANCE);
+    command
+        .arg("exec")
+        .arg("--agents-cgroup")
+        .arg(&daemon.agents_cgroup)
+        .args([
+            "--",
+            "setpriv",
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "unshare",
+            "-Urn",
+            // Root's own Python (pyenv) may be unreadable to an unprivileged user.
+            "/usr/bin/python3",
+        ]);
+    let result = python_json(command, program);
+    assert_eq!(result["plain"], "refused", "{result}");
+    assert_eq!(
+        result["with_mark"], "refused",
+        "the appliance's mark let a foreign namespace out: {result}"
+    );
+}

@@ -110,9 +110,8 @@ fn decide(ctx: &SockAddrContext) -> Verdict {
         let addr = &*ctx.sock_addr;
         (addr.type_, (*addr.__bindgen_anon_1.sk).mark)
     };
-    if config.own_mark != 0 && mark == config.own_mark {
-        return Verdict::Ignore;
-    }
+    // The namespace comes first: in a network namespace of its own an unprivileged agent
+    // holds CAP_NET_ADMIN and can set any SO_MARK, ours included.
     // SAFETY: helper valid for cgroup_sock_addr programs since Linux 5.7.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     if netns_cookie != config.netns_cookie {
@@ -123,6 +122,11 @@ fn decide(ctx: &SockAddrContext) -> Verdict {
             );
             return Verdict::Refuse;
         }
+        return Verdict::Ignore;
+    }
+    // In the appliance's own namespace setting a mark takes CAP_NET_ADMIN there, so the mark
+    // singles out the engine's upstream sockets.
+    if config.own_mark != 0 && mark == config.own_mark {
         return Verdict::Ignore;
     }
     match socket_type {

@@ -30,6 +30,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("git", "git"),
     ("git-lfs", "git-lfs"),
     ("python3", "python3"),
+    // The system Python, for tests that run as an unprivileged user (root's may be private).
+    ("/usr/bin/python3", "python3"),
     ("gzip", "gzip"),
     ("grep", "grep"),
     ("sh", "dash"),
@@ -271,14 +273,18 @@ fn install_bpf_linker() -> anyhow::Result<()> {
         ))
 }
 
+/// Whether `command` (a name looked up on PATH, or an absolute path) can be run.
 fn is_on_path(command: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| {
-            use std::os::unix::fs::PermissionsExt as _;
-            std::fs::metadata(dir.join(command))
-                .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
-        })
-    })
+    let executable = |path: &Path| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(path)
+            .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+    };
+    if command.starts_with('/') {
+        return executable(Path::new(command));
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| executable(&dir.join(command))))
 }
 
 /// (command, package) of the tools whose command is not on PATH.
