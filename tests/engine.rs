@@ -592,3 +592,113 @@ async fn silent_and_oversized_clients_are_cut_off_and_others_unaffected() {
         String::from_utf8_lossy(&normal.stderr)
     );
 }
+
+/// curl with the path sent exactly as written; returns the status code.
+async fn status_of(fixture: &Fixture, path: &str, extra: &[&str]) -> String {
+    let mut args = vec!["--path-as-is", "-o", "/dev/null", "-w", "%{http_code}"];
+    args.extend_from_slice(extra);
+    let output = run(curl(
+        fixture,
+        &fixture.appliance_ca,
+        "api.test",
+        path,
+        &args,
+    ))
+    .await;
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn rules_see_and_the_upstream_gets_one_normalized_path_over_http1_and_http2() {
+    let fixture = start("paths").await;
+    for version in ["--http1.1", "--http2"] {
+        // Every spelling of /blocked is blocked, and never reaches the upstream.
+        for path in [
+            "//blocked",
+            "/./blocked",
+            "/%62locked",
+            "/x/../blocked",
+            "/x/%2e%2e/blocked",
+        ] {
+            assert_eq!(
+                status_of(&fixture, path, &[version]).await,
+                "403",
+                "{path} {version}"
+            );
+        }
+        // What cannot be normalized without guessing is refused.
+        for path in ["/a%zz", "/a%00b", "/a%5cb", "/x/..;/blocked"] {
+            assert_eq!(
+                status_of(&fixture, path, &[version]).await,
+                "400",
+                "{path} {version}"
+            );
+        }
+        // The upstream receives the path that was decided on; the query stays as sent.
+        assert_eq!(
+            status_of(&fixture, "/x/./y//../echo?a=%2e%2E", &[version]).await,
+            "200"
+        );
+    }
+    let targets: Vec<String> = fixture
+        .seen
+        .requests()
+        .into_iter()
+        .map(|request| request.target)
+        .collect();
+    assert_eq!(targets, ["/x/echo?a=%2e%2E", "/x/echo?a=%2e%2E"]);
+    let outcomes: Vec<String> = fixture
+        .events
+        .since(0)
+        .iter()
+        .map(|event| event["outcome"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(outcomes.iter().filter(|o| *o == "rejected").count(), 8);
+    assert_eq!(outcomes.iter().filter(|o| *o == "blocked").count(), 10);
+}
+
+#[tokio::test]
+async fn connect_trace_and_h2c_never_reach_the_upstream_as_such() {
+    let fixture = start("tunnels").await;
+    let program = format!(
+        r#"
+import json, socket, ssl
+ctx = ssl.create_default_context(cafile="{ca}")
+ctx.set_alpn_protocols(["http/1.1"])
+def exchange(head):
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", {port})), server_hostname="api.test")
+    s.sendall(head.encode())
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        answer += chunk
+    s.close()
+    return answer.split(b"\r\n")[0].decode()
+print(json.dumps({{
+    "connect": exchange("CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\n"),
+    "trace": exchange("TRACE /echo HTTP/1.1\r\nHost: api.test\r\n\r\n"),
+    "h2c": exchange("GET /echo HTTP/1.1\r\nHost: api.test\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                    "Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"),
+}}))
+"#,
+        ca = fixture.appliance_ca.display(),
+        port = fixture.engine_addr.port(),
+    );
+    let output = python(&program).await;
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(result["connect"], "HTTP/1.1 405 Method Not Allowed");
+    assert_eq!(result["trace"], "HTTP/1.1 405 Method Not Allowed");
+    assert_eq!(result["h2c"], "HTTP/1.1 200 OK");
+    let requests = fixture.seen.requests();
+    assert_eq!(requests.len(), 1, "only the h2c request is forwarded");
+    assert_eq!(requests[0].method, "GET");
+    for header in ["upgrade", "http2-settings"] {
+        assert!(
+            !requests[0].headers.contains_key(header),
+            "{header} reached the upstream: {:?}",
+            requests[0].headers
+        );
+    }
+}

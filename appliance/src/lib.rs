@@ -5,6 +5,7 @@
 //!   engine, and the lookup of each connection's original destination;
 //! - [`engine`]: accepts redirected connections and hands them to the [`proxy`], which passes
 //!   them through or terminates TLS ([`tls`]) and forwards HTTP through [`injection`];
+//! - [`request_path`]: the one normalized path a request is decided and forwarded with;
 //! - [`daemon`]: wires the layers together; [`exec`]: runs a command in an intercepted cgroup.
 
 pub mod addr;
@@ -22,6 +23,7 @@ pub mod install;
 pub mod logging;
 pub mod policy;
 pub mod proxy;
+pub mod request_path;
 pub mod secret;
 pub mod store;
 mod swap;

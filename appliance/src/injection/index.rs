@@ -14,6 +14,7 @@ use super::redact::Redactor;
 use super::{Injector, Verdict, Workload};
 use crate::audit::SecretUse;
 use crate::policy::{AccessPolicy, Action};
+use crate::request_path;
 use crate::secret::{HostPattern, SecretSpec, SecretValue};
 use crate::swap::Swappable;
 
@@ -102,16 +103,23 @@ impl SecretIndex {
 
     /// The rules that apply to `host` and `path` for a workload of `agent`, least specific
     /// first, so that the most specific one is applied last and wins any conflict. An agent's
-    /// own secrets for a host replace the global ones.
-    fn matching(&self, host: &str, path: &str, agent: Option<&str>) -> Vec<RuleRef> {
+    /// own secrets for a host replace the global ones. A rule's path pattern must match
+    /// `path` and, when the path has encoded slashes, its `decoded` reading too.
+    fn matching(
+        &self,
+        host: &str,
+        path: &str,
+        decoded: Option<&str>,
+        agent: Option<&str>,
+    ) -> Vec<RuleRef> {
         let mut matched: Vec<RuleRef> = self
             .candidates(host)
             .filter(|reference| self.in_scope(*reference, agent))
             .filter(|reference| {
                 let rule = &self.secrets[reference.secret].spec.rules[reference.rule];
-                rule.path
-                    .as_ref()
-                    .is_none_or(|pattern| pattern.matches(path))
+                rule.path.as_ref().is_none_or(|pattern| {
+                    pattern.matches(path) && decoded.is_none_or(|decoded| pattern.matches(decoded))
+                })
             })
             .collect();
         let agent_bound = |reference: &RuleRef| self.secrets[reference.secret].spec.agent.is_some();
@@ -169,17 +177,24 @@ impl Injector for SecretInjector {
     }
 
     fn prepare(&self, host: &str, agent: Option<&str>, request: &mut Parts) -> Verdict {
+        // The proxy hands over the normalized path; an upstream may also read its encoded
+        // slashes as separators, so a block holds for either reading.
         let path = request.uri.path().to_owned();
+        let decoded = request_path::with_slashes_decoded(&path);
         let policy = self.policy.load();
-        if let Some((rule, Action::Block)) = policy.decide(host, &path, &request.method, agent) {
-            return Verdict::Block {
-                reason: format!("blocked by rule {rule}"),
-            };
+        for reading in std::iter::once(path.as_str()).chain(decoded.as_deref()) {
+            if let Some((rule, Action::Block)) =
+                policy.decide(host, reading, &request.method, agent)
+            {
+                return Verdict::Block {
+                    reason: format!("blocked by rule {rule}"),
+                };
+            }
         }
         let index = self.index.load();
         let mut injected = Vec::new();
         let mut redactors: Vec<Arc<Redactor>> = Vec::new();
-        for reference in index.matching(host, &path, agent) {
+        for reference in index.matching(host, &path, decoded.as_deref(), agent) {
             let secret = &index.secrets[reference.secret];
             let rule = &secret.spec.rules[reference.rule];
             match apply(&rule.injection, &secret.value, request) {
@@ -299,6 +314,45 @@ mod tests {
             prepared(&injector, "api.example.com", "/admin/users").headers["authorization"],
             "narrow"
         );
+    }
+
+    #[test]
+    fn encoded_slashes_open_no_way_around_patterns_or_block_rules() {
+        let injector = injector(vec![loaded(
+            "1",
+            json!({"name": "scoped", "hostPattern": "api.example.com", "pathPattern": "/allowed/*",
+            "value": "scoped", "injection": {"headerName": "authorization"}}),
+        )]);
+        injector.replace_policy(AccessPolicy::new(vec![(
+            "no-admin".into(),
+            crate::policy::AccessRule::from_json(
+                &json!({"host": "api.example.com", "path": "/admin/*", "action": "block"}),
+            )
+            .unwrap(),
+        )]));
+        let prepare = |target: &str| {
+            let mut parts = http::Request::builder()
+                .uri(target)
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0;
+            let verdict = injector.prepare("api.example.com", None, &mut parts);
+            (verdict, parts)
+        };
+        // An id with an encoded slash is data: the secret is injected.
+        let (verdict, parts) = prepare("/allowed/group%2Fproject");
+        assert!(matches!(verdict, Verdict::Forward { .. }));
+        assert_eq!(parts.headers["authorization"], "scoped");
+        // Read with its slashes decoded, the path leaves /allowed/: no injection.
+        let (verdict, parts) = prepare("/allowed/x%2F..%2F..%2Fother");
+        assert!(matches!(verdict, Verdict::Forward { .. }));
+        assert!(!parts.headers.contains_key("authorization"));
+        // A block rule holds for the decoded reading.
+        let (verdict, _) = prepare("/public%2F..%2Fadmin%2Fx");
+        assert!(matches!(verdict, Verdict::Block { .. }), "{verdict:?}");
+        let (verdict, _) = prepare("/admin%2Fx");
+        assert!(matches!(verdict, Verdict::Block { .. }), "{verdict:?}");
     }
 
     #[test]

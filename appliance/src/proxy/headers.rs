@@ -15,9 +15,19 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 const KEEP_ALIVE: &str = "keep-alive";
 const PROXY_CONNECTION: &str = "proxy-connection";
 
-/// Whether the message asks to switch protocols (`Connection: upgrade` plus `Upgrade`).
-pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE) && connection_tokens(headers).any(|t| t == "upgrade")
+/// Sent with an `Upgrade: h2c` request; it only concerns that connection.
+const HTTP2_SETTINGS: &str = "http2-settings";
+
+/// Whether the request asks to switch to WebSocket (`Connection: upgrade` plus
+/// `Upgrade: websocket`), the one protocol switch an intercepted connection allows: after any
+/// other (h2c, TLS) the proxy could no longer see, or mask, what the upstream sends.
+pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    let mut protocols = headers.get_all(header::UPGRADE).iter();
+    let websocket = protocols
+        .next()
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.trim().eq_ignore_ascii_case("websocket"));
+    websocket && protocols.next().is_none() && connection_tokens(headers).any(|t| t == "upgrade")
 }
 
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
@@ -57,6 +67,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     headers.remove(KEEP_ALIVE);
     headers.remove(PROXY_CONNECTION);
+    headers.remove(HTTP2_SETTINGS);
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
@@ -117,7 +128,7 @@ mod tests {
             ("te", "trailers"),
             ("sec-websocket-key", "abc"),
         ]);
-        assert!(is_upgrade(&map));
+        assert!(is_websocket_upgrade(&map));
         strip_hop_by_hop(&mut map, true);
         assert_eq!(map["connection"], "upgrade");
         assert_eq!(map["upgrade"], "websocket");
@@ -127,8 +138,28 @@ mod tests {
 
     #[test]
     fn upgrade_needs_both_headers() {
-        assert!(!is_upgrade(&headers(&[("upgrade", "websocket")])));
-        assert!(!is_upgrade(&headers(&[("connection", "upgrade")])));
+        assert!(!is_websocket_upgrade(&headers(&[("upgrade", "websocket")])));
+        assert!(!is_websocket_upgrade(&headers(&[(
+            "connection",
+            "upgrade"
+        )])));
+    }
+
+    #[test]
+    fn only_websocket_is_an_upgrade_and_h2c_is_stripped() {
+        for protocol in ["h2c", "TLS/1.2", "websocket, h2c", "h2c, websocket"] {
+            let map = headers(&[("connection", "upgrade"), ("upgrade", protocol)]);
+            assert!(!is_websocket_upgrade(&map), "{protocol}");
+        }
+        let mut map = headers(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA"),
+            ("accept", "*/*"),
+        ]);
+        strip_hop_by_hop(&mut map, false);
+        let names: Vec<&str> = map.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["accept"]);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! One intercepted request: check its target, let the injection layer rewrite it, forward it
 //! upstream, stream the answer back.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -12,11 +13,12 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use tracing::{info, warn};
 
-use super::headers::{is_upgrade, request_host, strip_hop_by_hop};
+use super::headers::{is_websocket_upgrade, request_host, strip_hop_by_hop};
 use super::upstream::{self, PoolKey, Sender, UpstreamError, UpstreamPool};
 use crate::addr::UpstreamAddr;
 use crate::audit::{AuditEvent, EventLog, SecretUse};
 use crate::injection::{redact_headers, Injector, RedactingBody, Verdict, Workload};
+use crate::request_path::{self, PathError};
 
 /// Body of responses the proxy returns to clients.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -81,6 +83,30 @@ pub async fn serve(
     mut request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
     let context = &*context;
+    // CONNECT would turn the connection into a tunnel the proxy cannot inspect, and TRACE
+    // echoes the request, injected credentials included: neither has a place here.
+    if matches!(
+        *request.method(),
+        http::Method::CONNECT | http::Method::TRACE
+    ) {
+        warn!(method = %request.method(), "refused a method that is not forwarded on intercepted connections");
+        context.audit(
+            request.method(),
+            request.uri().path(),
+            Vec::new(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "rejected",
+        );
+        let mut response = plain(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT and TRACE are not forwarded on intercepted connections",
+        );
+        response.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+        );
+        return Ok(response);
+    }
     // A request for another host than the TLS session was made for must not get that host's
     // credentials (RFC 9110 §7.4, 421 Misdirected Request).
     let default_port = context.upstream.0.port();
@@ -103,11 +129,26 @@ pub async fn serve(
         }
     }
     let version = request.version();
-    let upgrade = version == Version::HTTP_11 && is_upgrade(request.headers());
+    let upgrade = version == Version::HTTP_11 && is_websocket_upgrade(request.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
     let method = parts.method.clone();
-    let path = parts.uri.path().to_owned();
+    // Decide on, and forward, one normalized path: what the rules see is what the upstream
+    // resolves.
+    let path = match normalized_target(&mut parts.uri) {
+        Ok(path) => path,
+        Err(error) => {
+            info!(%method, uri = %parts.uri, %error, "request refused: its path cannot be normalized");
+            context.audit(
+                &method,
+                parts.uri.path(),
+                Vec::new(),
+                StatusCode::BAD_REQUEST,
+                "rejected",
+            );
+            return Ok(plain(StatusCode::BAD_REQUEST, &error.to_string()));
+        }
+    };
     let (injected, redactors) =
         match context
             .injector
@@ -163,6 +204,15 @@ pub async fn serve(
         }
     };
     let status = response.status();
+    if status == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_none() {
+        let response = plain(
+            StatusCode::BAD_GATEWAY,
+            "the upstream switched protocols without being asked to",
+        );
+        warn!(%method, %path, "the upstream answered 101 to a request that asked for no upgrade");
+        context.audit(&method, &path, injected, response.status(), "failed");
+        return Ok(response);
+    }
     context.audit(&method, &path, injected, status, "forwarded");
     if status == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
@@ -193,6 +243,26 @@ pub async fn serve(
         parts,
         RedactingBody::new(body, redactors).boxed(),
     ))
+}
+
+/// Rewrites `uri` to carry its normalized path (the query is kept as sent) and returns that
+/// path.
+fn normalized_target(uri: &mut Uri) -> Result<String, PathError> {
+    let normalized = match request_path::normalize(uri.path())? {
+        Cow::Borrowed(path) => return Ok(path.to_owned()),
+        Cow::Owned(path) => path,
+    };
+    let target = match uri.query() {
+        Some(query) => format!("{normalized}?{query}"),
+        None => normalized.clone(),
+    };
+    let mut parts = std::mem::take(uri).into_parts();
+    // A normalized path of a valid one is valid: it only loses characters and decodes
+    // unreserved ones.
+    parts.path_and_query =
+        Some(PathAndQuery::try_from(target).expect("a normalized path is a valid request target"));
+    *uri = Uri::from_parts(parts).expect("only the path changed");
+    Ok(normalized)
 }
 
 fn upstream_request(

@@ -1,0 +1,233 @@
+//! One path per request. Secrets' path patterns and access rules are matched against the
+//! normalized path, and that same path is forwarded, so what was checked is what the upstream
+//! resolves: `/allowed/../other`, `//admin`, `/./admin` and `/%61dmin` are decided as the
+//! `/other` and `/admin` they are.
+//!
+//! Normalization (RFC 3986 §6.2.2): percent-escapes of unreserved characters are decoded and
+//! the others upper-cased, dot segments are removed (§5.2.4), and runs of `/` become one.
+//! What cannot be normalized without guessing how the upstream reads it is refused: an
+//! invalid escape, NUL, a backslash (raw or `%5C`; some servers take it for `/`), and a dot
+//! segment with parameters (`..;x`, which some servers treat as `..`).
+//!
+//! An encoded slash (`%2F`) stays data, since APIs use it inside identifiers
+//! (`projects/group%2Fproject`); [`with_slashes_decoded`] gives the second reading an upstream
+//! may make, so that decisions can hold for both.
+
+use std::borrow::Cow;
+
+/// Why a path cannot be normalized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// `%` not followed by two hex digits.
+    #[error("the path has a '%' that is not followed by two hex digits")]
+    InvalidEscape,
+    /// A NUL byte, raw or encoded.
+    #[error("the path contains NUL (%00)")]
+    Nul,
+    /// A backslash, raw or `%5C`.
+    #[error("the path contains a backslash, which servers read differently")]
+    Backslash,
+    /// A `.` or `..` segment with parameters (`..;x`).
+    #[error("the path has a dot segment with parameters (such as '..;'), which servers read differently")]
+    DotSegmentParameters,
+    /// Not `/…` (nor `*`).
+    #[error("the path does not start with '/'")]
+    NotAbsolute,
+}
+
+fn is_unreserved(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex_value(byte: u8) -> Option<u8> {
+    (byte as char).to_digit(16).map(|digit| digit as u8)
+}
+
+/// Whether `path` is already in normal form, so the common case allocates nothing.
+fn is_normal(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    !bytes.iter().any(|&byte| byte == b'%' || byte == b'\\')
+        && !path.contains("//")
+        && !path.split('/').any(|segment| {
+            segment == "."
+                || segment == ".."
+                || segment.starts_with(".;")
+                || segment.starts_with("..;")
+        })
+}
+
+/// Decodes unreserved escapes and upper-cases the others.
+fn normalize_escapes(path: &str) -> Result<String, PathError> {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        match bytes[index] {
+            b'%' => {
+                let (Some(high), Some(low)) = (
+                    bytes.get(index + 1).copied().and_then(hex_value),
+                    bytes.get(index + 2).copied().and_then(hex_value),
+                ) else {
+                    return Err(PathError::InvalidEscape);
+                };
+                let byte = high << 4 | low;
+                match byte {
+                    0 => return Err(PathError::Nul),
+                    b'\\' => return Err(PathError::Backslash),
+                    _ if is_unreserved(byte) => out.push(byte as char),
+                    _ => out.push_str(&format!("%{byte:02X}")),
+                }
+                index += 3;
+            }
+            b'\\' => return Err(PathError::Backslash),
+            0 => return Err(PathError::Nul),
+            _ => {
+                // Copy the whole run up to the next special byte (keeps UTF-8 intact).
+                let end = bytes[index..]
+                    .iter()
+                    .position(|&byte| matches!(byte, b'%' | b'\\' | 0))
+                    .map_or(bytes.len(), |offset| index + offset);
+                out.push_str(&path[index..end]);
+                index = end;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Removes dot segments and empty segments; keeps a trailing `/`.
+fn remove_dot_segments(path: &str) -> Result<String, PathError> {
+    let mut kept: Vec<&str> = Vec::new();
+    let mut trailing_slash = false;
+    for segment in path.split('/').skip(1) {
+        trailing_slash = matches!(segment, "" | "." | "..");
+        match segment {
+            "" | "." => {}
+            ".." => {
+                kept.pop();
+            }
+            _ if segment.starts_with(".;") || segment.starts_with("..;") => {
+                return Err(PathError::DotSegmentParameters)
+            }
+            _ => kept.push(segment),
+        }
+    }
+    let mut out = String::with_capacity(path.len());
+    for segment in &kept {
+        out.push('/');
+        out.push_str(segment);
+    }
+    if trailing_slash || kept.is_empty() {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+/// The normal form of a request path (without its query).
+pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
+    if path == "*" {
+        return Ok(Cow::Borrowed(path));
+    }
+    if !path.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    if is_normal(path) {
+        return Ok(Cow::Borrowed(path));
+    }
+    let escaped = normalize_escapes(path)?;
+    remove_dot_segments(&escaped).map(Cow::Owned)
+}
+
+/// The normalized path read with every `%2F` as `/`, when it has one: how an upstream that
+/// decodes slashes before routing sees it.
+pub fn with_slashes_decoded(normalized: &str) -> Option<String> {
+    if !normalized.contains("%2F") {
+        return None;
+    }
+    let decoded = normalized.replace("%2F", "/");
+    // Decoding made new segments, which may be dot segments. A path that no longer normalizes
+    // (a `..;` segment) is refused for both readings by the caller's first form check, so the
+    // decoded reading falls back to its raw form.
+    Some(remove_dot_segments(&decoded).unwrap_or(decoded))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_resolve_the_way_upstreams_resolve_them() {
+        for (raw, normal) in [
+            ("/v1/messages", "/v1/messages"),
+            ("/", "/"),
+            ("/allowed/../other", "/other"),
+            ("/allowed/%2e%2e/other", "/other"),
+            ("/allowed/%2E%2e/other", "/other"),
+            ("//admin/x", "/admin/x"),
+            ("/./admin/x", "/admin/x"),
+            ("/%61dmin/x", "/admin/x"),
+            ("/public/../admin/x", "/admin/x"),
+            ("/a/b/..", "/a/"),
+            ("/a/b/.", "/a/b/"),
+            ("/..", "/"),
+            ("/../../etc", "/etc"),
+            ("/a//b///c/", "/a/b/c/"),
+            ("/a%20b/%7e/%7E", "/a%20b/~/~"),
+            ("/q%3fx/%3F", "/q%3Fx/%3F"),
+            ("/projects/group%2fproject", "/projects/group%2Fproject"),
+            ("/caf%C3%A9/é", "/caf%C3%A9/é"),
+            ("*", "*"),
+        ] {
+            assert_eq!(normalize(raw).unwrap(), normal, "{raw}");
+        }
+    }
+
+    #[test]
+    fn normal_paths_are_borrowed() {
+        assert!(matches!(
+            normalize("/v1/chat/completions"),
+            Ok(Cow::Borrowed(_))
+        ));
+        assert!(matches!(normalize("/a.b/..c/.d"), Ok(Cow::Borrowed(_))));
+    }
+
+    #[test]
+    fn what_cannot_be_normalized_without_guessing_is_refused() {
+        for (raw, error) in [
+            ("/a%zz", PathError::InvalidEscape),
+            ("/a%4", PathError::InvalidEscape),
+            ("/a%", PathError::InvalidEscape),
+            ("/a%00b", PathError::Nul),
+            ("/a\\b", PathError::Backslash),
+            ("/a%5cb", PathError::Backslash),
+            ("/public/..;/admin", PathError::DotSegmentParameters),
+            ("/public/.;x/admin", PathError::DotSegmentParameters),
+            ("v1/messages", PathError::NotAbsolute),
+        ] {
+            assert_eq!(normalize(raw).unwrap_err(), error, "{raw}");
+        }
+    }
+
+    #[test]
+    fn encoded_slashes_stay_data_with_a_second_reading() {
+        let normal = normalize("/projects/group%2Fproject").unwrap();
+        assert_eq!(normal, "/projects/group%2Fproject");
+        assert_eq!(
+            with_slashes_decoded(&normal).unwrap(),
+            "/projects/group/project"
+        );
+        assert_eq!(
+            with_slashes_decoded("/public/x%2F..%2F..%2Fadmin").unwrap(),
+            "/admin"
+        );
+        assert_eq!(with_slashes_decoded("/plain"), None);
+    }
+
+    #[test]
+    fn normalizing_twice_changes_nothing() {
+        for raw in ["/a/./b/../c//d/", "/%7e/%2f/%2e%2e/x", "/x/%2e/%41"] {
+            let once = normalize(raw).unwrap().into_owned();
+            assert_eq!(normalize(&once).unwrap(), once, "{raw}");
+        }
+    }
+}
