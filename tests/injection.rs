@@ -614,6 +614,53 @@ fn the_cli_reports_errors_with_distinct_exit_codes_and_survives_restarts_and_key
     );
     assert_eq!(no_value.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&no_value.stderr).contains("--value-stdin"));
+    // A value that would split the header it goes into is refused, naming the field; the
+    // same value is fine where it is encoded (the query).
+    let crlf = cli(
+        &setup.daemon,
+        &[
+            "secret",
+            "create",
+            "crlf",
+            "--host",
+            "h.example.com",
+            "--header",
+            "x-key",
+            "--value-stdin",
+        ],
+        Some("x\r\nX-Evil: 1"),
+    );
+    assert_eq!(crlf.status.code(), Some(3), "{crlf:?}");
+    let stderr = String::from_utf8_lossy(&crlf.stderr);
+    assert!(
+        stderr.contains("value") && stderr.contains("x-key"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("X-Evil"), "the value was echoed: {stderr}");
+    let listed = cli(&setup.daemon, &["--json", "secret", "list"], None);
+    assert!(!String::from_utf8_lossy(&listed.stdout).contains("crlf"));
+    assert_ok(&cli(
+        &setup.daemon,
+        &[
+            "secret",
+            "create",
+            "crlf",
+            "--host",
+            "h.example.com",
+            "--query",
+            "key",
+            "--value-stdin",
+        ],
+        Some("x\r\nX-Evil: 1"),
+    ));
+    let moved = cli(
+        &setup.daemon,
+        &["secret", "update", "crlf", "--header", "x-key"],
+        None,
+    );
+    assert_eq!(moved.status.code(), Some(3), "{moved:?}");
+    assert!(String::from_utf8_lossy(&moved.stderr).contains("x-key"));
+    assert_ok(&cli(&setup.daemon, &["secret", "delete", "crlf"], None));
 
     // Concurrent writers: one name, many clients, exactly one wins.
     let racers: Vec<_> = (0..12)

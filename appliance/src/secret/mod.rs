@@ -5,7 +5,7 @@ pub mod pattern;
 
 use std::fmt;
 
-use http::header::HeaderName;
+use http::header::{HeaderName, HeaderValue};
 use regex::Regex;
 use serde_json::{Map, Value};
 use zeroize::Zeroizing;
@@ -679,15 +679,41 @@ impl SecretSpec {
             }
             provider_rules(provider)
         };
-        Ok((
-            Self {
-                name,
-                provider,
-                rules,
-                agent,
-            },
-            value,
-        ))
+        let spec = Self {
+            name,
+            provider,
+            rules,
+            agent,
+        };
+        if let Some(value) = &value {
+            spec.check_value(value)?;
+        }
+        Ok((spec, value))
+    }
+
+    /// Checks that `value` can be injected everywhere the rules put it. A header takes no
+    /// control characters (a line break would end it and start another); the query, the path
+    /// and Basic credentials carry the value encoded, so anything goes there.
+    pub fn check_value(&self, value: &SecretValue) -> Result<(), ValidationError> {
+        if HeaderValue::from_bytes(value.expose()).is_ok() {
+            return Ok(());
+        }
+        for rule in &self.rules {
+            if let Injection::Headers(headers) = &rule.injection {
+                if let Some(header) = headers.first() {
+                    return Err(invalid(
+                        "value",
+                        format!(
+                            "cannot be sent in the {} header: it contains control characters \
+                             (such as a line break); remove them, or inject the value into the \
+                             query or path instead",
+                            header.name
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -698,6 +724,22 @@ mod tests {
 
     fn parse(json: Value) -> Result<SecretSpec, ValidationError> {
         SecretSpec::from_json(&json).map(|(spec, _)| spec)
+    }
+
+    #[test]
+    fn values_that_would_split_a_header_are_refused_where_they_go_into_one() {
+        for value in ["x\r\nX-Evil: 1", "a\nb", "nul\0", "del\u{7f}"] {
+            let error = SecretSpec::from_json(&json!({"name": "s", "hostPattern": "h.example.com",
+                "injection": {"headerName": "x-key"}, "value": value}))
+            .unwrap_err();
+            assert_eq!(error.field, "value");
+            assert!(error.message.contains("x-key"), "{}", error.message);
+            assert!(!error.message.contains(value));
+            SecretSpec::from_json(&json!({"name": "s", "hostPattern": "h.example.com",
+                "injection": {"paramName": "key"}, "value": value}))
+            .unwrap();
+        }
+        SecretSpec::from_json(&json!({"name": "s", "type": "openai", "value": "sk-\tok"})).unwrap();
     }
 
     fn field_of(json: Value) -> String {

@@ -322,6 +322,10 @@ impl Store {
         let current = self.get_secret(id_or_name)?;
         let merged = merge(&current.definition, patch, &[])?;
         let (spec, value) = SecretSpec::from_json(&merged)?;
+        if value.is_none() {
+            // New rules must suit the value already stored.
+            spec.check_value(&self.stored_value(&current.id)?)?;
+        }
         let mut merged = merged.as_object().cloned().unwrap_or_default();
         merged.remove("value");
         let record = SecretRecord {
@@ -405,6 +409,24 @@ impl Store {
         Ok(resealed.len())
     }
 
+    /// The decrypted value of the secret with `id`.
+    fn stored_value(&self, id: &str) -> Result<SecretValue, StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            id: id.to_owned(),
+            reason,
+        };
+        let sealed = self
+            .values
+            .get(id.as_bytes())
+            .map_err(|e| self.database(e))?
+            .ok_or_else(|| corrupt("its value is missing".into()))?;
+        let plain = self
+            .sealer
+            .open(id.as_bytes(), &sealed)
+            .map_err(|error| corrupt(error.to_string()))?;
+        SecretValue::new(plain.to_vec()).map_err(|error| corrupt(error.to_string()))
+    }
+
     /// Every secret with its decrypted value, for the injection layer.
     pub fn load_all(&self) -> Result<Vec<LoadedSecret>, StoreError> {
         self.list_secrets()?
@@ -416,17 +438,7 @@ impl Store {
                 };
                 let (spec, _) = SecretSpec::from_json(&record.definition)
                     .map_err(|error| corrupt(error.to_string()))?;
-                let sealed = self
-                    .values
-                    .get(record.id.as_bytes())
-                    .map_err(|e| self.database(e))?
-                    .ok_or_else(|| corrupt("its value is missing".into()))?;
-                let plain = self
-                    .sealer
-                    .open(record.id.as_bytes(), &sealed)
-                    .map_err(|error| corrupt(error.to_string()))?;
-                let value =
-                    SecretValue::new(plain.to_vec()).map_err(|error| corrupt(error.to_string()))?;
+                let value = self.stored_value(&record.id)?;
                 Ok(LoadedSecret {
                     id: record.id,
                     spec,
