@@ -183,6 +183,20 @@ impl Setup {
     }
 }
 
+/// Every file under `dir`, with its contents, in order.
+fn tree_contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        if entry.file_type().unwrap().is_dir() {
+            files.extend(tree_contents(&entry.path()));
+        } else {
+            files.push((entry.path(), std::fs::read(entry.path()).unwrap()));
+        }
+    }
+    files.sort();
+    files
+}
+
 fn assert_ok(output: &Output) {
     assert!(
         output.status.success(),
@@ -723,7 +737,24 @@ fn the_cli_reports_errors_with_distinct_exit_codes_and_survives_restarts_and_key
         String::from_utf8_lossy(&rotated.stdout).contains("2 secret values"),
         "{rotated:?}"
     );
-    assert_ne!(std::fs::read(&key_file).unwrap(), old_key);
+    let new_key = std::fs::read(&key_file).unwrap();
+    assert_ne!(new_key, old_key);
+
+    // The old key is refused now, and trying it changes nothing, byte for byte.
+    let store = setup.daemon.state_dir.join("store");
+    let before = tree_contents(&store);
+    std::fs::write(&key_file, &old_key).unwrap();
+    let wrong = cli(&setup.daemon, &rotate, None);
+    assert_eq!(wrong.status.code(), Some(1), "{wrong:?}");
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("does not match"),
+        "{wrong:?}"
+    );
+    assert!(
+        tree_contents(&store) == before,
+        "a wrong master key changed the store"
+    );
+    std::fs::write(&key_file, &new_key).unwrap();
 
     setup.daemon.spawn();
     let listed = cli(&setup.daemon, &["--json", "secret", "list"], None);

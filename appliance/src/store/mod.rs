@@ -2,6 +2,7 @@
 //! JSON; values only sealed with the master key, each with a fresh nonce and bound to its
 //! record id. Every write is flushed to disk before the call returns.
 
+mod key_check;
 mod records;
 mod rotate;
 pub mod seal;
@@ -52,6 +53,15 @@ pub enum StoreError {
     WrongKey {
         /// The store.
         path: PathBuf,
+    },
+    /// The key-check file beside the database could not be read or written.
+    #[error("the key-check file of the store in {} failed: {source}", path.display())]
+    KeyCheck {
+        /// The store.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
     /// The database could not be opened or written.
     #[error("the store in {} failed: {source}; is another appliance daemon using it?", path.display())]
@@ -164,6 +174,32 @@ fn duplicate(kind: &'static str, name: &str) -> StoreError {
     }
 }
 
+/// Whether `sealer`'s key opens the store at `path`, asked of a copy: opening a sled database
+/// writes to it, and a wrong key must change nothing.
+fn key_opens_a_copy(path: &Path, sealer: &Sealer) -> Result<bool, StoreError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".key-check-{}", std::process::id()));
+    let copy = PathBuf::from(name);
+    let _ = std::fs::remove_dir_all(&copy);
+    let copied = key_check::copy_store(path, &copy);
+    let sealed = copied
+        .map_err(|source| StoreError::KeyCheck {
+            path: path.into(),
+            source,
+        })
+        .and_then(|()| {
+            let read = || -> Result<_, sled::Error> {
+                sled::open(&copy)?.open_tree("meta")?.get(KEY_CHECK)
+            };
+            read().map_err(|source| StoreError::Database {
+                path: path.into(),
+                source,
+            })
+        });
+    let _ = std::fs::remove_dir_all(&copy);
+    Ok(sealed?.is_none_or(|sealed| key_check::opens(sealer, &sealed)))
+}
+
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
 fn abort<T>(error: StoreError) -> TxResult<T> {
@@ -172,28 +208,44 @@ fn abort<T>(error: StoreError) -> TxResult<T> {
 
 impl Store {
     /// Opens (or creates) the store at `path` with `key`. A key that does not match the store
-    /// is refused before anything is written.
+    /// is refused before anything is written: the store stays the same byte for byte.
     pub fn open(path: &Path, key: &MasterKey) -> Result<Self, StoreError> {
         let database = |source| StoreError::Database {
             path: path.into(),
             source,
         };
-        let db = sled::open(path).map_err(database)?;
+        let key_check_failed = |source| StoreError::KeyCheck {
+            path: path.into(),
+            source,
+        };
+        let wrong_key = || StoreError::WrongKey { path: path.into() };
         let sealer = Sealer::new(key);
+        match key_check::accepts(path, &sealer).map_err(key_check_failed)? {
+            Some(true) => {}
+            Some(false) => return Err(wrong_key()),
+            // A store made before the key-check file existed.
+            None if path.join("db").exists() && !key_opens_a_copy(path, &sealer)? => {
+                return Err(wrong_key());
+            }
+            None => {}
+        }
+        let db = sled::open(path).map_err(database)?;
         let meta = db.open_tree("meta").map_err(database)?;
         match meta.get(KEY_CHECK).map_err(database)? {
             Some(sealed) => {
-                let opened = sealer.open(KEY_CHECK, &sealed);
-                if !opened.is_ok_and(|plain| plain.as_slice() == KEY_CHECK_PLAINTEXT) {
-                    return Err(StoreError::WrongKey { path: path.into() });
+                if !key_check::opens(&sealer, &sealed) {
+                    return Err(wrong_key());
                 }
             }
             None => {
-                meta.insert(KEY_CHECK, sealer.seal(KEY_CHECK, KEY_CHECK_PLAINTEXT))
+                meta.insert(KEY_CHECK, key_check::seal(&sealer))
                     .map_err(database)?;
                 db.flush().map_err(database)?;
             }
         }
+        // The database holds this key: the file names it alone from now on (an interrupted
+        // rotation may have left two).
+        key_check::write(path, &[key_check::seal(&sealer)]).map_err(key_check_failed)?;
         Ok(Self {
             meta,
             secrets: db.open_tree("secrets").map_err(database)?,
@@ -395,7 +447,14 @@ impl Store {
             let sealed = sealer.seal(&id, &plain);
             resealed.push((id, sealed));
         }
-        let check = sealer.seal(KEY_CHECK, KEY_CHECK_PLAINTEXT);
+        let check = key_check::seal(&sealer);
+        let key_check_failed = |source| StoreError::KeyCheck {
+            path: self.path.clone(),
+            source,
+        };
+        // Until the transaction is known to be on disk, either key may be the one it holds.
+        key_check::write(&self.path, &[key_check::seal(&self.sealer), check.clone()])
+            .map_err(key_check_failed)?;
         (&self.values, &self.meta)
             .transaction(|(values, meta)| {
                 for (id, sealed) in &resealed {
@@ -406,6 +465,7 @@ impl Store {
             })
             .map_err(|error: TransactionError<StoreError>| self.transaction_error(error))?;
         self.flush()?;
+        key_check::write(&self.path, &[check]).map_err(key_check_failed)?;
         Ok(resealed.len())
     }
 
@@ -680,9 +740,58 @@ mod tests {
 
         let other = temp_dir("store-other-key");
         let (wrong, _) = MasterKey::load_or_create(None, &other).unwrap();
+        let before = snapshot(&dir.join("store"));
         let error = Store::open(&dir.join("store"), &wrong).err().unwrap();
         assert!(matches!(error, StoreError::WrongKey { .. }), "{error}");
+        assert!(
+            before == snapshot(&dir.join("store")),
+            "a wrong key changed the store"
+        );
         assert_eq!(open(&dir).load_all().unwrap().len(), 1, "data lost");
+    }
+
+    /// Every file of a directory tree with its contents.
+    fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut files: Vec<_> = files_under(dir)
+            .into_iter()
+            .map(|file| {
+                let bytes = std::fs::read(&file).unwrap();
+                (file, bytes)
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn a_store_made_before_the_key_check_file_is_checked_without_writing_to_it() {
+        let dir = temp_dir("store-legacy");
+        open(&dir)
+            .create_secret(&json!({"name": "a", "type": "openai", "value": VALUE}))
+            .unwrap();
+        std::fs::remove_file(dir.join("store/key-check")).unwrap();
+        let before = snapshot(&dir.join("store"));
+        let other = temp_dir("store-legacy-other-key");
+        let (wrong, _) = MasterKey::load_or_create(None, &other).unwrap();
+        let error = Store::open(&dir.join("store"), &wrong).err().unwrap();
+        assert!(matches!(error, StoreError::WrongKey { .. }), "{error}");
+        assert!(
+            before == snapshot(&dir.join("store")),
+            "a wrong key changed the store"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|entry| entry.file_name())
+            .collect();
+        assert!(
+            leftovers
+                .iter()
+                .all(|name| !name.to_string_lossy().contains("key-check")),
+            "the checked copy was left behind: {leftovers:?}"
+        );
+        assert_eq!(open(&dir).load_all().unwrap().len(), 1);
+        assert!(dir.join("store/key-check").exists());
     }
 
     #[test]
