@@ -398,6 +398,57 @@ fn generic_secrets_inject_by_query_path_and_several_headers() {
     assert_eq!(request.headers["x-auth"], "Token g3n:eric");
 }
 
+#[test]
+fn echoes_in_the_status_line_and_in_encoded_forms_never_reach_the_agent() {
+    let setup = setup(20, &[]);
+    // A value with '/' and '+', which JSON and percent-encoding spell differently.
+    let value = "sk-proj-REAL/echo+0123456789abcdef";
+    create_secret(&setup.daemon, &["openai", "--type", "openai"], value);
+    let output = setup.curl(
+        &setup.appliance_ca,
+        "api.openai.com",
+        "/echo-forms",
+        &["--http1.1", "-H", "authorization: Bearer placeholder"],
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // The upstream did get the value, and answered with it in every form.
+    assert_eq!(
+        setup.last_request("api.openai.com").headers["authorization"],
+        format!("Bearer {value}")
+    );
+    assert!(
+        stdout.contains("b64=") && stdout.contains("slashes="),
+        "{stdout}"
+    );
+    let status_line = stderr
+        .lines()
+        .find(|line| line.starts_with("< HTTP/1.1 401"))
+        .unwrap_or_else(|| panic!("no status line: {stderr}"));
+    assert!(
+        status_line.contains("Invalid key Bearer *****"),
+        "{status_line}"
+    );
+    let percent: String = value.bytes().map(|byte| format!("%{byte:02x}")).collect();
+    let unicode: String = value.bytes().map(|byte| format!("\\u{byte:04x}")).collect();
+    let escaped = value.replace('/', "\\/");
+    // Pieces of the value's base64 inside the echoed blob `{"auth":"Bearer …"}`.
+    let cores = ["UkVBTC9lY2hvKzAxMjM0NTY3", "LXByb2otUkVBTC9lY2hv"];
+    for form in [value, &percent, &percent.to_uppercase(), &unicode, &escaped]
+        .into_iter()
+        .chain(cores)
+    {
+        assert!(
+            !stdout.contains(form),
+            "{form} reached the agent:\n{stdout}"
+        );
+        assert!(
+            !stderr.contains(form),
+            "{form} reached the agent:\n{stderr}"
+        );
+    }
+}
+
 /// curl talking raw HTTP to the admin socket; returns (status, body).
 fn raw_api(socket: &Path, method: &str, path: &str, body: Option<(&str, &str)>) -> (u16, Value) {
     let mut command = test_command("curl");

@@ -250,6 +250,36 @@ async fn service(
                     .to_string(),
             ))
         }
+        // A hostile echo: the authorization in the status line and in every encoding an
+        // attack run got past the redactor.
+        "/echo-forms" => {
+            use base64::Engine as _;
+            let authorization = headers.get("authorization").cloned().unwrap_or_default();
+            let blob = json!({"auth": authorization}).to_string();
+            let percent_lower: String = authorization
+                .bytes()
+                .map(|byte| format!("%{byte:02x}"))
+                .collect();
+            let json_unicode: String = authorization
+                .bytes()
+                .map(|byte| format!("\\u{byte:04x}"))
+                .collect();
+            let body = format!(
+                "b64={}\npct={percent_lower}\nPCT={}\nunicode={json_unicode}\nslashes={}\n",
+                base64::engine::general_purpose::STANDARD.encode(&blob),
+                percent_lower.to_uppercase(),
+                authorization.replace('/', "\\/"),
+            );
+            let mut response = Response::new(full(body));
+            *response.status_mut() = StatusCode::UNAUTHORIZED;
+            response.extensions_mut().insert(
+                hyper::ext::ReasonPhrase::try_from(
+                    format!("Invalid key {authorization}").into_bytes(),
+                )
+                .unwrap(),
+            );
+            response
+        }
         // Everything else echoes what arrived.
         _ => Response::new(full(
             json!({

@@ -11,7 +11,7 @@ mod redact;
 pub use agents::AgentDirectory;
 pub use apply::ApplyError;
 pub use index::{LoadedSecret, SecretIndex, SecretInjector};
-pub use redact::{redact_headers, RedactingBody, Redactor};
+pub use redact::{redact_headers, redact_reason_phrase, RedactingBody, Redactor};
 
 use std::sync::Arc;
 

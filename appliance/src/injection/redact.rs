@@ -3,43 +3,141 @@
 //! meant to hold it. Every form a value commonly takes is masked, in headers and in bodies,
 //! also when a value is split across chunks of a streamed body.
 //!
+//! A value's forms are the value itself (and, for Basic auth, `user:value`), its hex (either
+//! case), and its base64 (standard and URL-safe alphabets, at each of the three offsets it
+//! can have inside a larger encoded blob: the characters that only the value's bits decide).
+//! Any byte of a form may also be percent-encoded (either case) or JSON-escaped (`\u00XX`,
+//! `\/`, `\"`, `\\`), in any mix: the data is searched in a canonical reading where those
+//! escapes are decoded, and a match masks every original byte it came from.
+//!
 //! Masks have the length of what they hide, so `Content-Length` stays true.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderValue};
 use hyper::body::{Body, Frame, SizeHint};
-use regex::bytes::Regex;
 
 use crate::secret::{Injection, SecretValue};
-
-use super::apply::percent_encode;
 
 const MASK: u8 = b'*';
 /// Forms shorter than this are too likely to occur by chance to be masked.
 const MIN_FORM_BYTES: usize = 4;
 
+fn hex_value(byte: u8) -> Option<u8> {
+    (byte as char).to_digit(16).map(|digit| digit as u8)
+}
+
+/// The byte an escape at the start of `data` stands for and the escape's length; `None` when
+/// `data` does not start with a complete escape.
+fn escape_at(data: &[u8]) -> Option<(u8, usize)> {
+    match data {
+        [b'%', high, low, ..] => Some((hex_value(*high)? << 4 | hex_value(*low)?, 3)),
+        [b'\\', b'u', a, b, c, d, ..] => {
+            let [a, b, c, d] = [*a, *b, *c, *d].map(hex_value);
+            let code =
+                u16::from(a?) << 12 | u16::from(b?) << 8 | u16::from(c?) << 4 | u16::from(d?);
+            u8::try_from(code)
+                .ok()
+                .filter(u8::is_ascii)
+                .map(|byte| (byte, 6))
+        }
+        [b'\\', byte @ (b'/' | b'"' | b'\\'), ..] => Some((*byte, 2)),
+        _ => None,
+    }
+}
+
+/// Whether `data` (the end of what has arrived) could be the start of an escape that more
+/// data completes.
+fn could_begin_escape(data: &[u8]) -> bool {
+    match data {
+        [b'%'] | [b'\\'] | [b'\\', b'u'] => true,
+        [b'%', high] => hex_value(*high).is_some(),
+        [b'\\', b'u', rest @ ..] => rest.len() < 4 && rest.iter().all(|&b| hex_value(b).is_some()),
+        _ => false,
+    }
+}
+
+/// Data read with percent-escapes and JSON escapes decoded, each byte remembering the
+/// original bytes it came from.
+struct Canonical {
+    bytes: Vec<u8>,
+    /// `spans[i]`: where canonical byte `i` starts in the original, and where it ends.
+    spans: Vec<(usize, usize)>,
+}
+
+impl Canonical {
+    fn new(data: &[u8]) -> Self {
+        let mut bytes = Vec::with_capacity(data.len());
+        let mut spans = Vec::with_capacity(data.len());
+        let mut index = 0;
+        while index < data.len() {
+            let (byte, length) = escape_at(&data[index..]).unwrap_or((data[index], 1));
+            bytes.push(byte);
+            spans.push((index, index + length));
+            index += length;
+        }
+        Self { bytes, spans }
+    }
+
+    /// The original range canonical bytes `range` came from.
+    fn original(&self, range: std::ops::Range<usize>) -> std::ops::Range<usize> {
+        self.spans[range.start].0..self.spans[range.end - 1].1
+    }
+}
+
+/// The characters of `raw`'s base64 encoding that only `raw`'s bits decide when `raw`
+/// starts `offset` bytes (0 to 2) into a larger encoded blob.
+fn base64_core(engine: &base64::engine::GeneralPurpose, raw: &[u8], offset: usize) -> Vec<u8> {
+    let mut shifted = vec![0u8; offset];
+    shifted.extend_from_slice(raw);
+    let encoded = engine.encode(&shifted).into_bytes();
+    // Character i carries bits [6i, 6i + 6); the value has bits [8 offset, 8 (offset + len)).
+    let first = (8 * offset).div_ceil(6);
+    let end = 8 * (offset + raw.len()) / 6;
+    encoded.get(first..end).unwrap_or_default().to_vec()
+}
+
+/// Forms of `raw` whose case matters (`exact`) and hex forms, matched in any case.
+fn push_forms(exact: &mut Vec<Vec<u8>>, any_case: &mut Vec<Vec<u8>>, raw: &[u8]) {
+    use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+    exact.push(raw.to_vec());
+    // A value that itself holds escapes is found in the canonical reading as their decoding.
+    exact.push(Canonical::new(raw).bytes);
+    for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
+        for offset in 0..3 {
+            exact.push(base64_core(engine, raw, offset));
+        }
+    }
+    any_case.push(
+        raw.iter()
+            .flat_map(|byte| format!("{byte:02x}").into_bytes())
+            .collect(),
+    );
+}
+
+fn automaton(forms: &[Vec<u8>], any_case: bool) -> AhoCorasick {
+    AhoCorasickBuilder::new()
+        .match_kind(MatchKind::LeftmostLongest)
+        .ascii_case_insensitive(any_case)
+        // Built for every secret at each reload: a quick build matters more than the last
+        // bit of search speed on short responses.
+        .kind(Some(AhoCorasickKind::ContiguousNFA))
+        .build(forms)
+        .expect("a handful of short literals always builds")
+}
+
 /// The forms of one secret's value to mask.
 #[derive(Debug)]
 pub struct Redactor {
-    forms: Vec<Vec<u8>>,
-    pattern: Regex,
-}
-
-fn push_encodings(forms: &mut Vec<Vec<u8>>, raw: &[u8]) {
-    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
-    forms.push(raw.to_vec());
-    for engine in [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD] {
-        forms.push(engine.encode(raw).into_bytes());
-    }
-    let lower: String = raw.iter().map(|byte| format!("{byte:02x}")).collect();
-    forms.push(lower.to_ascii_uppercase().into_bytes());
-    forms.push(lower.into_bytes());
-    forms.push(percent_encode(raw).into_bytes());
+    exact: Vec<Vec<u8>>,
+    any_case: Vec<Vec<u8>>,
+    exact_finder: AhoCorasick,
+    any_case_finder: AhoCorasick,
 }
 
 impl Redactor {
@@ -49,33 +147,37 @@ impl Redactor {
         value: &SecretValue,
         injections: impl IntoIterator<Item = &'a Injection>,
     ) -> Self {
-        let mut forms = Vec::new();
-        push_encodings(&mut forms, value.expose());
+        let (mut exact, mut any_case) = (Vec::new(), Vec::new());
+        push_forms(&mut exact, &mut any_case, value.expose());
         for injection in injections {
             if let Injection::Basic { username } = injection {
                 let mut pair = username.as_bytes().to_vec();
                 pair.push(b':');
                 pair.extend_from_slice(value.expose());
-                push_encodings(&mut forms, &pair);
+                push_forms(&mut exact, &mut any_case, &pair);
             }
         }
-        forms.retain(|form| form.len() >= MIN_FORM_BYTES);
-        forms.sort_by_key(|form| std::cmp::Reverse(form.len()));
-        forms.dedup();
-        let alternatives: Vec<String> = forms
-            .iter()
-            .map(|form| regex::escape(&String::from_utf8_lossy(form)))
-            .collect();
-        let pattern = Regex::new(&alternatives.join("|")).expect("escaped literals always compile");
-        Self { forms, pattern }
+        for forms in [&mut exact, &mut any_case] {
+            forms.retain(|form| form.len() >= MIN_FORM_BYTES);
+            forms.sort();
+            forms.dedup();
+        }
+        Self {
+            exact_finder: automaton(&exact, false),
+            any_case_finder: automaton(&any_case, true),
+            exact,
+            any_case,
+        }
     }
 
     /// Masks every form in `data` in place; returns whether anything was masked.
     fn mask(&self, data: &mut [u8]) -> bool {
+        let canonical = Canonical::new(data);
         let ranges: Vec<std::ops::Range<usize>> = self
-            .pattern
-            .find_iter(data)
-            .map(|found| found.range())
+            .exact_finder
+            .find_iter(&canonical.bytes)
+            .chain(self.any_case_finder.find_iter(&canonical.bytes))
+            .map(|found| canonical.original(found.range()))
             .collect();
         for range in &ranges {
             data[range.clone()].fill(MASK);
@@ -86,15 +188,58 @@ impl Redactor {
     /// Length of the longest tail of `data` that could begin a form: it must wait for more
     /// data before it can be released.
     fn unfinished_tail(&self, data: &[u8]) -> usize {
-        let longest = self.forms.first().map_or(0, Vec::len).saturating_sub(1);
-        (1..=longest.min(data.len()))
-            .rev()
-            .find(|&length| {
-                let tail = &data[data.len() - length..];
-                self.forms.iter().any(|form| form.starts_with(tail))
-            })
+        // An escape cut off at the end comes first: what it decodes to is not known yet.
+        let escape_start = (data.len().saturating_sub(5)..data.len())
+            .find(|&start| could_begin_escape(&data[start..]))
+            .unwrap_or(data.len());
+        let canonical = Canonical::new(&data[..escape_start]);
+        let bytes = &canonical.bytes;
+        let could_begin = |tail: &[u8]| {
+            self.exact.iter().any(|form| form.starts_with(tail))
+                || self.any_case.iter().any(|form| {
+                    form.len() > tail.len() && form[..tail.len()].eq_ignore_ascii_case(tail)
+                })
+        };
+        let longest = self
+            .exact
+            .iter()
+            .chain(&self.any_case)
+            .map(Vec::len)
+            .max()
             .unwrap_or(0)
+            .saturating_sub(1);
+        let tail_start = (bytes.len().saturating_sub(longest)..bytes.len())
+            .find(|&start| could_begin(&bytes[start..]))
+            .map_or(escape_start, |start| canonical.spans[start].0);
+        data.len() - tail_start
     }
+}
+
+/// Masks secret forms in a custom reason phrase of the status line (`401 Invalid key …`),
+/// which hyper keeps in the response's extensions; returns whether it changed.
+pub fn redact_reason_phrase(
+    redactors: &[Arc<Redactor>],
+    extensions: &mut http::Extensions,
+) -> bool {
+    let Some(reason) = extensions.get::<hyper::ext::ReasonPhrase>() else {
+        return false;
+    };
+    let mut bytes = reason.as_bytes().to_vec();
+    let masked = redactors
+        .iter()
+        .fold(false, |masked, redactor| redactor.mask(&mut bytes) | masked);
+    if masked {
+        // Masks are '*', valid in a reason phrase; should that ever fail, drop the phrase.
+        match hyper::ext::ReasonPhrase::try_from(bytes) {
+            Ok(reason) => {
+                extensions.insert(reason);
+            }
+            Err(_) => {
+                extensions.remove::<hyper::ext::ReasonPhrase>();
+            }
+        }
+    }
+    masked
 }
 
 /// Masks secret forms in header values; returns how many values changed.
@@ -213,7 +358,9 @@ where
 
 #[cfg(test)]
 mod tests {
+    use super::super::apply::percent_encode;
     use super::*;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
     use http_body_util::{channel::Channel, BodyExt as _};
 
     fn redactor(value: &str) -> Arc<Redactor> {
@@ -306,5 +453,201 @@ mod tests {
         );
         assert_eq!(headers["x-echo"], "token ******************");
         assert_eq!(headers["x-other"], "fine");
+    }
+
+    /// Every byte percent-encoded, with hex digits in the case `upper` picks per position.
+    fn percent_all(value: &[u8], upper: impl Fn(usize) -> bool) -> String {
+        value
+            .iter()
+            .enumerate()
+            .map(|(index, byte)| {
+                let text = format!("%{byte:02x}");
+                if upper(index) {
+                    text.to_uppercase()
+                } else {
+                    text
+                }
+            })
+            .collect()
+    }
+
+    /// Every byte as a JSON `\u00XX` escape.
+    fn json_unicode_all(value: &[u8]) -> String {
+        value.iter().map(|byte| format!("\\u{byte:04x}")).collect()
+    }
+
+    #[tokio::test]
+    async fn percent_encoding_of_every_byte_in_any_case_is_masked() {
+        let value = "sk-live-0123456789";
+        for upper in [|_| false, |_| true, |index: usize| index.is_multiple_of(3)] {
+            let form = percent_all(value.as_bytes(), upper);
+            let text = format!("seen: {form}.");
+            let (_, whole) = redact_chunks(vec![redactor(value)], &[&text]).await;
+            assert_eq!(
+                whole,
+                format!("seen: {}.", "*".repeat(form.len())),
+                "{form}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn json_escapes_in_any_mix_are_masked() {
+        let value = "ab/cd+ef/gh0123456789";
+        let slashes = value.replace('/', "\\/");
+        let unicode = json_unicode_all(value.as_bytes());
+        let mixed: String = value
+            .bytes()
+            .enumerate()
+            .map(|(index, byte)| {
+                if index % 2 == 0 {
+                    format!("\\u{byte:04X}")
+                } else {
+                    char::from(byte).to_string()
+                }
+            })
+            .collect();
+        for form in [slashes, unicode, mixed] {
+            let text = format!("{{\"echo\":\"{form}\"}}");
+            let (_, whole) = redact_chunks(vec![redactor(value)], &[&text]).await;
+            assert!(!whole.contains(&form), "{form} survived in {whole}");
+            assert_eq!(whole.len(), text.len());
+        }
+    }
+
+    #[tokio::test]
+    async fn base64_of_a_larger_blob_is_masked_at_every_offset() {
+        let value = "sk-live-0123456789abcdef";
+        for prefix in ["", "{", "{\"", "{\"auth\":\""] {
+            let blob = format!("{prefix}{value}\"}}");
+            for encoded in [STANDARD.encode(&blob), URL_SAFE_NO_PAD.encode(&blob)] {
+                let (_, whole) = redact_chunks(vec![redactor(value)], &[&encoded]).await;
+                // What is left cannot give back the value.
+                let visible = whole.bytes().filter(|&byte| byte != b'*').count();
+                assert!(
+                    visible <= encoded.len() - value.len() * 4 / 3 + 2,
+                    "{encoded} -> {whole}"
+                );
+                let offset = prefix.len() % 3;
+                let core = String::from_utf8(base64_core(
+                    &base64::engine::general_purpose::STANDARD_NO_PAD,
+                    value.as_bytes(),
+                    offset,
+                ))
+                .unwrap();
+                assert!(!whole.contains(&core[..8]), "{encoded} -> {whole}");
+            }
+        }
+    }
+
+    /// A small deterministic generator, so that a failure can be replayed from its seed.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, bound: usize) -> usize {
+            (self.next() % bound as u64) as usize
+        }
+    }
+
+    /// Random values in random encodings at random offsets in random filler, cut into
+    /// random chunks: no spelling of the value survives.
+    #[tokio::test]
+    async fn no_embedding_of_a_random_value_survives() {
+        const ALPHABET: &[u8] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_./+=~:";
+        let mut rng = Rng(0x5eed_1234_abcd_0001);
+        for case in 0..400 {
+            let length = 12 + rng.below(40);
+            let value: Vec<u8> = (0..length)
+                .map(|_| ALPHABET[rng.below(ALPHABET.len())])
+                .collect();
+            let value_text = String::from_utf8(value.clone()).unwrap();
+            let filler = |rng: &mut Rng| -> String {
+                (0..rng.below(30))
+                    .map(|_| char::from(b"xyz {}\":,\n"[rng.below(9)]))
+                    .collect()
+            };
+            let before = filler(&mut rng);
+            let after = filler(&mut rng);
+            // (the spelling that must not survive, the text around it)
+            let (needle, text) = match rng.below(7) {
+                0 => (value_text.clone(), format!("{before}{value_text}{after}")),
+                1 => {
+                    let form = percent_all(&value, |index| index % 2 == case % 2);
+                    (form.clone(), format!("{before}{form}{after}"))
+                }
+                2 => {
+                    let form = json_unicode_all(&value);
+                    (form.clone(), format!("{before}{form}{after}"))
+                }
+                3 => {
+                    let form = value_text.replace('/', "\\/");
+                    (form.clone(), format!("{before}{form}{after}"))
+                }
+                4 | 5 => {
+                    let mut blob = before.clone().into_bytes();
+                    blob.extend_from_slice(&value);
+                    blob.extend_from_slice(after.as_bytes());
+                    let offset = before.len() % 3;
+                    let (engine, core_engine) = if case % 2 == 0 {
+                        (&STANDARD, &base64::engine::general_purpose::STANDARD_NO_PAD)
+                    } else {
+                        (&URL_SAFE_NO_PAD, &URL_SAFE_NO_PAD)
+                    };
+                    let core = String::from_utf8(base64_core(core_engine, &value, offset)).unwrap();
+                    (core, engine.encode(&blob))
+                }
+                _ => {
+                    let hex: String = value.iter().map(|byte| format!("{byte:02X}")).collect();
+                    (hex.clone(), format!("{before}{hex}{after}"))
+                }
+            };
+            assert!(
+                text.contains(&needle),
+                "case {case}: the embedding is wrong"
+            );
+            let mut chunks = Vec::new();
+            let mut rest = text.as_str();
+            while !rest.is_empty() {
+                let mut cut = 1 + rng.below(rest.len().min(24));
+                while !rest.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                chunks.push(&rest[..cut]);
+                rest = &rest[cut..];
+            }
+            let (_, whole) = redact_chunks(vec![redactor(&value_text)], &chunks).await;
+            assert_eq!(whole.len(), text.len(), "case {case}");
+            assert!(
+                !whole.contains(&needle) && !whole.contains(&value_text),
+                "case {case}: {needle:?} survived in {whole:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_reason_phrase_is_masked() {
+        let mut extensions = http::Extensions::new();
+        extensions.insert(
+            hyper::ext::ReasonPhrase::try_from(b"Invalid key sk-live-0123456789".to_vec()).unwrap(),
+        );
+        assert!(redact_reason_phrase(
+            &[redactor("sk-live-0123456789")],
+            &mut extensions
+        ));
+        assert_eq!(
+            extensions
+                .get::<hyper::ext::ReasonPhrase>()
+                .unwrap()
+                .as_bytes(),
+            b"Invalid key ******************"
+        );
     }
 }

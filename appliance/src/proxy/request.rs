@@ -17,7 +17,9 @@ use super::headers::{is_websocket_upgrade, request_host, strip_hop_by_hop};
 use super::upstream::{self, PoolKey, Sender, UpstreamError, UpstreamPool};
 use crate::addr::UpstreamAddr;
 use crate::audit::{AuditEvent, EventLog, SecretUse};
-use crate::injection::{redact_headers, Injector, RedactingBody, Verdict, Workload};
+use crate::injection::{
+    redact_headers, redact_reason_phrase, Injector, RedactingBody, Verdict, Workload,
+};
 use crate::request_path::{self, PathError};
 
 /// Body of responses the proxy returns to clients.
@@ -228,8 +230,9 @@ pub async fn serve(
     if redactors.is_empty() {
         return Ok(Response::from_parts(parts, body.boxed()));
     }
-    if redact_headers(&redactors, &mut parts.headers) > 0 {
-        warn!(%method, %path, "the upstream echoed an injected secret in response headers; masked");
+    let echoed_in_headers = redact_headers(&redactors, &mut parts.headers) > 0;
+    if redact_reason_phrase(&redactors, &mut parts.extensions) | echoed_in_headers {
+        warn!(%method, %path, "the upstream echoed an injected secret in the status line or headers; masked");
     }
     let encoded = parts
         .headers
