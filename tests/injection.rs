@@ -447,6 +447,29 @@ fn echoes_in_the_status_line_and_in_encoded_forms_never_reach_the_agent() {
             "{form} reached the agent:\n{stderr}"
         );
     }
+
+    // A compressed echo is decoded and inspected; the agent gets it decoded and masked.
+    let gzip = setup.curl(&setup.appliance_ca, "api.openai.com", "/echo-gzip", &[]);
+    assert_ok(&gzip);
+    let body = String::from_utf8_lossy(&gzip.stdout);
+    assert!(body.starts_with("{\"echo\": \"Bearer *****"), "{body}");
+    assert!(!body.contains(value));
+    assert!(
+        !String::from_utf8_lossy(&gzip.stderr)
+            .to_ascii_lowercase()
+            .contains("< content-encoding"),
+        "the decoded body still claims to be compressed"
+    );
+    // One in a coding the appliance cannot decode is refused, not passed on unchecked.
+    let compress = setup.curl(
+        &setup.appliance_ca,
+        "api.openai.com",
+        "/echo-compress",
+        &["-w", "\n%{http_code}"],
+    );
+    let body = String::from_utf8_lossy(&compress.stdout);
+    assert!(body.ends_with("\n502"), "{body}");
+    assert!(body.contains("cannot be inspected"), "{body}");
 }
 
 /// curl talking raw HTTP to the admin socket; returns (status, body).

@@ -280,6 +280,26 @@ async fn service(
             );
             response
         }
+        // Echoes the authorization gzip-compressed, whatever Accept-Encoding said; or in a
+        // coding nobody can decode.
+        "/echo-gzip" | "/echo-compress" => {
+            use std::io::Write as _;
+            let authorization = headers.get("authorization").cloned().unwrap_or_default();
+            let mut gzip =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            gzip.write_all(format!("{{\"echo\": \"{authorization}\"}}").as_bytes())
+                .unwrap();
+            let mut response = Response::new(full(gzip.finish().unwrap()));
+            let coding = if request.uri().path() == "/echo-gzip" {
+                "gzip"
+            } else {
+                "compress"
+            };
+            response
+                .headers_mut()
+                .insert("content-encoding", coding.parse().unwrap());
+            response
+        }
         // Everything else echoes what arrived.
         _ => Response::new(full(
             json!({

@@ -5,11 +5,13 @@
 
 mod agents;
 mod apply;
+mod decode;
 mod index;
 mod redact;
 
 pub use agents::AgentDirectory;
 pub use apply::ApplyError;
+pub use decode::{decode, DecodeError, DecodedBody};
 pub use index::{LoadedSecret, SecretIndex, SecretInjector};
 pub use redact::{redact_headers, redact_reason_phrase, RedactingBody, Redactor};
 

@@ -18,12 +18,13 @@ use super::upstream::{self, PoolKey, Sender, UpstreamError, UpstreamPool};
 use crate::addr::UpstreamAddr;
 use crate::audit::{AuditEvent, EventLog, SecretUse};
 use crate::injection::{
-    redact_headers, redact_reason_phrase, Injector, RedactingBody, Verdict, Workload,
+    decode, redact_headers, redact_reason_phrase, DecodeError, Injector, RedactingBody, Verdict,
+    Workload,
 };
 use crate::request_path::{self, PathError};
 
 /// Body of responses the proxy returns to clients.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, DecodeError>;
 
 /// What every request on one intercepted connection shares.
 pub struct ConnectionContext {
@@ -215,7 +216,6 @@ pub async fn serve(
         context.audit(&method, &path, injected, response.status(), "failed");
         return Ok(response);
     }
-    context.audit(&method, &path, injected, status, "forwarded");
     if status == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
@@ -228,23 +228,48 @@ pub async fn serve(
         status == StatusCode::SWITCHING_PROTOCOLS,
     );
     if redactors.is_empty() {
-        return Ok(Response::from_parts(parts, body.boxed()));
+        context.audit(&method, &path, injected, status, "forwarded");
+        return Ok(Response::from_parts(
+            parts,
+            body.map_err(Into::into).boxed(),
+        ));
     }
     let echoed_in_headers = redact_headers(&redactors, &mut parts.headers) > 0;
     if redact_reason_phrase(&redactors, &mut parts.extensions) | echoed_in_headers {
         warn!(%method, %path, "the upstream echoed an injected secret in the status line or headers; masked");
     }
-    let encoded = parts
+    let coding = parts
         .headers
         .get(header::CONTENT_ENCODING)
-        .is_some_and(|encoding| encoding != "identity");
-    if encoded {
-        warn!(%method, %path, "the upstream compressed its answer despite Accept-Encoding: identity; its body cannot be checked for echoed secrets");
-        return Ok(Response::from_parts(parts, body.boxed()));
-    }
+        .map(|coding| coding.to_str().unwrap_or("(not text)").to_owned())
+        .filter(|coding| !coding.trim().eq_ignore_ascii_case("identity"));
+    let Some(coding) = coding else {
+        context.audit(&method, &path, injected, status, "forwarded");
+        return Ok(Response::from_parts(
+            parts,
+            RedactingBody::new(body, redactors)
+                .map_err(Into::into)
+                .boxed(),
+        ));
+    };
+    // The upstream compressed despite Accept-Encoding: identity. The agent gets the body
+    // decoded, so that what it reads is what was inspected.
+    let Some(decoded) = decode(body, &coding) else {
+        warn!(%method, %path, %coding, "the upstream answered in a content-coding the appliance cannot inspect; refused");
+        let response = plain(
+            StatusCode::BAD_GATEWAY,
+            &format!("the upstream answered in content-coding {coding:?}, which cannot be inspected for echoed secrets"),
+        );
+        context.audit(&method, &path, injected, response.status(), "failed");
+        return Ok(response);
+    };
+    info!(%method, %path, %coding, "the upstream compressed its answer despite Accept-Encoding: identity; decoding it for inspection");
+    parts.headers.remove(header::CONTENT_ENCODING);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    context.audit(&method, &path, injected, status, "forwarded");
     Ok(Response::from_parts(
         parts,
-        RedactingBody::new(body, redactors).boxed(),
+        RedactingBody::new(decoded, redactors).boxed(),
     ))
 }
 
