@@ -1236,6 +1236,26 @@ s = tls()
         String::from_utf8_lossy(&websocket.stdout).trim(),
         https::WEBSOCKET_ECHO
     );
+    // An upstream that echoes the injected value in a text and a binary frame after the
+    // switch: both arrive masked, with their lengths.
+    let echoed = python(format!(
+        r#"{connect}
+s = tls()
+{websocket}"#,
+        websocket = https::python_websocket_secret_echo("api.openai.com"),
+    ));
+    assert_ok(&echoed);
+    assert_eq!(
+        String::from_utf8_lossy(&echoed.stdout),
+        "auth=Bearer ************\nBearer ************\n"
+    );
+    assert!(
+        !setup
+            .last_request("api.openai.com")
+            .headers
+            .contains_key("sec-websocket-extensions"),
+        "compression was offered to the upstream"
+    );
 
     let before = setup.upstream.seen.requests().len();
     let many = python(format!(

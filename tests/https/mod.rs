@@ -29,23 +29,91 @@ pub const BIG_BODY: usize = 100 * 1024 * 1024;
 pub const WEBSOCKET_ECHO: &str = "ping through the upgrade";
 
 /// Python lines that, given `s`, a TLS socket connected for `host`, upgrade `/ws` to a
-/// WebSocket, send [`WEBSOCKET_ECHO`] and print what comes back.
-pub fn python_websocket_echo(host: &str) -> String {
+/// WebSocket and define `send(payload)` (a masked text frame, as clients send) and
+/// `receive()` (one frame: opcode and payload).
+fn python_websocket(host: &str) -> String {
     format!(
-        r#"s.sendall(b"GET /ws HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-          b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        r#"import os, struct
+s.sendall(b"GET /ws HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+          b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+          b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n")
 head = b""
 while b"\r\n\r\n" not in head:
     head += s.recv(1)
 assert head.startswith(b"HTTP/1.1 101"), head
-s.sendall(b"{WEBSOCKET_ECHO}")
-echo = b""
-while len(echo) < {length}:
-    echo += s.recv(64)
-print(echo.decode())
-"#,
-        length = WEBSOCKET_ECHO.len()
+def exactly(n):
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        assert chunk, "connection closed"
+        data += chunk
+    return data
+def send(payload):
+    key = os.urandom(4)
+    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    s.sendall(bytes([0x81, 0x80 | len(payload)]) + key + masked)
+def receive():
+    first, second = exactly(2)
+    length = second & 0x7f
+    if length == 126:
+        length = struct.unpack(">H", exactly(2))[0]
+    return first & 0x0f, exactly(length)
+"#
     )
+}
+
+/// Python lines that, given `s`, a TLS socket connected for `host`, upgrade `/ws` to a
+/// WebSocket, send [`WEBSOCKET_ECHO`] in a frame and print the payload of the frame that
+/// comes back.
+pub fn python_websocket_echo(host: &str) -> String {
+    format!(
+        "{}send(b\"{WEBSOCKET_ECHO}\")\nprint(receive()[1].decode())\n",
+        python_websocket(host)
+    )
+}
+
+/// Python lines that ask the `/ws` upstream to echo the request's authorization in a text
+/// and a binary frame, and print both payloads, one per line.
+pub fn python_websocket_secret_echo(host: &str) -> String {
+    format!(
+        "{}send(b\"authorization please\")\nprint(receive()[1].decode())\nprint(receive()[1].decode())\n",
+        python_websocket(host)
+    )
+}
+
+/// Serves a WebSocket after the upgrade: each client frame's payload comes back in a text
+/// frame, except `authorization please`, answered with the request's authorization in a
+/// text frame and again in a binary one.
+async fn serve_websocket(upgraded: hyper::upgrade::Upgraded, authorization: String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut io = hyper_util::rt::TokioIo::new(upgraded);
+    loop {
+        let mut head = [0u8; 2];
+        if io.read_exact(&mut head).await.is_err() {
+            return;
+        }
+        let length = usize::from(head[1] & 0x7f);
+        let mut key = [0u8; 4];
+        io.read_exact(&mut key).await.unwrap();
+        let mut payload = vec![0u8; length];
+        io.read_exact(&mut payload).await.unwrap();
+        for (index, byte) in payload.iter_mut().enumerate() {
+            *byte ^= key[index % 4];
+        }
+        let replies: Vec<(u8, Vec<u8>)> = if payload == b"authorization please" {
+            vec![
+                (0x1, format!("auth={authorization}").into_bytes()),
+                (0x2, authorization.clone().into_bytes()),
+            ]
+        } else {
+            vec![(0x1, payload)]
+        };
+        for (opcode, reply) in replies {
+            let mut frame = vec![0x80 | opcode, reply.len() as u8];
+            frame.extend_from_slice(&reply);
+            io.write_all(&frame).await.unwrap();
+        }
+    }
 }
 
 /// A test certificate authority.
@@ -215,11 +283,9 @@ async fn service(
         }
         "/ws" => {
             let upgrade = hyper::upgrade::on(&mut request);
+            let authorization = headers.get("authorization").cloned().unwrap_or_default();
             tokio::spawn(async move {
-                let upgraded = upgrade.await.unwrap();
-                let mut io = hyper_util::rt::TokioIo::new(upgraded);
-                let (mut read, mut write) = tokio::io::split(&mut io);
-                let _ = tokio::io::copy(&mut read, &mut write).await;
+                serve_websocket(upgrade.await.unwrap(), authorization).await;
             });
             let mut response = Response::new(full(""));
             *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

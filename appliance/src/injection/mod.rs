@@ -8,12 +8,14 @@ mod apply;
 mod decode;
 mod index;
 mod redact;
+mod websocket;
 
 pub use agents::AgentDirectory;
 pub use apply::ApplyError;
 pub use decode::{decode, DecodeError, DecodedBody};
 pub use index::{LoadedSecret, SecretIndex, SecretInjector};
 pub use redact::{redact_headers, redact_reason_phrase, RedactingBody, Redactor};
+pub use websocket::{FrameError, FrameRedactor};
 
 use std::sync::Arc;
 

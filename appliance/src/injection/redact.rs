@@ -171,7 +171,7 @@ impl Redactor {
     }
 
     /// Masks every form in `data` in place; returns whether anything was masked.
-    fn mask(&self, data: &mut [u8]) -> bool {
+    pub(super) fn mask(&self, data: &mut [u8]) -> bool {
         let canonical = Canonical::new(data);
         let ranges: Vec<std::ops::Range<usize>> = self
             .exact_finder
@@ -187,7 +187,7 @@ impl Redactor {
 
     /// Length of the longest tail of `data` that could begin a form: it must wait for more
     /// data before it can be released.
-    fn unfinished_tail(&self, data: &[u8]) -> usize {
+    pub(super) fn unfinished_tail(&self, data: &[u8]) -> usize {
         // An escape cut off at the end comes first: what it decodes to is not known yet.
         let escape_start = (data.len().saturating_sub(5)..data.len())
             .find(|&start| could_begin_escape(&data[start..]))

@@ -18,10 +18,11 @@ use super::upstream::{self, PoolKey, Sender, UpstreamError, UpstreamPool};
 use crate::addr::UpstreamAddr;
 use crate::audit::{AuditEvent, EventLog, SecretUse};
 use crate::injection::{
-    decode, redact_headers, redact_reason_phrase, DecodeError, Injector, RedactingBody, Verdict,
-    Workload,
+    decode, redact_headers, redact_reason_phrase, DecodeError, FrameRedactor, Injector,
+    RedactingBody, Redactor, Verdict, Workload,
 };
 use crate::request_path::{self, PathError};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// Body of responses the proxy returns to clients.
 pub type ProxyBody = BoxBody<Bytes, DecodeError>;
@@ -168,6 +169,10 @@ pub async fn serve(
             }
         };
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    if upgrade && !redactors.is_empty() {
+        // Compressed messages (permessage-deflate) would hide an echoed secret.
+        parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+    }
     // The client already got its 100 Continue from us as soon as the body was wanted.
     parts.headers.remove(header::EXPECT);
     if !redactors.is_empty() {
@@ -217,9 +222,26 @@ pub async fn serve(
         return Ok(response);
     }
     if status == StatusCode::SWITCHING_PROTOCOLS {
+        if !redactors.is_empty()
+            && response
+                .headers()
+                .contains_key(header::SEC_WEBSOCKET_EXTENSIONS)
+        {
+            let response = plain(
+                StatusCode::BAD_GATEWAY,
+                "the upstream chose a WebSocket extension that was not offered",
+            );
+            warn!(%method, %path, "the upstream chose a WebSocket extension after the appliance removed the offer; refused");
+            context.audit(&method, &path, injected, response.status(), "failed");
+            return Ok(response);
+        }
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(splice_upgraded(client_upgrade, upstream_upgrade));
+            tokio::spawn(splice_upgraded(
+                client_upgrade,
+                upstream_upgrade,
+                redactors.clone(),
+            ));
         }
     }
     let (mut parts, body) = response.into_parts();
@@ -346,7 +368,13 @@ fn upstream_failure(error: &UpstreamError) -> Response<ProxyBody> {
     plain(status, &error.to_string())
 }
 
-async fn splice_upgraded(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+/// Relays an upgraded (WebSocket) connection. When the request carried secrets, the
+/// upstream's frames pass through a [`FrameRedactor`]; the client's go out as they are.
+async fn splice_upgraded(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    redactors: Vec<Arc<Redactor>>,
+) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(both) => both,
         Err(error) => {
@@ -356,7 +384,40 @@ async fn splice_upgraded(client: hyper::upgrade::OnUpgrade, upstream: hyper::upg
     };
     let mut client = hyper_util::rt::TokioIo::new(client);
     let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(%error, "upgraded connection ended");
+    if redactors.is_empty() {
+        if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            tracing::debug!(%error, "upgraded connection ended");
+        }
+        return;
     }
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
+    let outbound = async {
+        let _ = tokio::io::copy(&mut client_read, &mut upstream_write).await;
+        let _ = upstream_write.shutdown().await;
+    };
+    let inbound = async {
+        let mut frames = FrameRedactor::new(redactors);
+        let mut buffer = vec![0u8; 16 * 1024];
+        let mut out = Vec::new();
+        loop {
+            let read = match upstream_read.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => read,
+            };
+            if let Err(error) = frames.feed(&buffer[..read], &mut out) {
+                warn!(%error, "closing a WebSocket connection");
+                let _ = client_write.shutdown().await;
+                return;
+            }
+            if client_write.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+        frames.finish(&mut out);
+        let _ = client_write.write_all(&out).await;
+        let _ = client_write.shutdown().await;
+    };
+    tokio::join!(outbound, inbound);
 }
