@@ -3,8 +3,8 @@
 //! meant to hold it. Every form a value commonly takes is masked, in headers and in bodies,
 //! also when a value is split across chunks of a streamed body.
 //!
-//! A value's forms are the value itself (and, for Basic auth, `user:value`), its hex (either
-//! case), and its base64 (standard and URL-safe alphabets, at each of the three offsets it
+//! A value's forms are the value itself (and, for Basic auth, `user:value`), its hex (lower
+//! or upper case), and its base64 (standard and URL-safe alphabets, at each of the three offsets it
 //! can have inside a larger encoded blob: the characters that only the value's bits decide).
 //! Any byte of a form may also be percent-encoded (either case) or JSON-escaped (`\u00XX`,
 //! `\/`, `\"`, `\\`), in any mix: the data is searched in a canonical reading where those
@@ -62,32 +62,60 @@ fn could_begin_escape(data: &[u8]) -> bool {
     }
 }
 
-/// Data read with percent-escapes and JSON escapes decoded, each byte remembering the
-/// original bytes it came from.
+/// Data read with percent-escapes and JSON escapes decoded, remembering where each escape
+/// came from so that a match can be mapped back to the original bytes.
 struct Canonical {
     bytes: Vec<u8>,
-    /// `spans[i]`: where canonical byte `i` starts in the original, and where it ends.
-    spans: Vec<(usize, usize)>,
+    /// For each decoded escape: its index in `bytes`, its start in the original, its length.
+    escapes: Vec<(usize, usize, usize)>,
 }
 
 impl Canonical {
     fn new(data: &[u8]) -> Self {
         let mut bytes = Vec::with_capacity(data.len());
-        let mut spans = Vec::with_capacity(data.len());
+        let mut escapes = Vec::new();
         let mut index = 0;
-        while index < data.len() {
-            let (byte, length) = escape_at(&data[index..]).unwrap_or((data[index], 1));
-            bytes.push(byte);
-            spans.push((index, index + length));
-            index += length;
+        while let Some(offset) = memchr::memchr2(b'%', b'\\', &data[index..]) {
+            let at = index + offset;
+            bytes.extend_from_slice(&data[index..at]);
+            match escape_at(&data[at..]) {
+                Some((byte, length)) => {
+                    escapes.push((bytes.len(), at, length));
+                    bytes.push(byte);
+                    index = at + length;
+                }
+                None => {
+                    bytes.push(data[at]);
+                    index = at + 1;
+                }
+            }
         }
-        Self { bytes, spans }
+        bytes.extend_from_slice(&data[index..]);
+        Self { bytes, escapes }
+    }
+
+    /// Where canonical byte `index` starts in the original, and where it ends.
+    fn span(&self, index: usize) -> (usize, usize) {
+        let before = self.escapes.partition_point(|&(at, _, _)| at <= index);
+        match before.checked_sub(1).map(|last| self.escapes[last]) {
+            None => (index, index + 1),
+            Some((at, start, length)) if at == index => (start, start + length),
+            Some((at, start, length)) => {
+                let original = start + length + (index - at - 1);
+                (original, original + 1)
+            }
+        }
     }
 
     /// The original range canonical bytes `range` came from.
     fn original(&self, range: std::ops::Range<usize>) -> std::ops::Range<usize> {
-        self.spans[range.start].0..self.spans[range.end - 1].1
+        self.span(range.start).0..self.span(range.end - 1).1
     }
+}
+
+/// Whether `data` holds a byte that can start an escape.
+fn has_escapes(data: &[u8]) -> bool {
+    memchr::memchr2(b'%', b'\\', data).is_some()
 }
 
 /// The characters of `raw`'s base64 encoding that only `raw`'s bits decide when `raw`
@@ -102,42 +130,29 @@ fn base64_core(engine: &base64::engine::GeneralPurpose, raw: &[u8], offset: usiz
     encoded.get(first..end).unwrap_or_default().to_vec()
 }
 
-/// Forms of `raw` whose case matters (`exact`) and hex forms, matched in any case.
-fn push_forms(exact: &mut Vec<Vec<u8>>, any_case: &mut Vec<Vec<u8>>, raw: &[u8]) {
+/// The forms of `raw`.
+fn push_forms(forms: &mut Vec<Vec<u8>>, raw: &[u8]) {
     use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
-    exact.push(raw.to_vec());
+    forms.push(raw.to_vec());
     // A value that itself holds escapes is found in the canonical reading as their decoding.
-    exact.push(Canonical::new(raw).bytes);
+    forms.push(Canonical::new(raw).bytes);
     for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
         for offset in 0..3 {
-            exact.push(base64_core(engine, raw, offset));
+            forms.push(base64_core(engine, raw, offset));
         }
     }
-    any_case.push(
-        raw.iter()
-            .flat_map(|byte| format!("{byte:02x}").into_bytes())
-            .collect(),
-    );
-}
-
-fn automaton(forms: &[Vec<u8>], any_case: bool) -> AhoCorasick {
-    AhoCorasickBuilder::new()
-        .match_kind(MatchKind::LeftmostLongest)
-        .ascii_case_insensitive(any_case)
-        // Built for every secret at each reload: a quick build matters more than the last
-        // bit of search speed on short responses.
-        .kind(Some(AhoCorasickKind::ContiguousNFA))
-        .build(forms)
-        .expect("a handful of short literals always builds")
+    let hex: String = raw.iter().map(|byte| format!("{byte:02x}")).collect();
+    forms.push(hex.to_ascii_uppercase().into_bytes());
+    forms.push(hex.into_bytes());
 }
 
 /// The forms of one secret's value to mask.
 #[derive(Debug)]
 pub struct Redactor {
-    exact: Vec<Vec<u8>>,
-    any_case: Vec<Vec<u8>>,
-    exact_finder: AhoCorasick,
-    any_case_finder: AhoCorasick,
+    forms: Vec<Vec<u8>>,
+    finder: AhoCorasick,
+    /// The most bytes a spelling of the longest form can take (6 per byte, `\u00XX`).
+    longest_spelling: usize,
 }
 
 impl Redactor {
@@ -147,71 +162,88 @@ impl Redactor {
         value: &SecretValue,
         injections: impl IntoIterator<Item = &'a Injection>,
     ) -> Self {
-        let (mut exact, mut any_case) = (Vec::new(), Vec::new());
-        push_forms(&mut exact, &mut any_case, value.expose());
+        let mut forms = Vec::new();
+        push_forms(&mut forms, value.expose());
         for injection in injections {
             if let Injection::Basic { username } = injection {
                 let mut pair = username.as_bytes().to_vec();
                 pair.push(b':');
                 pair.extend_from_slice(value.expose());
-                push_forms(&mut exact, &mut any_case, &pair);
+                push_forms(&mut forms, &pair);
             }
         }
-        for forms in [&mut exact, &mut any_case] {
-            forms.retain(|form| form.len() >= MIN_FORM_BYTES);
-            forms.sort();
-            forms.dedup();
-        }
+        forms.retain(|form| form.len() >= MIN_FORM_BYTES);
+        forms.sort();
+        forms.dedup();
+        let finder = AhoCorasickBuilder::new()
+            .match_kind(MatchKind::LeftmostLongest)
+            // Built for every secret at each reload: a quick build matters more than the
+            // last bit of search speed.
+            .kind(Some(AhoCorasickKind::ContiguousNFA))
+            .build(&forms)
+            .expect("a handful of short literals always builds");
+        let longest_spelling = 6 * forms.iter().map(Vec::len).max().unwrap_or(0);
         Self {
-            exact_finder: automaton(&exact, false),
-            any_case_finder: automaton(&any_case, true),
-            exact,
-            any_case,
+            forms,
+            finder,
+            longest_spelling,
         }
     }
 
-    /// Masks every form in `data` in place; returns whether anything was masked.
-    pub(super) fn mask(&self, data: &mut [u8]) -> bool {
-        let canonical = Canonical::new(data);
-        let ranges: Vec<std::ops::Range<usize>> = self
-            .exact_finder
-            .find_iter(&canonical.bytes)
-            .chain(self.any_case_finder.find_iter(&canonical.bytes))
-            .map(|found| canonical.original(found.range()))
+    /// Masks every form in `data` in place; returns whether anything was masked. Forms are
+    /// searched in the data as it is and, when it holds escapes, in its canonical reading:
+    /// bytes just before a value (`%4`) can make an escape of its first byte there.
+    pub fn mask(&self, data: &mut [u8]) -> bool {
+        let mut ranges: Vec<std::ops::Range<usize>> = self
+            .finder
+            .find_iter(&*data)
+            .map(|found| found.range())
             .collect();
+        if has_escapes(data) {
+            let canonical = Canonical::new(data);
+            ranges.extend(
+                self.finder
+                    .find_iter(&canonical.bytes)
+                    .map(|found| canonical.original(found.range())),
+            );
+        }
         for range in &ranges {
             data[range.clone()].fill(MASK);
         }
         !ranges.is_empty()
     }
 
+    /// The start of the longest suffix of `bytes` that is a proper beginning of a form.
+    fn form_prefix_start(&self, bytes: &[u8]) -> Option<usize> {
+        let longest = self.longest_spelling / 6;
+        (bytes.len().saturating_sub(longest.saturating_sub(1))..bytes.len()).find(|&start| {
+            let tail = &bytes[start..];
+            self.forms
+                .iter()
+                .any(|form| form.len() > tail.len() && form.starts_with(tail))
+        })
+    }
+
     /// Length of the longest tail of `data` that could begin a form: it must wait for more
     /// data before it can be released.
     pub(super) fn unfinished_tail(&self, data: &[u8]) -> usize {
-        // An escape cut off at the end comes first: what it decodes to is not known yet.
-        let escape_start = (data.len().saturating_sub(5)..data.len())
-            .find(|&start| could_begin_escape(&data[start..]))
-            .unwrap_or(data.len());
-        let canonical = Canonical::new(&data[..escape_start]);
-        let bytes = &canonical.bytes;
-        let could_begin = |tail: &[u8]| {
-            self.exact.iter().any(|form| form.starts_with(tail))
-                || self.any_case.iter().any(|form| {
-                    form.len() > tail.len() && form[..tail.len()].eq_ignore_ascii_case(tail)
-                })
-        };
-        let longest = self
-            .exact
-            .iter()
-            .chain(&self.any_case)
-            .map(Vec::len)
-            .max()
-            .unwrap_or(0)
-            .saturating_sub(1);
-        let tail_start = (bytes.len().saturating_sub(longest)..bytes.len())
-            .find(|&start| could_begin(&bytes[start..]))
-            .map_or(escape_start, |start| canonical.spans[start].0);
-        data.len() - tail_start
+        // No spelling of a form's beginning is longer than this.
+        let window_start = data.len().saturating_sub(self.longest_spelling);
+        let window = &data[window_start..];
+        let raw_start = self.form_prefix_start(window).unwrap_or(window.len());
+        let mut start = raw_start;
+        if has_escapes(window) {
+            // An escape cut off at the end: what it decodes to is not known yet.
+            let escape_start = (window.len().saturating_sub(5)..window.len())
+                .find(|&at| could_begin_escape(&window[at..]))
+                .unwrap_or(window.len());
+            let canonical = Canonical::new(&window[..escape_start]);
+            let canonical_start = self
+                .form_prefix_start(&canonical.bytes)
+                .map_or(escape_start, |at| canonical.span(at).0);
+            start = start.min(canonical_start);
+        }
+        window.len() - start
     }
 }
 
@@ -649,5 +681,15 @@ mod tests {
                 .as_bytes(),
             b"Invalid key ******************"
         );
+    }
+
+    #[tokio::test]
+    async fn an_escape_prefix_cannot_swallow_the_start_of_a_value() {
+        let value = "1bcdef-0123456789";
+        for prefix in ["%4", "\\u004", "\\u00", "%"] {
+            let text = format!("x{prefix}{value}y");
+            let (_, whole) = redact_chunks(vec![redactor(value)], &[&text]).await;
+            assert!(!whole.contains(&value[1..]), "{text} -> {whole}");
+        }
     }
 }
