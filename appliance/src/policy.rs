@@ -7,7 +7,7 @@ use std::path::{Component, Path, PathBuf};
 use http::Method;
 use serde_json::{Map, Value};
 
-use crate::secret::{parse_name, HostPattern, PathPattern, ValidationError};
+use crate::secret::{field_name, parse_name, HostPattern, PathPattern, ValidationError};
 
 /// Most cgroups one agent may name.
 pub const MAX_AGENT_CGROUPS: usize = 32;
@@ -26,7 +26,7 @@ fn reject_unknown(
 ) -> Result<(), ValidationError> {
     match object.keys().find(|key| !known.contains(&key.as_str())) {
         Some(unknown) => Err(invalid(
-            unknown.as_str(),
+            field_name(unknown),
             format!("is not {what} field; known: {}", known.join(", ")),
         )),
         None => Ok(()),

@@ -180,7 +180,11 @@ impl Injector for SecretInjector {
         // The proxy hands over the normalized path; an upstream may also read its encoded
         // slashes as separators, so a block holds for either reading.
         let path = request.uri.path().to_owned();
-        let decoded = request_path::with_slashes_decoded(&path);
+        let Ok(decoded) = request_path::with_slashes_decoded(&path) else {
+            return Verdict::Block {
+                reason: "the path cannot be read unambiguously".into(),
+            };
+        };
         let policy = self.policy.load();
         for reading in std::iter::once(path.as_str()).chain(decoded.as_deref()) {
             if let Some((rule, Action::Block)) =

@@ -4,11 +4,12 @@
 //! also when a value is split across chunks of a streamed body.
 //!
 //! A value's forms are the value itself (and, for Basic auth, `user:value`), its hex (lower
-//! or upper case), and its base64 (standard and URL-safe alphabets, at each of the three offsets it
-//! can have inside a larger encoded blob: the characters that only the value's bits decide).
-//! Any byte of a form may also be percent-encoded (either case) or JSON-escaped (`\u00XX`,
-//! `\/`, `\"`, `\\`), in any mix: the data is searched in a canonical reading where those
-//! escapes are decoded, and a match masks every original byte it came from.
+//! or upper case), and its base64 (standard and URL-safe alphabets, at each of the three
+//! offsets it can have inside a larger encoded blob: the characters that only the value's
+//! bits decide). Any byte of a form may also be percent-encoded (either case) or
+//! JSON-escaped (`\u00XX`, `\/`, `\"`; `\\` for a backslash), in any mix: the data is
+//! searched as it is and in a canonical reading where those escapes are decoded, and a match
+//! masks every original byte it came from.
 //!
 //! Masks have the length of what they hide, so `Content-Length` stays true.
 
@@ -46,7 +47,10 @@ fn escape_at(data: &[u8]) -> Option<(u8, usize)> {
                 .filter(u8::is_ascii)
                 .map(|byte| (byte, 6))
         }
-        [b'\\', byte @ (b'/' | b'"' | b'\\'), ..] => Some((*byte, 2)),
+        // `\\` is not read as an escape: before a `\u00XX` it would swallow that escape's
+        // backslash (`\\u0041`), hiding the byte it spells. A value holding a backslash has
+        // its JSON-escaped spelling among its forms instead.
+        [b'\\', byte @ (b'/' | b'"'), ..] => Some((*byte, 2)),
         _ => None,
     }
 }
@@ -136,6 +140,19 @@ fn push_forms(forms: &mut Vec<Vec<u8>>, raw: &[u8]) {
     forms.push(raw.to_vec());
     // A value that itself holds escapes is found in the canonical reading as their decoding.
     forms.push(Canonical::new(raw).bytes);
+    if raw.contains(&b'\\') {
+        let doubled: Vec<u8> = raw
+            .iter()
+            .flat_map(|&byte| {
+                if byte == b'\\' {
+                    vec![byte; 2]
+                } else {
+                    vec![byte]
+                }
+            })
+            .collect();
+        forms.push(Canonical::new(&doubled).bytes);
+    }
     for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
         for offset in 0..3 {
             forms.push(base64_core(engine, raw, offset));
@@ -684,9 +701,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_backslash_before_an_escaped_value_hides_none_of_it() {
+        // Found by the redactor fuzz target: `\\u0031…` once read as `\\` + `u0031…`.
+        let value = "1bcdef-0123456789";
+        let escaped: String = value.bytes().map(|byte| format!("\\u{byte:04x}")).collect();
+        let text = format!("x\\{escaped}y");
+        let (_, whole) = redact_chunks(vec![redactor(value)], &[&text]).await;
+        assert_eq!(whole, format!("x\\{}y", "*".repeat(escaped.len())));
+        // A value holding a backslash is found in its JSON spelling.
+        let value = "sk\\live-0123456789";
+        let text = format!("{{\"k\":\"{}\"}}", value.replace('\\', "\\\\"));
+        let (_, whole) = redact_chunks(vec![redactor(value)], &[&text]).await;
+        assert!(!whole.contains("live-0123456789"), "{whole}");
+    }
+
+    #[tokio::test]
     async fn an_escape_prefix_cannot_swallow_the_start_of_a_value() {
         let value = "1bcdef-0123456789";
-        for prefix in ["%4", "\\u004", "\\u00", "%"] {
+        for prefix in ["%4", "\\u004", "\\u00", "%", "\\"] {
             let text = format!("x{prefix}{value}y");
             let (_, whole) = redact_chunks(vec![redactor(value)], &[&text]).await;
             assert!(!whole.contains(&value[1..]), "{text} -> {whole}");

@@ -15,7 +15,8 @@ pub enum FrameError {
     /// A server frame with the mask bit set (§5.1 forbids it).
     #[error("the upstream sent a masked WebSocket frame")]
     Masked,
-    /// A frame with reserved bits set: an extension the proxy did not allow.
+    /// A frame with reserved bits set or a reserved opcode: an extension the proxy did not
+    /// allow.
     #[error("the upstream sent a WebSocket frame using an extension that was not negotiated")]
     Reserved,
     /// A control frame longer than 125 bytes or fragmented.
@@ -104,7 +105,8 @@ impl FrameRedactor {
                     if second & 0x80 != 0 {
                         return Err(FrameError::Masked);
                     }
-                    if first & 0x70 != 0 {
+                    // Opcodes 3-7 and 11-15 are reserved (§5.2).
+                    if first & 0x70 != 0 || matches!(first & 0x0f, 3..=7 | 11..=15) {
                         return Err(FrameError::Reserved);
                     }
                     let fin = first & 0x80 != 0;
@@ -272,6 +274,11 @@ mod tests {
         );
         assert_eq!(
             redactor().feed(&[0xc1, 0x01, b'x'], &mut out),
+            Err(FrameError::Reserved)
+        );
+        // Found by the websocket_frames fuzz target: a reserved opcode.
+        assert_eq!(
+            redactor().feed(&[0x05, 0x01, b'x'], &mut out),
             Err(FrameError::Reserved)
         );
         assert_eq!(

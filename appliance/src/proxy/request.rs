@@ -298,7 +298,10 @@ pub async fn serve(
 /// Rewrites `uri` to carry its normalized path (the query is kept as sent) and returns that
 /// path.
 fn normalized_target(uri: &mut Uri) -> Result<String, PathError> {
-    let normalized = match request_path::normalize(uri.path())? {
+    let normalized = request_path::normalize(uri.path())?;
+    // The injection layer also decides on the slash-decoded reading: it must be readable.
+    request_path::with_slashes_decoded(&normalized)?;
+    let normalized = match normalized {
         Cow::Borrowed(path) => return Ok(path.to_owned()),
         Cow::Owned(path) => path,
     };

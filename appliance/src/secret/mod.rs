@@ -29,6 +29,16 @@ pub struct ValidationError {
     pub message: String,
 }
 
+/// How an error names a field given by `key`: the key, or `""` for an empty one, so that
+/// the name is never blank.
+pub(crate) fn field_name(key: &str) -> String {
+    if key.is_empty() {
+        "\"\"".into()
+    } else {
+        key.into()
+    }
+}
+
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ValidationError {
     ValidationError {
         field: field.into(),
@@ -582,7 +592,7 @@ impl SecretSpec {
             .find(|key| !SECRET_KEYS.contains(&key.as_str()))
         {
             return Err(invalid(
-                unknown.as_str(),
+                field_name(unknown),
                 format!("is not a secret field; known: {}", SECRET_KEYS.join(", ")),
             ));
         }
@@ -724,6 +734,13 @@ mod tests {
 
     fn parse(json: Value) -> Result<SecretSpec, ValidationError> {
         SecretSpec::from_json(&json).map(|(spec, _)| spec)
+    }
+
+    #[test]
+    fn an_empty_unknown_key_is_still_named() {
+        // Found by the secret_definition fuzz target: the field name came out blank.
+        let error = parse(json!({"name": "s", "type": "openai", "": 1})).unwrap_err();
+        assert_eq!(error.field, "\"\"");
     }
 
     #[test]
