@@ -258,13 +258,17 @@ mod tests {
         pid: 1,
     };
 
-    fn prepared(injector: &SecretInjector, host: &str, target: &str) -> Parts {
-        let mut parts = http::Request::builder()
+    fn request_to(target: &str) -> Parts {
+        http::Request::builder()
             .uri(target)
             .body(())
             .unwrap()
             .into_parts()
-            .0;
+            .0
+    }
+
+    fn prepared(injector: &SecretInjector, host: &str, target: &str) -> Parts {
+        let mut parts = request_to(target);
         assert!(matches!(
             injector.prepare(host, injector.agent(&WORKLOAD).as_deref(), &mut parts),
             Verdict::Forward { .. }
@@ -335,12 +339,7 @@ mod tests {
             .unwrap(),
         )]));
         let prepare = |target: &str| {
-            let mut parts = http::Request::builder()
-                .uri(target)
-                .body(())
-                .unwrap()
-                .into_parts()
-                .0;
+            let mut parts = request_to(target);
             let verdict = injector.prepare("api.example.com", None, &mut parts);
             (verdict, parts)
         };

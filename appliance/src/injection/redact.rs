@@ -309,6 +309,24 @@ pub fn redact_headers(redactors: &[Arc<Redactor>], headers: &mut HeaderMap) -> u
     changed
 }
 
+/// Masks every form in `held`, data of one stream that has not been sent yet, and returns how
+/// much of its front may go: all of it `at_end`, else all but a tail that could begin a form
+/// that more data completes.
+pub(super) fn mask_held(redactors: &[Arc<Redactor>], held: &mut [u8], at_end: bool) -> usize {
+    for redactor in redactors {
+        redactor.mask(held);
+    }
+    if at_end {
+        return held.len();
+    }
+    let keep = redactors
+        .iter()
+        .map(|redactor| redactor.unfinished_tail(held))
+        .max()
+        .unwrap_or(0);
+    held.len() - keep
+}
+
 /// A response body with secret forms masked, holding back only a tail that could be the
 /// start of a form split across chunks.
 pub struct RedactingBody<B> {
@@ -333,19 +351,7 @@ impl<B> RedactingBody<B> {
 
     /// Masks what is held and releases all of it but a possible unfinished form.
     fn release(&mut self, at_end: bool) -> Option<Bytes> {
-        for redactor in &self.redactors {
-            redactor.mask(&mut self.held);
-        }
-        let keep = if at_end {
-            0
-        } else {
-            self.redactors
-                .iter()
-                .map(|redactor| redactor.unfinished_tail(&self.held))
-                .max()
-                .unwrap_or(0)
-        };
-        let ready = self.held.len() - keep;
+        let ready = mask_held(&self.redactors, &mut self.held, at_end);
         (ready > 0).then(|| self.held.split_to(ready).freeze())
     }
 }

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use super::redact::Redactor;
+use super::redact::{mask_held, Redactor};
 
 /// Why the upstream's frames cannot be passed on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -143,19 +143,7 @@ impl FrameRedactor {
     /// Masks what is held and moves to `out` all of it but a tail that could begin a form
     /// (nothing is kept back when `at_end`), with the headers and control frames in place.
     fn release(&mut self, at_end: bool, out: &mut Vec<u8>) {
-        for redactor in &self.redactors {
-            redactor.mask(&mut self.held);
-        }
-        let keep = if at_end {
-            0
-        } else {
-            self.redactors
-                .iter()
-                .map(|redactor| redactor.unfinished_tail(&self.held))
-                .max()
-                .unwrap_or(0)
-        };
-        let ready = self.held.len() - keep;
+        let ready = mask_held(&self.redactors, &mut self.held, at_end);
         let mut start = 0;
         let mut inserts = std::mem::take(&mut self.inserts).into_iter().peekable();
         while let Some((position, _)) = inserts.peek() {
