@@ -14,6 +14,20 @@ mod hygiene;
 
 /// bpf-linker release verified with the nightly toolchain's LLVM on these machines.
 const BPF_LINKER_VERSION: &str = "0.13";
+/// cargo-fuzz release verified with the nightly toolchain on these machines.
+const CARGO_FUZZ_VERSION: &str = "0.13";
+/// The fuzz targets in fuzz/fuzz_targets.
+const FUZZ_TARGETS: &[&str] = &[
+    "secret_definition",
+    "config",
+    "request_path",
+    "redactor",
+    "request_head",
+    "websocket_frames",
+];
+/// How long `cargo xtask test` runs each fuzz target.
+const FUZZ_SECONDS_IN_TESTS: u64 = 5;
+
 /// A program that a test, the demo, the bench or an operator runs, and the Debian package
 /// that ships it. `cargo xtask setup` installs the package of every command it cannot find,
 /// and `cargo xtask test` refuses to start while one is still missing. A unit test below
@@ -69,6 +83,16 @@ enum Task {
     /// Set up, check formatting and lints, and run every test, privileged ones included
     /// (needs root).
     Test,
+    /// Run the fuzz targets (cargo-fuzz, libFuzzer with AddressSanitizer), each for a while;
+    /// what they find is written to fuzz/artifacts/<target>.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+        /// Targets to run (all when none): secret_definition, config, request_path,
+        /// redactor, request_head, websocket_frames.
+        targets: Vec<String>,
+    },
     /// Measure the engine against a direct connection on loopback (BENCH_SECONDS per figure).
     Bench,
     /// Show the appliance at work: an agent with a placeholder key calls a local stand-in
@@ -134,6 +158,15 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             require_root("the demo (it attaches eBPF programs)")?;
             demo()
+        }
+        Task::Fuzz { seconds, targets } => {
+            setup()?;
+            let targets: Vec<&str> = if targets.is_empty() {
+                FUZZ_TARGETS.to_vec()
+            } else {
+                targets.iter().map(String::as_str).collect()
+            };
+            fuzz(&targets, seconds, Build::Optimized)
         }
         Task::Bench => {
             setup()?;
@@ -221,7 +254,65 @@ fn setup() -> anyhow::Result<()> {
         ]))?;
     }
     install_bpf_linker()?;
+    install_cargo_fuzz()?;
     install_debian_packages()
+}
+
+fn install_cargo_fuzz() -> anyhow::Result<()> {
+    let wanted = format!("cargo-fuzz {CARGO_FUZZ_VERSION}.");
+    if output_of("cargo-fuzz", &["--version"]).is_some_and(|version| version.starts_with(&wanted)) {
+        return Ok(());
+    }
+    step("installing cargo-fuzz (about a minute)");
+    run(Command::new("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--version",
+        &format!("^{CARGO_FUZZ_VERSION}"),
+    ]))
+}
+
+/// How the fuzz targets are compiled.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Build {
+    /// Optimized: slow to build (12 minutes on 2 cores), fast to run; for long runs.
+    Optimized,
+    /// Unoptimized: quicker to build; for the few seconds `cargo xtask test` gives them.
+    Quick,
+}
+
+/// Builds the fuzz targets, then runs each for `seconds`, starting from the seeds in
+/// fuzz/seeds/<target> and the corpus earlier runs grew in fuzz/corpus/<target>.
+fn fuzz(targets: &[&str], seconds: u64, build: Build) -> anyhow::Result<()> {
+    let root = workspace_root();
+    let nightly_cargo = |verb: &str| {
+        // `cargo +nightly` goes through rustup's proxy, not the cargo running xtask.
+        let mut command = Command::new("cargo");
+        command.current_dir(&root).args(["+nightly", "fuzz", verb]);
+        if build == Build::Quick {
+            command.arg("--dev");
+        }
+        command
+    };
+    step("building the fuzz targets (nightly, AddressSanitizer)");
+    run(&mut nightly_cargo("build"))?;
+    for target in targets {
+        if !FUZZ_TARGETS.contains(target) {
+            bail!("no fuzz target {target:?}; the targets are {FUZZ_TARGETS:?}");
+        }
+        step(&format!("fuzzing {target} for {seconds} s"));
+        let corpus = root.join("fuzz/corpus").join(target);
+        std::fs::create_dir_all(&corpus)
+            .with_context(|| format!("creating {}", corpus.display()))?;
+        run(nightly_cargo("run")
+            .arg(target)
+            .arg(&corpus)
+            .arg(root.join("fuzz/seeds").join(target))
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}")))?;
+    }
+    Ok(())
 }
 
 fn install_bpf_linker() -> anyhow::Result<()> {
@@ -380,6 +471,8 @@ fn test() -> anyhow::Result<()> {
             leaked.join("; ")
         );
     }
+    step("running every fuzz target briefly (cargo xtask fuzz runs them longer)");
+    fuzz(FUZZ_TARGETS, FUZZ_SECONDS_IN_TESTS, Build::Quick)?;
     println!("tests: {passed} passed, {failed} failed");
     Ok(())
 }
