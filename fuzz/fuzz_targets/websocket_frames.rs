@@ -3,7 +3,7 @@
 //! sends holds the value (frame headers are the upstream's own bytes, not message content).
 #![no_main]
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use appliance::injection::{FrameRedactor, Redactor};
 use appliance::secret::SecretValue;
@@ -50,8 +50,11 @@ fuzz_target!(|data: &[u8]| {
     let [step, stream @ ..] = data else {
         return;
     };
-    let value = SecretValue::new(VALUE.to_vec()).unwrap();
-    let mut frames = FrameRedactor::new(vec![Arc::new(Redactor::new(&value, []))]);
+    static REDACTOR: OnceLock<Arc<Redactor>> = OnceLock::new();
+    let redactor = REDACTOR.get_or_init(|| {
+        Arc::new(Redactor::new(&SecretValue::new(VALUE.to_vec()).unwrap(), []))
+    });
+    let mut frames = FrameRedactor::new(vec![Arc::clone(redactor)]);
     let mut out = Vec::new();
     let mut fed = 0;
     for piece in stream.chunks(usize::from(*step).max(1)) {
