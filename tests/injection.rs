@@ -1225,12 +1225,8 @@ def tls():
         ca = setup.appliance_ca.display(),
         ip = setup.upstream_ip
     );
-    let websocket = python(format!(
-        r#"{connect}
-s = tls()
-{websocket}"#,
-        websocket = https::python_websocket_echo("api.openai.com"),
-    ));
+    let over_one_connection = |lines: String| python(format!("{connect}\ns = tls()\n{lines}"));
+    let websocket = over_one_connection(https::python_websocket_echo("api.openai.com"));
     assert_ok(&websocket);
     assert_eq!(
         String::from_utf8_lossy(&websocket.stdout).trim(),
@@ -1238,12 +1234,7 @@ s = tls()
     );
     // An upstream that echoes the injected value in a text and a binary frame after the
     // switch: both arrive masked, with their lengths.
-    let echoed = python(format!(
-        r#"{connect}
-s = tls()
-{websocket}"#,
-        websocket = https::python_websocket_secret_echo("api.openai.com"),
-    ));
+    let echoed = over_one_connection(https::python_websocket_secret_echo("api.openai.com"));
     assert_ok(&echoed);
     assert_eq!(
         String::from_utf8_lossy(&echoed.stdout),
