@@ -704,20 +704,13 @@ fn the_cli_reports_errors_with_distinct_exit_codes_and_survives_restarts_and_key
     assert!(String::from_utf8_lossy(&no_value.stderr).contains("--value-stdin"));
     // A value that would split the header it goes into is refused, naming the field; the
     // same value is fine where it is encoded (the query).
-    let crlf = cli(
-        &setup.daemon,
-        &[
-            "secret",
-            "create",
-            "crlf",
-            "--host",
-            "h.example.com",
-            "--header",
-            "x-key",
-            "--value-stdin",
-        ],
-        Some("x\r\nX-Evil: 1"),
-    );
+    let create_crlf = |place: [&str; 2]| {
+        let mut args = vec!["secret", "create", "crlf", "--host", "h.example.com"];
+        args.extend(place);
+        args.push("--value-stdin");
+        cli(&setup.daemon, &args, Some("x\r\nX-Evil: 1"))
+    };
+    let crlf = create_crlf(["--header", "x-key"]);
     assert_eq!(crlf.status.code(), Some(3), "{crlf:?}");
     let stderr = String::from_utf8_lossy(&crlf.stderr);
     assert!(
@@ -727,20 +720,7 @@ fn the_cli_reports_errors_with_distinct_exit_codes_and_survives_restarts_and_key
     assert!(!stderr.contains("X-Evil"), "the value was echoed: {stderr}");
     let listed = cli(&setup.daemon, &["--json", "secret", "list"], None);
     assert!(!String::from_utf8_lossy(&listed.stdout).contains("crlf"));
-    assert_ok(&cli(
-        &setup.daemon,
-        &[
-            "secret",
-            "create",
-            "crlf",
-            "--host",
-            "h.example.com",
-            "--query",
-            "key",
-            "--value-stdin",
-        ],
-        Some("x\r\nX-Evil: 1"),
-    ));
+    assert_ok(&create_crlf(["--query", "key"]));
     let moved = cli(
         &setup.daemon,
         &["secret", "update", "crlf", "--header", "x-key"],
