@@ -168,8 +168,8 @@ fn push_forms(forms: &mut Vec<Vec<u8>>, raw: &[u8]) {
 pub struct Redactor {
     forms: Vec<Vec<u8>>,
     finder: AhoCorasick,
-    /// The most bytes a spelling of the longest form can take (6 per byte, `\u00XX`).
-    longest_spelling: usize,
+    /// The length of the longest form.
+    longest_form: usize,
 }
 
 impl Redactor {
@@ -199,11 +199,11 @@ impl Redactor {
             .kind(Some(AhoCorasickKind::ContiguousNFA))
             .build(&forms)
             .expect("a handful of short literals always builds");
-        let longest_spelling = 6 * forms.iter().map(Vec::len).max().unwrap_or(0);
+        let longest_form = forms.iter().map(Vec::len).max().unwrap_or(0);
         Self {
             forms,
             finder,
-            longest_spelling,
+            longest_form,
         }
     }
 
@@ -232,20 +232,22 @@ impl Redactor {
 
     /// The start of the longest suffix of `bytes` that is a proper beginning of a form.
     fn form_prefix_start(&self, bytes: &[u8]) -> Option<usize> {
-        let longest = self.longest_spelling / 6;
-        (bytes.len().saturating_sub(longest.saturating_sub(1))..bytes.len()).find(|&start| {
-            let tail = &bytes[start..];
-            self.forms
-                .iter()
-                .any(|form| form.len() > tail.len() && form.starts_with(tail))
-        })
+        (bytes
+            .len()
+            .saturating_sub(self.longest_form.saturating_sub(1))..bytes.len())
+            .find(|&start| {
+                let tail = &bytes[start..];
+                self.forms
+                    .iter()
+                    .any(|form| form.len() > tail.len() && form.starts_with(tail))
+            })
     }
 
     /// Length of the longest tail of `data` that could begin a form: it must wait for more
     /// data before it can be released.
     pub(super) fn unfinished_tail(&self, data: &[u8]) -> usize {
-        // No spelling of a form's beginning is longer than this.
-        let window_start = data.len().saturating_sub(self.longest_spelling);
+        // No spelling of a form's beginning is longer than this: 6 bytes a byte (`\u00XX`).
+        let window_start = data.len().saturating_sub(6 * self.longest_form);
         let window = &data[window_start..];
         let raw_start = self.form_prefix_start(window).unwrap_or(window.len());
         let mut start = raw_start;
@@ -264,6 +266,13 @@ impl Redactor {
     }
 }
 
+/// Masks every form of every redactor's secret in `data`; returns whether anything was masked.
+pub(super) fn mask_all(redactors: &[Arc<Redactor>], data: &mut [u8]) -> bool {
+    redactors
+        .iter()
+        .fold(false, |masked, redactor| redactor.mask(data) | masked)
+}
+
 /// Masks secret forms in a custom reason phrase of the status line (`401 Invalid key …`),
 /// which hyper keeps in the response's extensions; returns whether it changed.
 pub fn redact_reason_phrase(
@@ -274,9 +283,7 @@ pub fn redact_reason_phrase(
         return false;
     };
     let mut bytes = reason.as_bytes().to_vec();
-    let masked = redactors
-        .iter()
-        .fold(false, |masked, redactor| redactor.mask(&mut bytes) | masked);
+    let masked = mask_all(redactors, &mut bytes);
     if masked {
         // Masks are '*', valid in a reason phrase; should that ever fail, drop the phrase.
         match hyper::ext::ReasonPhrase::try_from(bytes) {
@@ -296,10 +303,7 @@ pub fn redact_headers(redactors: &[Arc<Redactor>], headers: &mut HeaderMap) -> u
     let mut changed = 0;
     for value in headers.values_mut() {
         let mut bytes = value.as_bytes().to_vec();
-        let masked = redactors
-            .iter()
-            .fold(false, |masked, redactor| redactor.mask(&mut bytes) | masked);
-        if masked {
+        if mask_all(redactors, &mut bytes) {
             if let Ok(replacement) = HeaderValue::from_bytes(&bytes) {
                 *value = replacement;
                 changed += 1;
@@ -313,9 +317,7 @@ pub fn redact_headers(redactors: &[Arc<Redactor>], headers: &mut HeaderMap) -> u
 /// much of its front may go: all of it `at_end`, else all but a tail that could begin a form
 /// that more data completes.
 pub(super) fn mask_held(redactors: &[Arc<Redactor>], held: &mut [u8], at_end: bool) -> usize {
-    for redactor in redactors {
-        redactor.mask(held);
-    }
+    mask_all(redactors, held);
     if at_end {
         return held.len();
     }

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use super::redact::{mask_held, Redactor};
+use super::redact::{mask_all, mask_held, Redactor};
 
 /// Why the upstream's frames cannot be passed on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -121,9 +121,7 @@ impl FrameRedactor {
                             break;
                         }
                         let mut frame: Vec<u8> = self.input.drain(..total).collect();
-                        for redactor in &self.redactors {
-                            redactor.mask(&mut frame[length..]);
-                        }
+                        mask_all(&self.redactors, &mut frame[length..]);
                         self.inserts.push((self.held.len(), frame));
                     } else {
                         let header: Vec<u8> = self.input.drain(..length).collect();
