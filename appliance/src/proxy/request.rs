@@ -68,6 +68,23 @@ impl ConnectionContext {
     }
 }
 
+impl ConnectionContext {
+    /// Refuses an upstream's answer the agent must not get: a 502 saying why, audited as
+    /// failed.
+    fn refuse_answer(
+        &self,
+        method: &http::Method,
+        path: &str,
+        injected: Vec<SecretUse>,
+        reason: &str,
+    ) -> Response<ProxyBody> {
+        warn!(%method, %path, %reason, "refused the upstream's answer");
+        let response = plain(StatusCode::BAD_GATEWAY, reason);
+        self.audit(method, path, injected, response.status(), "failed");
+        response
+    }
+}
+
 fn plain(status: StatusCode, message: &str) -> Response<ProxyBody> {
     let body = Full::new(Bytes::from(format!("appliance: {message}\n")))
         .map_err(|never| match never {})
@@ -213,27 +230,26 @@ pub async fn serve(
     };
     let status = response.status();
     if status == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_none() {
-        let response = plain(
-            StatusCode::BAD_GATEWAY,
+        return Ok(context.refuse_answer(
+            &method,
+            &path,
+            injected,
             "the upstream switched protocols without being asked to",
-        );
-        warn!(%method, %path, "the upstream answered 101 to a request that asked for no upgrade");
-        context.audit(&method, &path, injected, response.status(), "failed");
-        return Ok(response);
+        ));
     }
     if status == StatusCode::SWITCHING_PROTOCOLS {
+        // The appliance removed the offer, so that messages stay readable.
         if !redactors.is_empty()
             && response
                 .headers()
                 .contains_key(header::SEC_WEBSOCKET_EXTENSIONS)
         {
-            let response = plain(
-                StatusCode::BAD_GATEWAY,
+            return Ok(context.refuse_answer(
+                &method,
+                &path,
+                injected,
                 "the upstream chose a WebSocket extension that was not offered",
-            );
-            warn!(%method, %path, "the upstream chose a WebSocket extension after the appliance removed the offer; refused");
-            context.audit(&method, &path, injected, response.status(), "failed");
-            return Ok(response);
+            ));
         }
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
@@ -249,50 +265,52 @@ pub async fn serve(
         &mut parts.headers,
         status == StatusCode::SWITCHING_PROTOCOLS,
     );
-    if redactors.is_empty() {
-        context.audit(&method, &path, injected, status, "forwarded");
-        return Ok(Response::from_parts(
-            parts,
-            body.map_err(Into::into).boxed(),
-        ));
-    }
-    let echoed_in_headers = redact_headers(&redactors, &mut parts.headers) > 0;
-    if redact_reason_phrase(&redactors, &mut parts.extensions) | echoed_in_headers {
-        warn!(%method, %path, "the upstream echoed an injected secret in the status line or headers; masked");
-    }
-    let coding = parts
-        .headers
+    let body = if redactors.is_empty() {
+        body.map_err(Into::into).boxed()
+    } else {
+        let echoed_in_headers = redact_headers(&redactors, &mut parts.headers) > 0;
+        if redact_reason_phrase(&redactors, &mut parts.extensions) | echoed_in_headers {
+            warn!(%method, %path, "the upstream echoed an injected secret in the status line or headers; masked");
+        }
+        match inspected_body(body, &mut parts.headers, redactors) {
+            Ok(body) => body,
+            Err(coding) => {
+                return Ok(context.refuse_answer(
+                    &method,
+                    &path,
+                    injected,
+                    &format!("the upstream answered in content-coding {coding:?}, which cannot be inspected for echoed secrets"),
+                ))
+            }
+        }
+    };
+    context.audit(&method, &path, injected, status, "forwarded");
+    Ok(Response::from_parts(parts, body))
+}
+
+/// The body of an answer to a request that carried secrets, with their echoes masked. An
+/// upstream that compressed despite Accept-Encoding: identity has its body decoded (and
+/// `headers` lose Content-Encoding and Content-Length), so that what the agent reads is what
+/// was inspected; a content-coding that cannot be decoded is returned as the error.
+fn inspected_body(
+    body: Incoming,
+    headers: &mut http::HeaderMap,
+    redactors: Vec<Arc<Redactor>>,
+) -> Result<ProxyBody, String> {
+    let coding = headers
         .get(header::CONTENT_ENCODING)
         .map(|coding| coding.to_str().unwrap_or("(not text)").to_owned())
         .filter(|coding| !coding.trim().eq_ignore_ascii_case("identity"));
     let Some(coding) = coding else {
-        context.audit(&method, &path, injected, status, "forwarded");
-        return Ok(Response::from_parts(
-            parts,
-            RedactingBody::new(body, redactors)
-                .map_err(Into::into)
-                .boxed(),
-        ));
+        return Ok(RedactingBody::new(body, redactors)
+            .map_err(Into::into)
+            .boxed());
     };
-    // The upstream compressed despite Accept-Encoding: identity. The agent gets the body
-    // decoded, so that what it reads is what was inspected.
-    let Some(decoded) = decode(body, &coding) else {
-        warn!(%method, %path, %coding, "the upstream answered in a content-coding the appliance cannot inspect; refused");
-        let response = plain(
-            StatusCode::BAD_GATEWAY,
-            &format!("the upstream answered in content-coding {coding:?}, which cannot be inspected for echoed secrets"),
-        );
-        context.audit(&method, &path, injected, response.status(), "failed");
-        return Ok(response);
-    };
-    info!(%method, %path, %coding, "the upstream compressed its answer despite Accept-Encoding: identity; decoding it for inspection");
-    parts.headers.remove(header::CONTENT_ENCODING);
-    parts.headers.remove(header::CONTENT_LENGTH);
-    context.audit(&method, &path, injected, status, "forwarded");
-    Ok(Response::from_parts(
-        parts,
-        RedactingBody::new(decoded, redactors).boxed(),
-    ))
+    let decoded = decode(body, &coding).ok_or_else(|| coding.clone())?;
+    info!(%coding, "the upstream compressed its answer despite Accept-Encoding: identity; decoding it for inspection");
+    headers.remove(header::CONTENT_ENCODING);
+    headers.remove(header::CONTENT_LENGTH);
+    Ok(RedactingBody::new(decoded, redactors).boxed())
 }
 
 /// Rewrites `uri` to carry its normalized path (the query is kept as sent) and returns that
