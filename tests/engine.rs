@@ -31,7 +31,7 @@ struct AllTo(Redirect);
 
 impl OriginalDestinations for AllTo {
     fn take(&self, _client: ClientAddr) -> Result<Option<Redirect>, LookupError> {
-        Ok(Some(self.0))
+        Ok(Some(self.0.clone()))
     }
 }
 
@@ -132,6 +132,9 @@ async fn start(name: &str) -> Fixture {
         original_dst: OrigDstAddr(upstream_addr),
         cgroup_id: CgroupId(1),
         pid: 1,
+        netns_cookie: 1,
+        from_container: false,
+        container: None,
     };
     let engine = Engine::bind(
         &["127.0.0.1:0".parse().unwrap()],

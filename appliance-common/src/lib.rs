@@ -16,7 +16,35 @@ pub mod map_names {
     pub const SOCKETS: &str = "SOCKETS";
     /// [`ClientKey`](crate::ClientKey) → [`Redirection`](crate::Redirection), read by the engine.
     pub const ORIGINAL_DESTINATIONS: &str = "ORIG_DST";
+    /// Network namespace cookie → `DELIVERY_*`, for namespaces the daemon has set up.
+    pub const FOREIGN_NAMESPACES: &str = "FOREIGN";
+    /// [`CoveredSource`](crate::CoveredSource) → 1: container traffic the sk_lookup program
+    /// hands to the engine.
+    pub const COVERED_SOURCES: &str = "COVERED";
+    /// SOCKMAP of the engine's listeners: [`ENGINE_LISTENER_V4`](crate::ENGINE_LISTENER_V4)
+    /// and [`ENGINE_LISTENER_V6`](crate::ENGINE_LISTENER_V6).
+    pub const ENGINE_LISTENERS: &str = "ENGINE";
 }
+
+/// Name of the sk_lookup program, attached to the engine's network namespace.
+pub const STEERING_PROGRAM: &str = "steer";
+
+/// Index of the engine's IPv4 listener in the `ENGINE` sockmap.
+pub const ENGINE_LISTENER_V4: u32 = 0;
+/// Index of the engine's IPv6 listener in the `ENGINE` sockmap.
+pub const ENGINE_LISTENER_V6: u32 = 1;
+
+/// Capacity of the per-namespace maps (`FOREIGN`, `COVERED`).
+pub const MAX_COVERED_NAMESPACES: u32 = 4096;
+
+/// How a connection reached the engine (`Redirection::delivery`, values of `FOREIGN`).
+/// In the engine's own namespace: its connect was rewritten to the engine's listener.
+pub const DELIVERY_LOCAL: u16 = 0;
+/// From a foreign namespace, unrewritten: the host's policy routing delivers it locally and
+/// the sk_lookup program hands it to the engine, which sees the original destination.
+pub const DELIVERY_TPROXY: u16 = 1;
+/// From a foreign namespace: its connect was rewritten to the engine's container address.
+pub const DELIVERY_REDIRECT: u16 = 2;
 
 /// Names of the eBPF programs in the object, in the order the loader attaches them.
 pub const PROGRAM_NAMES: [&str; 7] = [
@@ -37,8 +65,8 @@ pub const TRACKED_SOCKETS_CAPACITY: u32 = 65_536;
 pub const MAX_INTERCEPTED_PORTS: u32 = 64;
 
 /// `CaptureConfig::flags` bit: refuse intercepted connections from sockets in a network
-/// namespace other than the engine's, which cannot reach the engine's loopback listener.
-/// Without it such connections go out unredirected.
+/// namespace other than the engine's that the daemon has not set up (absent from `FOREIGN`):
+/// they cannot reach the engine. Without it such connections go out unredirected.
 pub const FLAG_REFUSE_FOREIGN_NETNS: u32 = 1;
 
 /// Runtime configuration of the eBPF programs, written by the loader.
@@ -57,6 +85,12 @@ pub struct CaptureConfig {
     pub own_mark: u32,
     /// `FLAG_*` bits.
     pub flags: u32,
+    /// Engine address that containers in `DELIVERY_REDIRECT` namespaces connect to (IPv6).
+    pub container_ip6: [u32; 4],
+    /// Same, IPv4.
+    pub container_ip4: u32,
+    /// Zero; makes the padding explicit.
+    pub reserved: u32,
 }
 
 /// The original destination of a redirected connection, and who made it.
@@ -65,6 +99,8 @@ pub struct CaptureConfig {
 pub struct Redirection {
     /// cgroup v2 id (inode number of the cgroup directory) of the connecting task.
     pub cgroup_id: u64,
+    /// Cookie of the connecting socket's network namespace.
+    pub netns_cookie: u64,
     /// Destination address as IPv6, network byte order per word; IPv4 is stored mapped
     /// (`::ffff:a.b.c.d`).
     pub ip6: [u32; 4],
@@ -72,8 +108,20 @@ pub struct Redirection {
     pub pid: u32,
     /// Destination port, host byte order.
     pub port: u16,
-    /// Zero; makes the padding explicit.
-    pub reserved: u16,
+    /// `DELIVERY_*`: how the connection reaches the engine.
+    pub delivery: u16,
+}
+
+/// Traffic from a container that the sk_lookup program hands to the engine: packets that
+/// arrived on the host through interface `ifindex` from source `ip6`. An all-zero `ip6`
+/// covers every source on that interface (a routed veth serves one container).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CoveredSource {
+    /// Host-side interface index: the bridge, or the routed veth.
+    pub ifindex: u32,
+    /// Source address as IPv6, network byte order per word; IPv4 is stored mapped.
+    pub ip6: [u32; 4],
 }
 
 /// Key identifying a redirected connection as the engine sees it: the client's address.
@@ -98,10 +146,11 @@ pub const fn is_ipv4_mapped(ip6: &[u32; 4]) -> bool {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all three are repr(C), made only of integers, and have no padding.
+    // SAFETY: all four are repr(C), made only of integers, and have no padding.
     unsafe impl aya::Pod for super::CaptureConfig {}
     unsafe impl aya::Pod for super::Redirection {}
     unsafe impl aya::Pod for super::ClientKey {}
+    unsafe impl aya::Pod for super::CoveredSource {}
 }
 
 #[cfg(test)]
@@ -111,8 +160,9 @@ mod tests {
 
     #[test]
     fn shared_types_have_no_implicit_padding() {
-        assert_eq!(size_of::<CaptureConfig>(), 8 + 16 + 4 * 4);
-        assert_eq!(size_of::<Redirection>(), 8 + 16 + 4 + 2 + 2);
+        assert_eq!(size_of::<CaptureConfig>(), 8 + 16 + 4 * 4 + 16 + 4 + 4);
+        assert_eq!(size_of::<Redirection>(), 8 + 8 + 16 + 4 + 2 + 2);
+        assert_eq!(size_of::<CoveredSource>(), 4 + 16);
         assert_eq!(size_of::<ClientKey>(), 16 + 4);
     }
 

@@ -1,7 +1,11 @@
 //! The appliance's eBPF programs, attached to the cgroups an operator selects.
 //!
 //! - `connect4`/`connect6` rewrite TCP connects to an intercepted port so they reach the engine,
-//!   and record the original destination under the socket's cookie.
+//!   and record the original destination under the socket's cookie. In a container's network
+//!   namespace that the daemon set up for `tproxy` delivery they only record: the host's
+//!   policy routing delivers the packets locally and `steer` hands them to the engine.
+//! - `steer` (sk_lookup, in the engine's namespace) gives the engine's listener the port-443
+//!   connections arriving from covered containers.
 //! - `sock_ops_track` re-keys that record by the client's address once the kernel has chosen the
 //!   source port (the engine only knows the accepted peer address), and removes both records when
 //!   the socket closes, so nothing outlives its connection.
@@ -12,8 +16,10 @@
 #![no_main]
 
 use appliance_common::{
-    ipv4_mapped, is_ipv4_mapped, CaptureConfig, ClientKey, Redirection, FLAG_REFUSE_FOREIGN_NETNS,
-    MAX_INTERCEPTED_PORTS, TRACKED_SOCKETS_CAPACITY,
+    ipv4_mapped, is_ipv4_mapped, CaptureConfig, ClientKey, CoveredSource, Redirection,
+    DELIVERY_LOCAL, DELIVERY_REDIRECT, DELIVERY_TPROXY, ENGINE_LISTENER_V4, ENGINE_LISTENER_V6,
+    FLAG_REFUSE_FOREIGN_NETNS, MAX_COVERED_NAMESPACES, MAX_INTERCEPTED_PORTS,
+    TRACKED_SOCKETS_CAPACITY,
 };
 use aya_ebpf::{
     bindings::{
@@ -24,9 +30,9 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
         bpf_get_socket_cookie,
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LruHashMap},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{Array, HashMap, LruHashMap, SockMap},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::{debug, info, warn};
@@ -36,6 +42,10 @@ const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
+const IPPROTO_TCP: u32 = 6;
+/// sk_lookup return values.
+const SK_DROP: u32 = 0;
+const SK_PASS: u32 = 1;
 
 /// Return value of a `cgroup_sock_addr` program that lets the call proceed.
 const PROCEED: i32 = 1;
@@ -55,14 +65,33 @@ static SOCKETS: LruHashMap<u64, Redirection> = LruHashMap::pinned(TRACKED_SOCKET
 static ORIG_DST: LruHashMap<ClientKey, Redirection> =
     LruHashMap::pinned(TRACKED_SOCKETS_CAPACITY, 0);
 
+#[map(name = "FOREIGN")]
+static FOREIGN: HashMap<u64, u32> = HashMap::pinned(MAX_COVERED_NAMESPACES, 0);
+
+#[map(name = "COVERED")]
+static COVERED: HashMap<CoveredSource, u8> = HashMap::pinned(MAX_COVERED_NAMESPACES, 0);
+
+#[map(name = "ENGINE")]
+static ENGINE: SockMap = SockMap::pinned(2, 0);
+
+/// Where a redirected connect goes.
+#[derive(Clone, Copy)]
+struct Target {
+    ip4: u32,
+    ip6: [u32; 4],
+    port: u32,
+}
+
 /// What a socket-address hook decided for one call.
 enum Verdict {
     /// Not ours: let it through untouched.
     Ignore,
     /// UDP to an intercepted port, or a namespace we cannot serve: fail with EPERM.
     Refuse,
-    /// TCP to an intercepted port: redirect to the engine.
-    Redirect(&'static CaptureConfig),
+    /// TCP to an intercepted port: record it and rewrite the destination to the engine.
+    Redirect { target: Target, delivery: u16 },
+    /// TCP to an intercepted port from a `tproxy` namespace: record it, leave it unrewritten.
+    Observe,
 }
 
 /// Reads `user_ip6` one word at a time: the verifier refuses the memcpy an array copy becomes.
@@ -114,23 +143,46 @@ fn decide(ctx: &SockAddrContext) -> Verdict {
     // holds CAP_NET_ADMIN and can set any SO_MARK, ours included.
     // SAFETY: helper valid for cgroup_sock_addr programs since Linux 5.7.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if netns_cookie != config.netns_cookie {
-        if config.flags & FLAG_REFUSE_FOREIGN_NETNS != 0 {
-            info!(
-                ctx,
-                "refused port {} from a foreign network namespace", port
-            );
-            return Verdict::Refuse;
+    let verdict = if netns_cookie == config.netns_cookie {
+        // In the appliance's own namespace setting a mark takes CAP_NET_ADMIN there, so the
+        // mark singles out the engine's upstream sockets.
+        if config.own_mark != 0 && mark == config.own_mark {
+            return Verdict::Ignore;
         }
-        return Verdict::Ignore;
-    }
-    // In the appliance's own namespace setting a mark takes CAP_NET_ADMIN there, so the mark
-    // singles out the engine's upstream sockets.
-    if config.own_mark != 0 && mark == config.own_mark {
-        return Verdict::Ignore;
-    }
+        Verdict::Redirect {
+            target: Target {
+                ip4: config.engine_ip4,
+                ip6: config.engine_ip6,
+                port: config.engine_port,
+            },
+            delivery: DELIVERY_LOCAL,
+        }
+    } else {
+        // SAFETY: map value copied out at once.
+        match unsafe { FOREIGN.get(&netns_cookie).copied() } {
+            Some(delivery) if delivery == u32::from(DELIVERY_TPROXY) => Verdict::Observe,
+            Some(delivery) if delivery == u32::from(DELIVERY_REDIRECT) => Verdict::Redirect {
+                target: Target {
+                    ip4: config.container_ip4,
+                    ip6: config.container_ip6,
+                    port: config.engine_port,
+                },
+                delivery: DELIVERY_REDIRECT,
+            },
+            // A namespace the daemon has not set up (or is tearing down) cannot reach the
+            // engine.
+            _ if config.flags & FLAG_REFUSE_FOREIGN_NETNS != 0 => {
+                info!(
+                    ctx,
+                    "refused port {} from a foreign network namespace", port
+                );
+                return Verdict::Refuse;
+            }
+            _ => return Verdict::Ignore,
+        }
+    };
     match socket_type {
-        SOCK_STREAM => Verdict::Redirect(config),
+        SOCK_STREAM => verdict,
         SOCK_DGRAM => {
             info!(ctx, "refused UDP to intercepted port {}", port);
             Verdict::Refuse
@@ -139,21 +191,23 @@ fn decide(ctx: &SockAddrContext) -> Verdict {
     }
 }
 
-fn record(ctx: &SockAddrContext, ip6: [u32; 4]) -> bool {
+fn record(ctx: &SockAddrContext, ip6: [u32; 4], delivery: u16) -> bool {
     // SAFETY: helpers valid for cgroup_sock_addr programs.
-    let (cookie, pid_tgid, cgroup_id) = unsafe {
+    let (cookie, pid_tgid, cgroup_id, netns_cookie) = unsafe {
         (
             bpf_get_socket_cookie(ctx.as_ptr()),
             bpf_get_current_pid_tgid(),
             bpf_get_current_cgroup_id(),
+            bpf_get_netns_cookie(ctx.as_ptr()),
         )
     };
     let redirection = Redirection {
         cgroup_id,
+        netns_cookie,
         ip6,
         pid: (pid_tgid >> 32) as u32,
         port: destination_port(ctx),
-        reserved: 0,
+        delivery,
     };
     if SOCKETS.insert(&cookie, &redirection, 0).is_err() {
         warn!(ctx, "cannot record a redirected connection; refusing it");
@@ -166,20 +220,33 @@ fn record(ctx: &SockAddrContext, ip6: [u32; 4]) -> bool {
     true
 }
 
+/// Records a refused-unless-recorded connect: a connection the engine will receive must have
+/// its record, or the engine could not tell where it was going.
+fn record_or_refuse(ctx: &SockAddrContext, original: [u32; 4], delivery: u16) -> i32 {
+    if record(ctx, original, delivery) {
+        PROCEED
+    } else {
+        REFUSE
+    }
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: valid context; user_ip4 is readable in connect4.
+    let original = ipv4_mapped(unsafe { (*ctx.sock_addr).user_ip4 });
     match decide(&ctx) {
         Verdict::Ignore => PROCEED,
         Verdict::Refuse => REFUSE,
-        Verdict::Redirect(config) => {
+        Verdict::Observe => record_or_refuse(&ctx, original, DELIVERY_TPROXY),
+        Verdict::Redirect { target, delivery } => {
+            if !record(&ctx, original, delivery) {
+                return REFUSE;
+            }
             // SAFETY: valid context; user_ip4 and user_port are writable in connect4.
             unsafe {
                 let addr = &mut *ctx.sock_addr;
-                if !record(&ctx, ipv4_mapped(addr.user_ip4)) {
-                    return REFUSE;
-                }
-                addr.user_ip4 = config.engine_ip4;
-                addr.user_port = config.engine_port;
+                addr.user_ip4 = target.ip4;
+                addr.user_port = target.port;
             }
             PROCEED
         }
@@ -188,12 +255,13 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
+    let original = user_ip6(&ctx);
     match decide(&ctx) {
         Verdict::Ignore => PROCEED,
         Verdict::Refuse => REFUSE,
-        Verdict::Redirect(config) => {
-            let original = user_ip6(&ctx);
-            if !record(&ctx, original) {
+        Verdict::Observe => record_or_refuse(&ctx, original, DELIVERY_TPROXY),
+        Verdict::Redirect { target, delivery } => {
+            if !record(&ctx, original, delivery) {
                 return REFUSE;
             }
             // A dual-stack socket reaching an IPv4 destination must stay on IPv4: the
@@ -201,13 +269,13 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
             set_user_ip6(
                 &ctx,
                 if is_ipv4_mapped(&original) {
-                    ipv4_mapped(config.engine_ip4)
+                    ipv4_mapped(target.ip4)
                 } else {
-                    config.engine_ip6
+                    target.ip6
                 },
             );
             // SAFETY: valid context; user_port is writable in connect6.
-            unsafe { (*ctx.sock_addr).user_port = config.engine_port };
+            unsafe { (*ctx.sock_addr).user_port = target.port };
             PROCEED
         }
     }
@@ -216,7 +284,7 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
 fn refuse_intercepted_datagrams(ctx: &SockAddrContext) -> i32 {
     match decide(ctx) {
         Verdict::Refuse => REFUSE,
-        Verdict::Ignore | Verdict::Redirect(_) => PROCEED,
+        Verdict::Ignore | Verdict::Redirect { .. } | Verdict::Observe => PROCEED,
     }
 }
 
@@ -230,12 +298,15 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     refuse_intercepted_datagrams(&ctx)
 }
 
+/// The destination a rewritten socket asked for. A `tproxy` socket is really connected to its
+/// original destination, so it has nothing to show differently.
 fn original_peer(ctx: &SockAddrContext) -> Option<Redirection> {
     // SAFETY: helper valid for cgroup_sock_addr programs; map value copied out at once.
-    unsafe {
+    let record = unsafe {
         let cookie = bpf_get_socket_cookie(ctx.as_ptr());
         SOCKETS.get(&cookie).copied()
-    }
+    }?;
+    (record.delivery != DELIVERY_TPROXY).then_some(record)
 }
 
 #[cgroup_sock_addr(getpeername4)]
@@ -318,6 +389,64 @@ pub fn sock_ops_track(ctx: SockOpsContext) -> u32 {
         _ => {}
     }
     1
+}
+
+/// Hands connections that arrive from covered containers to the engine's listener. It runs in
+/// the engine's namespace for every TCP socket lookup, so it leaves everything else alone: a
+/// host service on port 443 keeps its own connections.
+#[sk_lookup]
+pub fn steer(ctx: SkLookupContext) -> u32 {
+    // Every field is read at a constant offset before any branch: the verifier refuses a load
+    // at an offset the compiler computed from the family.
+    // SAFETY: the kernel hands every sk_lookup program a valid context.
+    let (family, protocol, local_port, ingress_ifindex, remote_ip4, remote_ip6) = unsafe {
+        let lookup = ctx.lookup;
+        (
+            read_volatile(&(*lookup).family),
+            read_volatile(&(*lookup).protocol),
+            read_volatile(&(*lookup).local_port),
+            read_volatile(&(*lookup).ingress_ifindex),
+            read_volatile(&(*lookup).remote_ip4),
+            [
+                read_volatile(&(*lookup).remote_ip6[0]),
+                read_volatile(&(*lookup).remote_ip6[1]),
+                read_volatile(&(*lookup).remote_ip6[2]),
+                read_volatile(&(*lookup).remote_ip6[3]),
+            ],
+        )
+    };
+    if protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let port = local_port as u16;
+    // SAFETY: map lookups return pointers the kernel keeps valid for the program's run.
+    if unsafe { PORTS.get(&port) }.is_none() {
+        return SK_PASS;
+    }
+    let (source, listener) = match family {
+        AF_INET => (ipv4_mapped(remote_ip4), ENGINE_LISTENER_V4),
+        AF_INET6 => (remote_ip6, ENGINE_LISTENER_V6),
+        _ => return SK_PASS,
+    };
+    let exact = CoveredSource {
+        ifindex: ingress_ifindex,
+        ip6: source,
+    };
+    let whole_interface = CoveredSource {
+        ifindex: ingress_ifindex,
+        ip6: [0; 4],
+    };
+    // SAFETY: as above.
+    let covered =
+        unsafe { COVERED.get(&exact).is_some() || COVERED.get(&whole_interface).is_some() };
+    if !covered {
+        return SK_PASS;
+    }
+    match ENGINE.redirect_sk_lookup(&ctx, listener, 0) {
+        Ok(()) => SK_PASS,
+        // No engine listener (the daemon is down): drop rather than let the host answer.
+        Err(_) => SK_DROP,
+    }
 }
 
 #[cfg(not(test))]

@@ -52,7 +52,7 @@ struct AllTo(Redirect);
 
 impl OriginalDestinations for AllTo {
     fn take(&self, _client: ClientAddr) -> Result<Option<Redirect>, LookupError> {
-        Ok(Some(self.0))
+        Ok(Some(self.0.clone()))
     }
 }
 
@@ -271,6 +271,9 @@ async fn run(placement: Placement, appliance_runtime: Option<tokio::runtime::Han
         original_dst: OrigDstAddr(upstream.addr),
         cgroup_id: CgroupId(1),
         pid: 1,
+        netns_cookie: 1,
+        from_container: false,
+        container: None,
     };
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     // The engine's sockets belong to the runtime that binds them, so it starts there.

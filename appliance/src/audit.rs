@@ -28,6 +28,10 @@ pub struct AuditEvent {
     pub cgroup_id: u64,
     /// Its pid.
     pub pid: u32,
+    /// Cookie of its network namespace.
+    pub netns_cookie: u64,
+    /// Its container's unit (`docker-<id>.scope`, …), when it runs in one.
+    pub container: Option<Arc<str>>,
     /// Secrets injected.
     pub secrets: Vec<SecretUse>,
     /// TLS server name.
@@ -69,6 +73,8 @@ impl EventLog {
             agent = event.agent.as_deref().unwrap_or(""),
             cgroup_id = event.cgroup_id,
             pid = event.pid,
+            netns_cookie = event.netns_cookie,
+            container = event.container.as_deref().unwrap_or(""),
             host = %event.host,
             method = %event.method,
             path = %event.path,
@@ -107,6 +113,8 @@ impl EventLog {
                     "agent": event.agent.as_deref(),
                     "cgroupId": event.cgroup_id,
                     "pid": event.pid,
+                    "netnsCookie": event.netns_cookie,
+                    "container": event.container.as_deref(),
                     "secrets": event.secrets.iter().map(|s| json!({"id": &*s.id, "name": &*s.name})).collect::<Vec<_>>(),
                     "host": &*event.host,
                     "method": event.method.as_str(),
@@ -151,6 +159,8 @@ mod tests {
             agent: None,
             cgroup_id: 1,
             pid: 2,
+            netns_cookie: 3,
+            container: None,
             secrets: vec![SecretUse {
                 id: "sec_1".into(),
                 name: "a".into(),

@@ -52,6 +52,11 @@ pub struct Listen {
     pub ipv6: Ipv6Addr,
     /// Listener port (both families).
     pub port: u16,
+    /// IPv4 address containers reach the engine at with `foreign_netns = "redirect"`; the
+    /// daemon adds it to `lo`. Any address the containers route to the host works.
+    pub containers_ipv4: Ipv4Addr,
+    /// Same, IPv6.
+    pub containers_ipv6: Ipv6Addr,
 }
 
 impl Default for Listen {
@@ -60,18 +65,28 @@ impl Default for Listen {
             ipv4: Ipv4Addr::LOCALHOST,
             ipv6: Ipv6Addr::LOCALHOST,
             port: 15443,
+            containers_ipv4: Ipv4Addr::new(169, 254, 77, 77),
+            // fd61:7070:6c69::/48 spells "appli" and is a ULA nobody routes.
+            containers_ipv6: Ipv6Addr::new(0xfd61, 0x7070, 0x6c69, 0, 0, 0, 0, 1),
         }
     }
 }
 
 /// Connections from other network namespaces.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum ForeignNetns {
     /// Refuse them: they cannot reach the engine, and nothing may bypass it.
     Refuse,
     /// Let them go out unredirected.
     Allow,
+    /// Serve containers: the host's policy routing delivers their connections, unrewritten,
+    /// to the engine (sk_lookup). Namespaces not set up yet are refused.
+    Tproxy,
+    /// Serve containers by rewriting their connects to the engine's container address, for
+    /// hosts whose stack never sees container packets (eBPF-dataplane CNIs, macvlan).
+    /// Namespaces not set up yet are refused.
+    Redirect,
 }
 
 /// What is intercepted.
@@ -90,6 +105,10 @@ pub struct CaptureConfig {
     pub mark: u32,
     /// Intercepted connections from other network namespaces.
     pub foreign_netns: ForeignNetns,
+    /// Routing table of the `local` routes that `tproxy` delivery uses.
+    pub routing_table: u32,
+    /// Preference of the policy rules that `tproxy` delivery adds (before `main`, 32766).
+    pub rule_preference: u32,
 }
 
 impl Default for CaptureConfig {
@@ -101,6 +120,8 @@ impl Default for CaptureConfig {
             bpffs_dir: "/sys/fs/bpf/appliance".into(),
             mark: 0x6170_6c69,
             foreign_netns: ForeignNetns::Refuse,
+            routing_table: 1500,
+            rule_preference: 1500,
         }
     }
 }
@@ -314,6 +335,24 @@ impl Config {
                 "is 0; capture must know the port, give 1-65535".into(),
             ));
         }
+        if !(1..32766).contains(&self.capture.rule_preference) {
+            return Err(invalid(
+                "capture.rule_preference",
+                format!(
+                    "is {}; give 1-32765 so the rules run before the main table (32766)",
+                    self.capture.rule_preference
+                ),
+            ));
+        }
+        if matches!(self.capture.routing_table, 0 | 253..=255) {
+            return Err(invalid(
+                "capture.routing_table",
+                format!(
+                    "is {}, a table the kernel reserves; choose an unused table such as 1500",
+                    self.capture.routing_table
+                ),
+            ));
+        }
         if self.capture.mark == 0 {
             return Err(invalid(
                 "capture.mark",
@@ -469,7 +508,15 @@ mod tests {
             ("[listen]\nprot = 1", "unknown field `prot`"),
             (
                 "[capture]\nforeign_netns = \"maybe\"",
-                "expected `refuse` or `allow`",
+                "expected one of `refuse`, `allow`, `tproxy`, `redirect`",
+            ),
+            (
+                "[capture]\nrule_preference = 40000",
+                "capture.rule_preference: is 40000; give 1-32765",
+            ),
+            (
+                "[capture]\nrouting_table = 254",
+                "capture.routing_table: is 254, a table the kernel reserves",
             ),
             ("[listen]\nipv4 = \"localhost\"", "invalid IPv4 address"),
         ] {

@@ -14,7 +14,8 @@ use tracing::{info, warn};
 
 use crate::api::{self, ApiSettings, ApiState};
 use crate::audit::EventLog;
-use crate::capture::{self, Capture, CaptureControl, CaptureSettings, Cgroup};
+use crate::capture::containers::ContainerSettings;
+use crate::capture::{self, Capture, CaptureControl, CaptureSettings, Cgroup, Delivery};
 use crate::engine::Engine;
 use crate::injection::SecretInjector;
 use crate::proxy::{Proxy, ProxySettings};
@@ -26,6 +27,9 @@ use crate::tls::{CertificateAuthority, LeafCache, UpstreamTls};
 pub struct DaemonSettings {
     /// eBPF setup.
     pub capture: CaptureSettings,
+    /// Serving containers (other network namespaces); `None` refuses or allows them as
+    /// `capture.refuse_foreign_netns` says.
+    pub containers: Option<ContainerSettings>,
     /// Engine listener addresses.
     pub listen: Vec<std::net::SocketAddr>,
     /// Proxy limits and policies.
@@ -92,6 +96,18 @@ pub async fn run(
     // Listen before attaching, so the first redirected connection finds the engine.
     let engine = Engine::bind(&settings.listen, destinations, Arc::clone(&proxy)).await?;
     let listening = engine.local_addrs();
+    if settings
+        .containers
+        .as_ref()
+        .is_some_and(|containers| containers.delivery == Delivery::Tproxy)
+    {
+        capture
+            .steer_to(
+                engine.primary_listener(false),
+                engine.primary_listener(true),
+            )
+            .context("steering container connections to the engine")?;
+    }
 
     let mut base = vec![Cgroup::create(&settings.agents_cgroup)
         .context("creating the agents cgroup (--agents-cgroup)")?];
@@ -106,7 +122,10 @@ pub async fn run(
         leaves: api_leaves,
         ca_dir,
         events,
-        capture: Mutex::new(CaptureControl::new(capture, base)),
+        capture: Mutex::new(
+            CaptureControl::new(capture, base, settings.containers.clone())
+                .context("taking over the host side of container delivery")?,
+        ),
     });
     let loaded = |error: crate::api::ApiError| anyhow::anyhow!(error.message);
     let secrets = state.reload_secrets().map_err(loaded)?;
@@ -117,7 +136,10 @@ pub async fn run(
     let admin_api = api::bind(settings.api.clone()).context("starting the admin API")?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let api_task = tokio::spawn(admin_api.serve(Arc::clone(&state), stop_rx.clone()));
-    let served = tokio::spawn(engine.serve(stop_rx, settings.drain));
+    let served = tokio::spawn(engine.serve(stop_rx.clone(), settings.drain));
+    if settings.containers.is_some() {
+        tokio::spawn(follow_containers(Arc::clone(&state), stop_rx));
+    }
     info!(
         event = "ready",
         socket = %settings.api.socket.display(),
@@ -159,6 +181,38 @@ pub async fn run(
     api_task.await.context("admin API task failed")?;
     info!("appliance stopped");
     Ok(())
+}
+
+/// How often the daemon looks for container namespaces that appeared or went away. Until a
+/// new namespace is set up its connections are refused, so the period bounds how long a new
+/// container waits, never what escapes.
+const CONTAINER_REFRESH: Duration = Duration::from_secs(1);
+
+async fn follow_containers(state: Arc<ApiState>, mut stop: watch::Receiver<bool>) {
+    let mut ticks = tokio::time::interval(CONTAINER_REFRESH);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = ticks.tick() => {}
+        }
+        let state = Arc::clone(&state);
+        let refreshed = tokio::task::spawn_blocking(move || {
+            state
+                .capture
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .refresh_containers()
+        })
+        .await;
+        match refreshed {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                warn!(error = %format!("{:#}", anyhow::Error::new(error)), "following containers failed")
+            }
+            Err(error) => warn!(%error, "following containers panicked"),
+        }
+    }
 }
 
 /// Applies what a reload may change without dropping connections: upstream trust and proxy

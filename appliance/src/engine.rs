@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn, Instrument as _};
 
 use crate::addr::ClientAddr;
-use crate::capture::{OriginalDestinations, Redirect};
+use crate::capture::OriginalDestinations;
 use crate::proxy::{stop_requested, Proxy};
 
 /// Errors that stop the engine from starting.
@@ -55,6 +55,20 @@ impl Engine {
             destinations,
             proxy,
         })
+    }
+
+    /// The first listener of the family (IPv6 when `ipv6`), which the sk_lookup program hands
+    /// containers' connections to.
+    pub fn primary_listener(&self, ipv6: bool) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd as _;
+        self.listeners
+            .iter()
+            .find(|listener| {
+                listener
+                    .local_addr()
+                    .is_ok_and(|addr| addr.is_ipv6() == ipv6)
+            })
+            .map(|listener| listener.as_fd())
     }
 
     /// The addresses actually bound (useful when a port was 0).
@@ -137,7 +151,7 @@ async fn handle(
     proxy: Arc<Proxy>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let redirect = match destinations.take(client) {
+    let mut redirect = match destinations.take(client) {
         Ok(Some(redirect)) => redirect,
         Ok(None) => {
             warn!("connection was not redirected by capture (no original destination); closing");
@@ -148,16 +162,17 @@ async fn handle(
             return;
         }
     };
-    let Redirect {
-        original_dst,
-        cgroup_id,
-        pid,
-    } = redirect;
+    if redirect.from_container {
+        redirect.container =
+            crate::capture::containers::container_unit(redirect.pid).map(Arc::from);
+    }
     info!(
         event = "redirected",
-        original_dst = %original_dst,
-        cgroup_id = cgroup_id.0,
-        pid,
+        original_dst = %redirect.original_dst,
+        cgroup_id = redirect.cgroup_id.0,
+        pid = redirect.pid,
+        netns_cookie = redirect.netns_cookie,
+        container = redirect.container.as_deref().unwrap_or(""),
         "accepted redirected connection"
     );
     proxy.serve(stream, redirect, shutdown).await;
@@ -167,7 +182,7 @@ async fn handle(
 mod tests {
     use super::*;
     use crate::addr::OrigDstAddr;
-    use crate::capture::{CgroupId, FixedOriginalDestinations};
+    use crate::capture::{CgroupId, FixedOriginalDestinations, Redirect};
     use crate::test_support::test_proxy;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::TcpSocket;
@@ -214,6 +229,9 @@ mod tests {
                 original_dst: OrigDstAddr(upstream),
                 cgroup_id: CgroupId(1),
                 pid: 1,
+                netns_cookie: 1,
+                from_container: false,
+                container: None,
             },
         );
         let mut stream = socket.connect(engine_addr).await.unwrap();

@@ -13,7 +13,8 @@ mod commands;
 use commands::{ClientCommand, Output};
 
 use appliance::api::ApiSettings;
-use appliance::capture::{self, CaptureSettings};
+use appliance::capture::containers::{self, ContainerSettings};
+use appliance::capture::{self, CaptureSettings, Delivery};
 use appliance::config::{Config, ForeignNetns, LogFormatConfig, UninterceptedConfig};
 use appliance::daemon::{self, DaemonSettings};
 use appliance::logging::{self, LogFormat};
@@ -123,6 +124,10 @@ struct DaemonArgs {
     /// Another cgroup to intercept, repeatable (capture.cgroups).
     #[arg(long = "cgroup")]
     cgroups: Vec<PathBuf>,
+    /// Connections from other network namespaces, such as containers
+    /// (capture.foreign_netns).
+    #[arg(long, value_enum)]
+    foreign_netns: Option<ForeignNetns>,
     /// bpffs directory for pinned links and maps (capture.bpffs_dir).
     #[arg(long, env = "APPLIANCE_BPFFS_DIR")]
     bpffs_dir: Option<PathBuf>,
@@ -210,6 +215,9 @@ impl DaemonArgs {
             capture.agents_cgroup.clone_from(agents);
         }
         capture.cgroups.extend(self.cgroups.iter().cloned());
+        if let Some(mode) = self.foreign_netns {
+            capture.foreign_netns = mode;
+        }
         if let Some(bpffs_dir) = &self.bpffs_dir {
             capture.bpffs_dir.clone_from(bpffs_dir);
         }
@@ -252,7 +260,9 @@ fn settings(config: &Config) -> DaemonSettings {
         engine_port: config.listen.port,
         intercepted_ports: config.capture.intercept_ports.clone(),
         own_mark: config.capture.mark,
-        refuse_foreign_netns: config.capture.foreign_netns == ForeignNetns::Refuse,
+        refuse_foreign_netns: config.capture.foreign_netns != ForeignNetns::Allow,
+        container_v4: config.listen.containers_ipv4,
+        container_v6: config.listen.containers_ipv6,
         ebpf_log_level: if tracing::enabled!(target: "appliance_ebpf", tracing::Level::DEBUG) {
             4
         } else {
@@ -271,12 +281,35 @@ fn settings(config: &Config) -> DaemonSettings {
             UninterceptedConfig::Refuse => Unintercepted::Refuse,
         },
     };
+    let containers = match config.capture.foreign_netns {
+        ForeignNetns::Refuse | ForeignNetns::Allow => None,
+        ForeignNetns::Tproxy => Some(Delivery::Tproxy),
+        ForeignNetns::Redirect => Some(Delivery::Redirect),
+    }
+    .map(|delivery| ContainerSettings {
+        delivery,
+        routing_table: config.capture.routing_table,
+        rule_preference: config.capture.rule_preference,
+        ports: config.capture.intercept_ports.clone(),
+    });
+    let mut listen = vec![
+        SocketAddr::new(config.listen.ipv4.into(), config.listen.port),
+        SocketAddr::new(config.listen.ipv6.into(), config.listen.port),
+    ];
+    if config.capture.foreign_netns == ForeignNetns::Redirect {
+        listen.push(SocketAddr::new(
+            config.listen.containers_ipv4.into(),
+            config.listen.port,
+        ));
+        listen.push(SocketAddr::new(
+            config.listen.containers_ipv6.into(),
+            config.listen.port,
+        ));
+    }
     DaemonSettings {
         capture,
-        listen: vec![
-            SocketAddr::new(config.listen.ipv4.into(), config.listen.port),
-            SocketAddr::new(config.listen.ipv6.into(), config.listen.port),
-        ],
+        containers,
+        listen,
         proxy,
         state_dir: config.state.dir.clone(),
         upstream_ca_files: config.upstream.ca_files.clone(),
@@ -307,6 +340,8 @@ fn run_daemon(args: DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
         return Ok(());
     }
     if args.detach_all {
+        containers::remove_host_side(config.capture.routing_table, config.capture.rule_preference)
+            .context("removing the container routing rules")?;
         let cgroups = capture::detach_all(&config.capture.bpffs_dir)?;
         tracing::info!(cgroups, bpffs_dir = %config.capture.bpffs_dir.display(), "detached everything");
         return Ok(());
@@ -400,6 +435,8 @@ fn uninstall(root: &std::path::Path, purge: bool) -> anyhow::Result<i32> {
     } else {
         Config::default()
     };
+    containers::remove_host_side(config.capture.routing_table, config.capture.rule_preference)
+        .context("removing the container routing rules")?;
     let cgroups = capture::detach_all(&config.capture.bpffs_dir)?;
     println!(
         "detached {cgroups} intercepted cgroups ({})",

@@ -229,6 +229,9 @@ impl ApiState {
         capture
             .reconcile(&cgroups)
             .map_err(|error| ApiError::internal(&error))?;
+        capture
+            .refresh_containers()
+            .map_err(|error| ApiError::internal(&error))?;
         let mount =
             crate::capture::cgroup::cgroup2_mount().map_err(|error| ApiError::internal(&error))?;
         self.injector

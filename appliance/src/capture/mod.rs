@@ -4,8 +4,9 @@
 //! Everything the kernel side holds is pinned under one bpffs directory:
 //!
 //! ```text
-//! <bpffs_dir>/maps/<MAP>                 CONFIG, PORTS, SOCKETS, ORIG_DST
+//! <bpffs_dir>/maps/<MAP>                 CONFIG, PORTS, SOCKETS, ORIG_DST, FOREIGN, COVERED, ENGINE
 //! <bpffs_dir>/links/<cgroup id>/<prog>   one link per program and selected cgroup
+//! <bpffs_dir>/links/netns/steer          the sk_lookup link in the engine's namespace
 //! ```
 //!
 //! Pinned links keep redirecting while the daemon is down: an intercepted connection then
@@ -14,18 +15,22 @@
 //! copies and is never without one.
 
 pub mod cgroup;
+pub mod containers;
 mod origdst;
 pub(crate) mod sys;
 
 use std::fs::{self, File};
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::os::fd::AsFd as _;
+use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::path::{Path, PathBuf};
 
-use appliance_common::{map_names, CaptureConfig, FLAG_REFUSE_FOREIGN_NETNS, PROGRAM_NAMES};
-use aya::maps::{Array, HashMap, MapError};
-use aya::programs::{links::FdLink, CgroupAttachMode, Program, ProgramError};
+use appliance_common::{
+    ipv4_mapped, map_names, CaptureConfig, CoveredSource, ENGINE_LISTENER_V4, ENGINE_LISTENER_V6,
+    FLAG_REFUSE_FOREIGN_NETNS, PROGRAM_NAMES, STEERING_PROGRAM,
+};
+use aya::maps::{Array, HashMap, MapError, SockMap};
+use aya::programs::{links::FdLink, CgroupAttachMode, Program, ProgramError, SkLookup};
 use aya::{Ebpf, EbpfLoader};
 
 pub use cgroup::{Cgroup, CgroupId};
@@ -117,9 +122,13 @@ pub struct CaptureSettings {
     pub intercepted_ports: Vec<u16>,
     /// `SO_MARK` of the engine's own upstream sockets, which are never redirected.
     pub own_mark: u32,
-    /// Refuse intercepted connections from other network namespaces instead of letting them
-    /// go out unredirected.
+    /// Refuse intercepted connections from other network namespaces that are not set up for
+    /// delivery, instead of letting them go out unredirected.
     pub refuse_foreign_netns: bool,
+    /// Engine addresses that containers in `redirect` namespaces connect to.
+    pub container_v4: Ipv4Addr,
+    /// Same, IPv6.
+    pub container_v6: Ipv6Addr,
     /// Most verbose level the eBPF programs emit (aya-log: 1 error … 5 trace).
     pub ebpf_log_level: u8,
 }
@@ -154,6 +163,51 @@ impl PinLayout {
 
     fn cgroup_links(&self, cgroup: CgroupId) -> PathBuf {
         self.links().join(cgroup.to_string())
+    }
+
+    fn steering_link(&self) -> PathBuf {
+        self.links().join("netns").join(STEERING_PROGRAM)
+    }
+}
+
+/// How connections from a covered foreign namespace reach the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Unrewritten; policy routing and the sk_lookup program deliver them.
+    Tproxy,
+    /// Rewritten to the engine's container address.
+    Redirect,
+}
+
+impl Delivery {
+    fn kernel_value(self) -> u32 {
+        u32::from(match self {
+            Self::Tproxy => appliance_common::DELIVERY_TPROXY,
+            Self::Redirect => appliance_common::DELIVERY_REDIRECT,
+        })
+    }
+}
+
+/// Traffic the sk_lookup program gives the engine: from `source` (every source when `None`)
+/// arriving on host interface `ifindex`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CoveredTraffic {
+    /// Host-side interface index (the bridge, or a routed veth).
+    pub ifindex: u32,
+    /// Source address; `None` covers the whole interface.
+    pub source: Option<std::net::IpAddr>,
+}
+
+impl CoveredTraffic {
+    fn key(self) -> CoveredSource {
+        CoveredSource {
+            ifindex: self.ifindex,
+            ip6: match self.source {
+                None => [0; 4],
+                Some(std::net::IpAddr::V4(ip)) => ipv4_mapped(u32::from_ne_bytes(ip.octets())),
+                Some(ip @ std::net::IpAddr::V6(_)) => crate::addr::to_kernel_words(ip),
+            },
+        }
     }
 }
 
@@ -229,11 +283,149 @@ impl Capture {
             let loaded = match program {
                 Program::CgroupSockAddr(program) => program.load(),
                 Program::SockOps(program) => program.load(),
-                _ => unreachable!("the object only defines cgroup_sock_addr and sock_ops programs"),
+                _ => {
+                    unreachable!("PROGRAM_NAMES lists only cgroup_sock_addr and sock_ops programs")
+                }
             };
             loaded.map_err(program_error(name))?;
         }
+        capture
+            .steering_program()?
+            .load()
+            .map_err(program_error(STEERING_PROGRAM))?;
         Ok(capture)
+    }
+
+    fn steering_program(&mut self) -> Result<&mut SkLookup, CaptureError> {
+        let program = self.program_mut(STEERING_PROGRAM)?;
+        program.try_into().map_err(program_error(STEERING_PROGRAM))
+    }
+
+    fn map_by_name(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, CaptureError> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(MapError::InvalidName { name: name.into() })
+            .map_err(map_error(name))
+    }
+
+    /// Lets covered containers' connections reach the engine: puts its listeners into the
+    /// `ENGINE` sockmap and attaches the sk_lookup program to this network namespace (adopting
+    /// a link an earlier daemon pinned). Listeners are marked `IP_TRANSPARENT`, which the
+    /// kernel requires to answer for an address that is not the host's.
+    pub fn steer_to(
+        &mut self,
+        listener_v4: Option<std::os::fd::BorrowedFd<'_>>,
+        listener_v6: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> Result<(), CaptureError> {
+        let name = map_names::ENGINE_LISTENERS;
+        let mut listeners: SockMap<_> =
+            SockMap::try_from(self.map_by_name(name)?).map_err(map_error(name))?;
+        for (index, listener) in [
+            (ENGINE_LISTENER_V4, listener_v4),
+            (ENGINE_LISTENER_V6, listener_v6),
+        ] {
+            let Some(listener) = listener else { continue };
+            sys::set_transparent(listener).map_err(io_error(
+                "setting IP_TRANSPARENT on the engine listener; it needs CAP_NET_ADMIN, at",
+                Path::new(name),
+            ))?;
+            listeners
+                .set(index, &listener.as_raw_fd(), 0)
+                .map_err(map_error(name))?;
+        }
+        let pin = self.layout.steering_link();
+        let parent = pin.parent().unwrap_or(&pin).to_path_buf();
+        fs::create_dir_all(&parent).map_err(io_error("creating", &parent))?;
+        let program = self.steering_program()?;
+        if pin.exists() {
+            let program_fd = program.fd().map_err(program_error(STEERING_PROGRAM))?;
+            let link = sys::open_pinned(&pin).map_err(io_error("opening pinned link", &pin))?;
+            if sys::update_link_program(link.as_fd(), program_fd.as_fd()).is_ok() {
+                return Ok(());
+            }
+            tracing::warn!(pin = %pin.display(), "replacing a pinned sk_lookup link that cannot be updated");
+            fs::remove_file(&pin).map_err(io_error("removing", &pin))?;
+        }
+        let netns_path = Path::new("/proc/self/ns/net");
+        let netns = File::open(netns_path).map_err(io_error("opening", netns_path))?;
+        let id = program
+            .attach(netns)
+            .map_err(program_error(STEERING_PROGRAM))?;
+        let link = FdLink::from(
+            program
+                .take_link(id)
+                .map_err(program_error(STEERING_PROGRAM))?,
+        );
+        link.pin(&pin).map_err(|error| CaptureError::Io {
+            action: "pinning link at",
+            path: pin.clone(),
+            source: io::Error::other(error),
+        })?;
+        Ok(())
+    }
+
+    /// Serves the foreign namespace `netns_cookie`: its traffic in `covered` goes to the
+    /// engine, then its connects are delivered as `delivery`. The order matters: until the
+    /// namespace's entry exists its connects are refused, so nothing leaves uncaptured.
+    pub fn cover(
+        &mut self,
+        netns_cookie: u64,
+        delivery: Delivery,
+        covered: &[CoveredTraffic],
+    ) -> Result<(), CaptureError> {
+        let name = map_names::COVERED_SOURCES;
+        let mut sources: HashMap<_, CoveredSource, u8> =
+            HashMap::try_from(self.map_by_name(name)?).map_err(map_error(name))?;
+        for traffic in covered {
+            sources
+                .insert(traffic.key(), 1, 0)
+                .map_err(map_error(name))?;
+        }
+        let name = map_names::FOREIGN_NAMESPACES;
+        let mut namespaces: HashMap<_, u64, u32> =
+            HashMap::try_from(self.map_by_name(name)?).map_err(map_error(name))?;
+        namespaces
+            .insert(netns_cookie, delivery.kernel_value(), 0)
+            .map_err(map_error(name))
+    }
+
+    /// Forgets every served namespace (a restarted daemon sets them up afresh).
+    pub fn uncover_all(&mut self) -> Result<(), CaptureError> {
+        let name = map_names::FOREIGN_NAMESPACES;
+        let mut namespaces: HashMap<_, u64, u32> =
+            HashMap::try_from(self.map_by_name(name)?).map_err(map_error(name))?;
+        let cookies: Vec<u64> = namespaces.keys().filter_map(Result::ok).collect();
+        for cookie in cookies {
+            ignore_missing(namespaces.remove(&cookie)).map_err(map_error(name))?;
+        }
+        let name = map_names::COVERED_SOURCES;
+        let mut sources: HashMap<_, CoveredSource, u8> =
+            HashMap::try_from(self.map_by_name(name)?).map_err(map_error(name))?;
+        let keys: Vec<CoveredSource> = sources.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            ignore_missing(sources.remove(&key)).map_err(map_error(name))?;
+        }
+        Ok(())
+    }
+
+    /// Stops serving `netns_cookie`, in the reverse order of [`Capture::cover`]: its connects
+    /// are refused before its traffic stops reaching the engine.
+    pub fn uncover(
+        &mut self,
+        netns_cookie: u64,
+        covered: &[CoveredTraffic],
+    ) -> Result<(), CaptureError> {
+        let name = map_names::FOREIGN_NAMESPACES;
+        let mut namespaces: HashMap<_, u64, u32> =
+            HashMap::try_from(self.map_by_name(name)?).map_err(map_error(name))?;
+        ignore_missing(namespaces.remove(&netns_cookie)).map_err(map_error(name))?;
+        let name = map_names::COVERED_SOURCES;
+        let mut sources: HashMap<_, CoveredSource, u8> =
+            HashMap::try_from(self.map_by_name(name)?).map_err(map_error(name))?;
+        for traffic in covered {
+            ignore_missing(sources.remove(&traffic.key())).map_err(map_error(name))?;
+        }
+        Ok(())
     }
 
     fn configure(&mut self, settings: &CaptureSettings) -> Result<(), CaptureError> {
@@ -254,6 +446,9 @@ impl Capture {
             } else {
                 0
             },
+            container_ip6: crate::addr::to_kernel_words(settings.container_v6.into()),
+            container_ip4: u32::from_ne_bytes(settings.container_v4.octets()),
+            reserved: 0,
         };
         let config_map = self
             .ebpf
@@ -371,6 +566,14 @@ impl Capture {
     }
 }
 
+/// A removal of a key that is already gone succeeds.
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
 fn attach_link(program: &mut Program, cgroup_dir: &File) -> Result<FdLink, ProgramError> {
     let link = match program {
         Program::CgroupSockAddr(program) => {
@@ -381,7 +584,7 @@ fn attach_link(program: &mut Program, cgroup_dir: &File) -> Result<FdLink, Progr
             let id = program.attach(cgroup_dir, CgroupAttachMode::Single)?;
             FdLink::try_from(program.take_link(id)?)
         }
-        _ => unreachable!("the object only defines cgroup_sock_addr and sock_ops programs"),
+        _ => unreachable!("PROGRAM_NAMES lists only cgroup_sock_addr and sock_ops programs"),
     };
     link.map_err(|error| ProgramError::IOError(io::Error::other(error)))
 }
@@ -417,22 +620,47 @@ pub fn is_intercepted(cgroup: &Cgroup) -> Result<bool, CaptureError> {
 }
 
 /// Capture plus the cgroups selected outside the API (the agents cgroup, `--cgroup`); keeps the
-/// kernel's attachments equal to that selection plus the agents' cgroups.
+/// kernel's attachments equal to that selection plus the agents' cgroups, and, when containers
+/// are served, their namespaces' host side equal to the namespaces of the selected processes.
 pub struct CaptureControl {
     capture: Capture,
     base: Vec<Cgroup>,
     /// Cgroups this daemon has attached (or adopted) and not detached since.
-    current: Vec<CgroupId>,
+    current: Vec<Cgroup>,
+    containers: Option<containers::Containers>,
 }
 
 impl CaptureControl {
-    /// Control over `capture`, always selecting `base`.
-    pub fn new(capture: Capture, base: Vec<Cgroup>) -> Self {
-        Self {
+    /// Control over `capture`, always selecting `base`, serving containers when `containers`
+    /// is set.
+    pub fn new(
+        mut capture: Capture,
+        base: Vec<Cgroup>,
+        containers: Option<containers::ContainerSettings>,
+    ) -> Result<Self, containers::ContainerError> {
+        let containers = containers
+            .map(|settings| containers::Containers::start(settings, &mut capture))
+            .transpose()?;
+        Ok(Self {
             capture,
             base,
             current: Vec::new(),
+            containers,
+        })
+    }
+
+    /// Sets up newly appeared container namespaces of selected processes and tears down those
+    /// that are gone; the daemon calls it periodically.
+    pub fn refresh_containers(&mut self) -> Result<(), containers::ContainerError> {
+        match &mut self.containers {
+            Some(containers) => containers.reconcile(&mut self.capture, &self.current),
+            None => Ok(()),
         }
+    }
+
+    /// The capture programs, for setup the daemon does once (the engine's listeners).
+    pub fn capture_mut(&mut self) -> &mut Capture {
+        &mut self.capture
     }
 
     /// Attaches to `base` and `extra` (those not attached yet), detaches every other cgroup.
@@ -444,7 +672,11 @@ impl CaptureControl {
             }
         }
         for cgroup in &wanted {
-            if self.current.contains(&cgroup.id()) {
+            if self
+                .current
+                .iter()
+                .any(|current| current.id() == cgroup.id())
+            {
                 continue;
             }
             let outcome = self.capture.attach(cgroup)?;
@@ -463,7 +695,7 @@ impl CaptureControl {
                 );
             }
         }
-        self.current = wanted.iter().map(Cgroup::id).collect();
+        self.current = wanted;
         Ok(())
     }
 

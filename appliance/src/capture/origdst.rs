@@ -13,7 +13,7 @@ use super::cgroup::CgroupId;
 use crate::addr::{from_kernel_words, to_kernel_words, ClientAddr, OrigDstAddr};
 
 /// What capture recorded about a redirected connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Redirect {
     /// Where the client meant to go.
     pub original_dst: OrigDstAddr,
@@ -21,6 +21,12 @@ pub struct Redirect {
     pub cgroup_id: CgroupId,
     /// Process id of the process that connected.
     pub pid: u32,
+    /// Cookie of the network namespace the connection came from.
+    pub netns_cookie: u64,
+    /// Whether it came from a container's namespace rather than the engine's own.
+    pub from_container: bool,
+    /// The container's unit (`docker-<id>.scope`, …), when the engine could tell.
+    pub container: Option<std::sync::Arc<str>>,
 }
 
 /// Failure to read the kernel's record of a connection.
@@ -66,6 +72,9 @@ impl From<Redirection> for Redirect {
             original_dst: OrigDstAddr(SocketAddr::new(from_kernel_words(record.ip6), record.port)),
             cgroup_id: CgroupId(record.cgroup_id),
             pid: record.pid,
+            netns_cookie: record.netns_cookie,
+            from_container: record.delivery != appliance_common::DELIVERY_LOCAL,
+            container: None,
         }
     }
 }
@@ -120,15 +129,18 @@ mod tests {
     fn kernel_record_converts_to_typed_addresses() {
         let record = Redirection {
             cgroup_id: 42,
+            netns_cookie: 5,
             ip6: appliance_common::ipv4_mapped(u32::from_ne_bytes([127, 0, 0, 9])),
             pid: 7,
             port: 443,
-            reserved: 0,
+            delivery: appliance_common::DELIVERY_TPROXY,
         };
         let redirect = Redirect::from(record);
         assert_eq!(redirect.original_dst.0, "127.0.0.9:443".parse().unwrap());
         assert_eq!(redirect.cgroup_id, CgroupId(42));
         assert_eq!(redirect.pid, 7);
+        assert_eq!(redirect.netns_cookie, 5);
+        assert!(redirect.from_container);
     }
 
     #[test]

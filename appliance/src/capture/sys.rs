@@ -21,6 +21,9 @@ struct ObjGetAttr {
     bpf_fd: u32,
     file_flags: u32,
     path_fd: i32,
+    /// The kernel refuses the call unless every byte past `path_fd` is zero; implicit padding
+    /// would hold whatever the stack held.
+    zero: u32,
 }
 
 #[repr(C)]
@@ -121,5 +124,46 @@ pub fn netns_cookie(socket: impl AsFd) -> io::Result<u64> {
         Err(io::Error::last_os_error())
     } else {
         Ok(cookie)
+    }
+}
+
+/// Marks a listening socket `IP_TRANSPARENT` (and `IPV6_TRANSPARENT` for IPv6), so that it may
+/// accept and answer connections to addresses that are not the host's.
+pub fn set_transparent(socket: BorrowedFd<'_>) -> io::Result<()> {
+    let enable: libc::c_int = 1;
+    let mut domain: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid socket fd, output buffer and length of the right size.
+    if unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&mut domain as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    let (level, option) = if domain == libc::AF_INET6 {
+        (libc::SOL_IPV6, libc::IPV6_TRANSPARENT)
+    } else {
+        (libc::SOL_IP, libc::IP_TRANSPARENT)
+    };
+    // SAFETY: valid socket fd and an int option value of the right size.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            option,
+            (&enable as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }

@@ -213,6 +213,8 @@ impl Proxy {
                     server_name: name,
                     upstream,
                     workload,
+                    netns_cookie: redirect.netns_cookie,
+                    container: redirect.container,
                 };
                 self.intercept(&runtime, stream, *accepted, connection, shutdown)
                     .await;
@@ -235,6 +237,8 @@ struct Connection {
     server_name: String,
     upstream: UpstreamAddr,
     workload: Workload,
+    netns_cookie: u64,
+    container: Option<Arc<str>>,
 }
 
 async fn pass_through(
@@ -274,6 +278,8 @@ impl Proxy {
             server_name,
             upstream,
             workload,
+            netns_cookie,
+            container,
         } = connection;
         let handshake = StartHandshake::from_parts(accepted, stream)
             .into_stream(Arc::clone(&self.server_config));
@@ -294,6 +300,8 @@ impl Proxy {
             server_name: Arc::from(server_name),
             upstream,
             workload,
+            netns_cookie,
+            container,
             injector: Arc::clone(&self.injector),
             pool: Arc::clone(&runtime.pool),
             events: Arc::clone(&self.events),

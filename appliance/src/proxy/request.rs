@@ -35,6 +35,10 @@ pub struct ConnectionContext {
     pub upstream: UpstreamAddr,
     /// Who the client is.
     pub workload: Workload,
+    /// The client's network namespace cookie.
+    pub netns_cookie: u64,
+    /// The client's container unit, when it runs in one.
+    pub container: Option<Arc<str>>,
     /// The agent the workload belonged to when the connection opened.
     pub agent: Option<Arc<str>>,
     /// The injection layer.
@@ -58,6 +62,8 @@ impl ConnectionContext {
             agent: self.agent.clone(),
             cgroup_id: self.workload.cgroup_id.0,
             pid: self.workload.pid,
+            netns_cookie: self.netns_cookie,
+            container: self.container.clone(),
             secrets,
             host: Arc::clone(&self.server_name),
             method: method.clone(),

@@ -1,0 +1,672 @@
+//! Containers: the network namespaces that selected cgroups' processes live in, and the host
+//! side that delivers their intercepted connections to the engine.
+//!
+//! For `tproxy` delivery each served namespace gets, on the host:
+//! - a policy rule per intercepted port and family that sends TCP from the container's host
+//!   interface into a routing table whose only route is `local` (so the host accepts packets
+//!   for any destination), narrowed by the container's addresses when the interface is a
+//!   bridge other containers share;
+//! - `COVERED` entries, so the sk_lookup program gives exactly that traffic to the engine;
+//! - last, its `FOREIGN` entry, which is what lets its connects through at all.
+//!
+//! Teardown runs in the reverse order, so a namespace is refused before anything it relies
+//! on goes away. Rules and routes are added and deleted through iproute2 (`ip`), with every
+//! selector spelled out: a rule is only ever deleted as exactly the rule that was added.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize;
+
+use super::{Capture, CaptureError, Cgroup, CoveredTraffic, Delivery};
+
+/// Errors while serving a container's namespace.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    /// `ip` could not be started.
+    #[error("starting `ip` failed; the daemon needs iproute2 to serve containers")]
+    IpMissing(#[source] io::Error),
+    /// `ip` refused a command.
+    #[error("`ip {args}` failed: {stderr}")]
+    Ip {
+        /// The arguments.
+        args: String,
+        /// What `ip` said.
+        stderr: String,
+    },
+    /// `ip -j` printed something that is not the JSON it documents.
+    #[error("reading the output of `ip {args}` failed")]
+    IpOutput {
+        /// The arguments.
+        args: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A container's namespace could not be entered or inspected.
+    #[error("inspecting the network namespace of pid {pid} failed")]
+    Namespace {
+        /// A process in the namespace.
+        pid: u32,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The namespace has no interface whose peer is on the host (no veth: `--network none`,
+    /// rootless slirp/pasta, or a bare `unshare -n`): nothing the host could deliver.
+    #[error("the network namespace of pid {pid} has no veth to the host; it stays refused")]
+    NoHostInterface {
+        /// A process in the namespace.
+        pid: u32,
+    },
+    /// The eBPF maps refused an update.
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+}
+
+/// How the daemon serves containers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerSettings {
+    /// How their connections reach the engine.
+    pub delivery: Delivery,
+    /// Routing table holding the `local` routes of `tproxy` delivery.
+    pub routing_table: u32,
+    /// Preference of the policy rules (must sort before `main`, 32766).
+    pub rule_preference: u32,
+    /// Intercepted destination ports.
+    pub ports: Vec<u16>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn flag(self) -> &'static str {
+        match self {
+            Self::V4 => "-4",
+            Self::V6 => "-6",
+        }
+    }
+
+    fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Self::V4,
+            IpAddr::V6(_) => Self::V6,
+        }
+    }
+
+    fn local_default(self) -> &'static str {
+        match self {
+            Self::V4 => "0.0.0.0/0",
+            Self::V6 => "::/0",
+        }
+    }
+}
+
+/// One policy rule, with every selector it was added with.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Rule {
+    family: Family,
+    interface: String,
+    source: Option<IpAddr>,
+    port: u16,
+}
+
+impl Rule {
+    fn args(&self, action: &str, settings: &ContainerSettings) -> Vec<String> {
+        let mut args = vec![
+            self.family.flag().to_owned(),
+            "rule".into(),
+            action.into(),
+            "pref".into(),
+            settings.rule_preference.to_string(),
+            "iif".into(),
+            self.interface.clone(),
+        ];
+        if let Some(source) = self.source {
+            args.extend(["from".into(), source.to_string()]);
+        }
+        args.extend([
+            "ipproto".into(),
+            "tcp".into(),
+            "dport".into(),
+            self.port.to_string(),
+            "lookup".into(),
+            settings.routing_table.to_string(),
+        ]);
+        args
+    }
+}
+
+/// A namespace the daemon serves.
+#[derive(Debug)]
+struct Served {
+    cookie: u64,
+    /// Host-side interfaces the namespace's traffic arrives on; when one disappears the
+    /// namespace is torn down (and refused) until it is set up again.
+    host_interfaces: BTreeSet<u32>,
+    rules: Vec<Rule>,
+    covered: Vec<CoveredTraffic>,
+}
+
+/// The foreign namespaces of selected cgroups, and what the daemon set up for them.
+pub struct Containers {
+    settings: ContainerSettings,
+    own_netns: u64,
+    /// By namespace inode.
+    served: HashMap<u64, Served>,
+}
+
+impl Containers {
+    /// Takes over the host side: removes what an earlier daemon left (rules with our
+    /// preference and table, `FOREIGN` and `COVERED` entries), so every namespace is refused
+    /// until this daemon has set it up again.
+    pub fn start(
+        settings: ContainerSettings,
+        capture: &mut Capture,
+    ) -> Result<Self, ContainerError> {
+        let own_netns = namespace_inode(Path::new("/proc/self/ns/net")).map_err(|source| {
+            ContainerError::Namespace {
+                pid: std::process::id(),
+                source,
+            }
+        })?;
+        capture.uncover_all()?;
+        remove_host_side(settings.routing_table, settings.rule_preference)?;
+        if settings.delivery == Delivery::Tproxy {
+            for family in [Family::V4, Family::V6] {
+                ip(&[
+                    family.flag(),
+                    "route",
+                    "replace",
+                    "local",
+                    family.local_default(),
+                    "dev",
+                    "lo",
+                    "table",
+                    &settings.routing_table.to_string(),
+                ])?;
+            }
+        }
+        Ok(Self {
+            settings,
+            own_netns,
+            served: HashMap::new(),
+        })
+    }
+
+    /// Serves the foreign namespaces of processes in `selected` (and their descendants) and
+    /// stops serving namespaces that are gone or whose host interface disappeared. A
+    /// namespace that cannot be set up is logged and stays refused.
+    pub fn reconcile(
+        &mut self,
+        capture: &mut Capture,
+        selected: &[Cgroup],
+    ) -> Result<(), ContainerError> {
+        let wanted = foreign_namespaces(selected, self.own_netns);
+        let host_links = links(&[])?;
+        let stale: Vec<u64> = self
+            .served
+            .iter()
+            .filter(|(inode, served)| {
+                !wanted.contains_key(inode)
+                    || served
+                        .host_interfaces
+                        .iter()
+                        .any(|index| !host_links.iter().any(|link| link.ifindex == *index))
+            })
+            .map(|(inode, _)| *inode)
+            .collect();
+        for inode in stale {
+            if let Some(served) = self.served.remove(&inode) {
+                self.tear_down(capture, &served)?;
+                tracing::info!(
+                    event = "container_released",
+                    netns_cookie = served.cookie,
+                    "stopped serving a container network namespace"
+                );
+            }
+        }
+        for (inode, pid) in wanted {
+            if self.served.contains_key(&inode) {
+                continue;
+            }
+            match self.set_up(capture, pid, &host_links) {
+                Ok(served) => {
+                    tracing::info!(
+                        event = "container_served",
+                        netns_cookie = served.cookie,
+                        pid,
+                        delivery = ?self.settings.delivery,
+                        interfaces = ?served.host_interfaces,
+                        "serving a container network namespace"
+                    );
+                    self.served.insert(inode, served);
+                }
+                Err(error) => tracing::warn!(
+                    pid,
+                    error = %error_chain(&error),
+                    "cannot serve a container network namespace; its intercepted connections stay refused"
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    fn tear_down(&self, capture: &mut Capture, served: &Served) -> Result<(), ContainerError> {
+        tear_down(&self.settings, capture, served)
+    }
+
+    fn set_up(
+        &self,
+        capture: &mut Capture,
+        pid: u32,
+        host_links: &[Link],
+    ) -> Result<Served, ContainerError> {
+        let inside = inspect_namespace(pid)?;
+        let mut served = Served {
+            cookie: inside.cookie,
+            host_interfaces: BTreeSet::new(),
+            rules: Vec::new(),
+            covered: Vec::new(),
+        };
+        for link in inside.links.iter().filter(|link| link.link_index.is_some()) {
+            let Some(peer) = host_links
+                .iter()
+                .find(|host| Some(host.ifindex) == link.link_index)
+            else {
+                continue;
+            };
+            served.host_interfaces.insert(peer.ifindex);
+            let bridge = peer
+                .master
+                .as_deref()
+                .and_then(|master| host_links.iter().find(|host| host.ifname == master));
+            let addresses: Vec<IpAddr> = link
+                .addr_info
+                .iter()
+                .filter(|address| address.scope == "global")
+                .filter_map(|address| address.local.parse().ok())
+                .collect();
+            match bridge {
+                // Other containers share the bridge: only this one's addresses are covered.
+                Some(bridge) => {
+                    served.host_interfaces.insert(bridge.ifindex);
+                    for &source in &addresses {
+                        served.covered.push(CoveredTraffic {
+                            ifindex: bridge.ifindex,
+                            source: Some(source),
+                        });
+                        for &port in &self.settings.ports {
+                            served.rules.push(Rule {
+                                family: Family::of(source),
+                                interface: bridge.ifname.clone(),
+                                source: Some(source),
+                                port,
+                            });
+                        }
+                    }
+                }
+                // A routed veth serves this container alone: cover all of it, whatever
+                // source address a raw socket writes.
+                None => {
+                    served.covered.push(CoveredTraffic {
+                        ifindex: peer.ifindex,
+                        source: None,
+                    });
+                    for family in [Family::V4, Family::V6] {
+                        for &port in &self.settings.ports {
+                            served.rules.push(Rule {
+                                family,
+                                interface: peer.ifname.clone(),
+                                source: None,
+                                port,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        if served.host_interfaces.is_empty() {
+            return Err(ContainerError::NoHostInterface { pid });
+        }
+        if self.settings.delivery == Delivery::Redirect {
+            // Redirected connects go to the engine's container address; the host needs no
+            // rule and the sk_lookup program no coverage.
+            served.rules.clear();
+            served.covered.clear();
+        }
+        let added = self.add_rules(&served.rules);
+        if let Err(error) = added.and_then(|()| {
+            capture
+                .cover(served.cookie, self.settings.delivery, &served.covered)
+                .map_err(ContainerError::from)
+        }) {
+            let _ = self.tear_down(capture, &served);
+            return Err(error);
+        }
+        Ok(served)
+    }
+
+    fn add_rules(&self, rules: &[Rule]) -> Result<(), ContainerError> {
+        for rule in rules {
+            // An earlier daemon's identical rule is as good as a new one.
+            ip_unless(&rule.args("add", &self.settings), &["File exists"])?;
+        }
+        Ok(())
+    }
+}
+
+fn tear_down(
+    settings: &ContainerSettings,
+    capture: &mut Capture,
+    served: &Served,
+) -> Result<(), ContainerError> {
+    capture.uncover(served.cookie, &served.covered)?;
+    for rule in &served.rules {
+        ip_unless(&rule.args("del", settings), &["No such file"])?;
+    }
+    Ok(())
+}
+
+/// Removes every rule with `preference` that looks up `table`, each deleted with the full set
+/// of selectors it has, then the table's `local` default routes. Used at start, at stop and
+/// by `--detach-all`.
+pub fn remove_host_side(table: u32, preference: u32) -> Result<(), ContainerError> {
+    #[derive(Deserialize)]
+    struct ShownRule {
+        table: Option<String>,
+        iif: Option<String>,
+        src: Option<String>,
+        srclen: Option<u8>,
+        ipproto: Option<String>,
+        dport: Option<u16>,
+    }
+    let table_text = table.to_string();
+    let preference_text = preference.to_string();
+    for family in [Family::V4, Family::V6] {
+        let shown = ip(&[
+            family.flag(),
+            "-j",
+            "rule",
+            "show",
+            "pref",
+            &preference_text,
+        ])?;
+        let rules: Vec<ShownRule> = parse_json(&shown, "rule show")?;
+        for rule in rules
+            .into_iter()
+            .filter(|rule| rule.table.as_deref() == Some(&table_text))
+        {
+            let mut args: Vec<String> = [family.flag(), "rule", "del", "pref", &preference_text]
+                .map(String::from)
+                .to_vec();
+            if let Some(iif) = rule.iif {
+                args.extend(["iif".into(), iif]);
+            }
+            if let (Some(src), Some(len)) = (rule.src, rule.srclen) {
+                args.extend(["from".into(), format!("{src}/{len}")]);
+            }
+            if let Some(proto) = rule.ipproto {
+                args.extend(["ipproto".into(), proto]);
+            }
+            if let Some(port) = rule.dport {
+                args.extend(["dport".into(), port.to_string()]);
+            }
+            args.extend(["lookup".into(), table_text.clone()]);
+            ip(&args)?;
+        }
+        let route = [
+            family.flag(),
+            "route",
+            "del",
+            "local",
+            family.local_default(),
+            "dev",
+            "lo",
+            "table",
+            &table_text,
+        ];
+        ip_unless(&route, &["No such process", "not found", "does not exist"])?;
+    }
+    Ok(())
+}
+
+/// The systemd unit (or container scope) a process runs in, when it is a container's:
+/// `docker-<id>.scope`, `libpod-<id>.scope`, `cri-containerd-<id>.scope`, `crio-<id>.scope`,
+/// `machine-<name>.scope`. The deepest match wins: a pod's container scope lies below the
+/// pod's slice.
+pub fn container_unit(pid: u32) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = text.lines().find_map(|line| line.strip_prefix("0::"))?;
+    container_unit_of(path)
+}
+
+fn container_unit_of(cgroup_path: &str) -> Option<String> {
+    const RUNTIMES: [&str; 5] = ["docker-", "libpod-", "cri-containerd-", "crio-", "machine-"];
+    cgroup_path
+        .split('/')
+        .rev()
+        .find(|component| {
+            component.ends_with(".scope")
+                && RUNTIMES.iter().any(|prefix| component.starts_with(prefix))
+                && !component.starts_with("libpod-conmon-")
+        })
+        .map(str::to_owned)
+}
+
+#[derive(Debug, Deserialize)]
+struct Link {
+    ifindex: u32,
+    ifname: String,
+    #[serde(default)]
+    master: Option<String>,
+    /// Peer interface index (in another namespace for a veth).
+    #[serde(default)]
+    link_index: Option<u32>,
+    #[serde(default)]
+    addr_info: Vec<Address>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Address {
+    local: String,
+    scope: String,
+}
+
+struct Inside {
+    cookie: u64,
+    links: Vec<Link>,
+}
+
+/// Enters the network namespace of `pid` on a thread of its own (the namespace is per
+/// thread, and the thread ends with it) and reads its cookie and interfaces there.
+fn inspect_namespace(pid: u32) -> Result<Inside, ContainerError> {
+    let namespace_error = move |source| ContainerError::Namespace { pid, source };
+    let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+    let namespace = fs::File::open(&path).map_err(namespace_error)?;
+    std::thread::spawn(move || {
+        // SAFETY: setns(2) on an open namespace file; it changes only this thread.
+        if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(namespace_error(io::Error::last_os_error()));
+        }
+        // SAFETY: plain socket(2); the descriptor is owned at once.
+        let socket =
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if socket < 0 {
+            return Err(namespace_error(io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let socket = unsafe { OwnedFd::from_raw_fd(socket) };
+        let cookie = super::sys::netns_cookie(socket.as_fd()).map_err(namespace_error)?;
+        // A child started from this thread inherits its namespace.
+        let shown = ip(&["-j", "addr", "show"])?;
+        Ok(Inside {
+            cookie,
+            links: parse_json(&shown, "addr show")?,
+        })
+    })
+    .join()
+    .unwrap_or_else(|_| {
+        Err(namespace_error(io::Error::other(
+            "the namespace inspection thread panicked",
+        )))
+    })
+}
+
+fn links(extra: &[&str]) -> Result<Vec<Link>, ContainerError> {
+    let mut args = vec!["-j", "link", "show"];
+    args.extend_from_slice(extra);
+    parse_json(&ip(&args)?, "link show")
+}
+
+fn namespace_inode(path: &Path) -> io::Result<u64> {
+    fs::metadata(path).map(|meta| meta.ino())
+}
+
+/// Foreign namespaces of processes in `selected` and below: namespace inode → one pid in it.
+fn foreign_namespaces(selected: &[Cgroup], own_netns: u64) -> HashMap<u64, u32> {
+    let mut found = HashMap::new();
+    let mut pending: Vec<PathBuf> = selected.iter().map(|cgroup| cgroup.path().into()).collect();
+    while let Some(dir) = pending.pop() {
+        if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|line| line.parse::<u32>().ok()) {
+                let Ok(inode) = namespace_inode(Path::new(&format!("/proc/{pid}/ns/net"))) else {
+                    continue;
+                };
+                if inode != own_netns {
+                    found.entry(inode).or_insert(pid);
+                }
+            }
+        }
+        if let Ok(entries) = fs::read_dir(&dir) {
+            pending.extend(
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+                    .map(|entry| entry.path()),
+            );
+        }
+    }
+    found
+}
+
+fn ip<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<String, ContainerError> {
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(ContainerError::IpMissing)?;
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).trim().to_owned();
+    if output.status.success() {
+        Ok(text(&output.stdout))
+    } else {
+        Err(ContainerError::Ip {
+            args: args
+                .iter()
+                .map(|arg| arg.as_ref().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" "),
+            stderr: text(&output.stderr),
+        })
+    }
+}
+
+/// Runs `ip`, taking a failure whose message contains one of `harmless` as success: the state
+/// the command asked for is already there.
+fn ip_unless<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    harmless: &[&str],
+) -> Result<(), ContainerError> {
+    match ip(args) {
+        Ok(_) => Ok(()),
+        Err(ContainerError::Ip { stderr, .. })
+            if harmless.iter().any(|message| stderr.contains(message)) =>
+        {
+            Ok(())
+        }
+        Err(error) => Err(error),
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(
+    text: &str,
+    what: &str,
+) -> Result<Vec<T>, ContainerError> {
+    // Some `ip -j` listings print nothing at all when they are empty.
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    serde_json::from_str(text).map_err(|source| ContainerError::IpOutput {
+        args: format!("-j {what}"),
+        source,
+    })
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_units_are_recognised_from_their_cgroup_path() {
+        assert_eq!(
+            container_unit_of("/system.slice/docker-4f3a.scope").as_deref(),
+            Some("docker-4f3a.scope")
+        );
+        assert_eq!(
+            container_unit_of("/machine.slice/libpod-9b1c.scope/container").as_deref(),
+            Some("libpod-9b1c.scope")
+        );
+        assert_eq!(
+            container_unit_of(
+                "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice/cri-containerd-77aa.scope"
+            )
+            .as_deref(),
+            Some("cri-containerd-77aa.scope")
+        );
+        assert_eq!(
+            container_unit_of("/machine.slice/libpod-conmon-9b1c.scope"),
+            None
+        );
+        assert_eq!(container_unit_of("/user.slice/session-3.scope"), None);
+    }
+
+    #[test]
+    fn rules_are_spelled_with_every_selector() {
+        let settings = ContainerSettings {
+            delivery: Delivery::Tproxy,
+            routing_table: 1500,
+            rule_preference: 1501,
+            ports: vec![443],
+        };
+        let rule = Rule {
+            family: Family::V6,
+            interface: "br0".into(),
+            source: Some("fd00::2".parse().unwrap()),
+            port: 443,
+        };
+        assert_eq!(
+            rule.args("del", &settings).join(" "),
+            "-6 rule del pref 1501 iif br0 from fd00::2 ipproto tcp dport 443 lookup 1500"
+        );
+    }
+}
