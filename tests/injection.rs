@@ -68,44 +68,6 @@ fn setup(slot: u8, extra: &[&str]) -> Setup {
     }
 }
 
-/// Runs the `appliance` CLI against the daemon's socket, feeding `stdin` when given.
-fn cli(daemon: &Daemon, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut command = test_command(APPLIANCE);
-    command
-        .arg("--socket")
-        .arg(&daemon.socket)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = command.spawn().unwrap();
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
-    child.wait_with_output().unwrap()
-}
-
-fn create_secret(daemon: &Daemon, args: &[&str], value: &str) {
-    let mut full = vec!["secret", "create"];
-    full.extend_from_slice(args);
-    full.push("--value-stdin");
-    let output = cli(daemon, &full, Some(&format!("{value}\n")));
-    assert!(
-        output.status.success(),
-        "secret create {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 impl Setup {
     /// curl inside `appliance exec`, to `https://<host><path>` resolved to the upstream.
     fn curl(&self, ca: &Path, host: &str, path: &str, extra: &[&str]) -> Output {

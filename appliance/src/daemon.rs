@@ -32,6 +32,9 @@ pub struct DaemonSettings {
     pub containers: Option<ContainerSettings>,
     /// Engine listener addresses.
     pub listen: Vec<std::net::SocketAddr>,
+    /// Addresses the daemon adds to `lo` before listening (the engine's container addresses
+    /// under `redirect` delivery).
+    pub local_addresses: Vec<std::net::IpAddr>,
     /// Proxy limits and policies.
     pub proxy: ProxySettings,
     /// Directory of the daemon's persistent state (the CA).
@@ -93,6 +96,8 @@ pub async fn run(
         settings.proxy.clone(),
     )?);
     let destinations = Arc::new(capture.original_destinations()?);
+    capture::containers::add_engine_addresses(&settings.local_addresses)
+        .context("adding the engine's container addresses to lo")?;
     // Listen before attaching, so the first redirected connection finds the engine.
     let engine = Engine::bind(&settings.listen, destinations, Arc::clone(&proxy)).await?;
     let listening = engine.local_addrs();

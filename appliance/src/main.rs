@@ -252,6 +252,32 @@ impl DaemonArgs {
     }
 }
 
+/// The engine's container addresses.
+fn container_addresses(config: &Config) -> Vec<std::net::IpAddr> {
+    vec![
+        config.listen.containers_ipv4.into(),
+        config.listen.containers_ipv6.into(),
+    ]
+}
+
+/// The addresses the daemon adds to `lo`: the container addresses, under `redirect` delivery.
+fn redirect_addresses(config: &Config) -> Vec<std::net::IpAddr> {
+    if config.capture.foreign_netns == ForeignNetns::Redirect {
+        container_addresses(config)
+    } else {
+        Vec::new()
+    }
+}
+
+/// Removes what the daemon added to the host for containers, beside the pinned programs.
+fn remove_container_host_side(config: &Config) -> anyhow::Result<()> {
+    containers::remove_host_side(config.capture.routing_table, config.capture.rule_preference)
+        .context("removing the container routing rules")?;
+    // Whatever the mode now: an earlier daemon may have run with `redirect`.
+    containers::remove_engine_addresses(&container_addresses(config))
+        .context("removing the engine's container addresses from lo")
+}
+
 fn settings(config: &Config) -> DaemonSettings {
     let capture = CaptureSettings {
         bpffs_dir: config.capture.bpffs_dir.clone(),
@@ -296,20 +322,17 @@ fn settings(config: &Config) -> DaemonSettings {
         SocketAddr::new(config.listen.ipv4.into(), config.listen.port),
         SocketAddr::new(config.listen.ipv6.into(), config.listen.port),
     ];
-    if config.capture.foreign_netns == ForeignNetns::Redirect {
-        listen.push(SocketAddr::new(
-            config.listen.containers_ipv4.into(),
-            config.listen.port,
-        ));
-        listen.push(SocketAddr::new(
-            config.listen.containers_ipv6.into(),
-            config.listen.port,
-        ));
-    }
+    let local_addresses = redirect_addresses(config);
+    listen.extend(
+        local_addresses
+            .iter()
+            .map(|&address| SocketAddr::new(address, config.listen.port)),
+    );
     DaemonSettings {
         capture,
         containers,
         listen,
+        local_addresses,
         proxy,
         state_dir: config.state.dir.clone(),
         upstream_ca_files: config.upstream.ca_files.clone(),
@@ -340,8 +363,7 @@ fn run_daemon(args: DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
         return Ok(());
     }
     if args.detach_all {
-        containers::remove_host_side(config.capture.routing_table, config.capture.rule_preference)
-            .context("removing the container routing rules")?;
+        remove_container_host_side(&config)?;
         let cgroups = capture::detach_all(&config.capture.bpffs_dir)?;
         tracing::info!(cgroups, bpffs_dir = %config.capture.bpffs_dir.display(), "detached everything");
         return Ok(());
@@ -435,8 +457,7 @@ fn uninstall(root: &std::path::Path, purge: bool) -> anyhow::Result<i32> {
     } else {
         Config::default()
     };
-    containers::remove_host_side(config.capture.routing_table, config.capture.rule_preference)
-        .context("removing the container routing rules")?;
+    remove_container_host_side(&config)?;
     let cgroups = capture::detach_all(&config.capture.bpffs_dir)?;
     println!(
         "detached {cgroups} intercepted cgroups ({})",

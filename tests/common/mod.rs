@@ -202,6 +202,7 @@ pub struct Daemon {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
     config: PathBuf,
+    config_text: String,
     extra_args: Vec<String>,
     extra_env: Vec<(String, PathBuf)>,
     cgroup: Option<PathBuf>,
@@ -225,6 +226,17 @@ impl Daemon {
         cgroup: Option<&Path>,
         env: &[(&str, &Path)],
     ) -> Self {
+        Self::start_configured(slot, "", extra_args, cgroup, env)
+    }
+
+    /// Starts a daemon for `slot` whose configuration file holds `config_text`.
+    pub fn start_configured(
+        slot: u8,
+        config_text: &str,
+        extra_args: &[&str],
+        cgroup: Option<&Path>,
+        env: &[(&str, &Path)],
+    ) -> Self {
         let mut daemon = Self {
             child: None,
             log: std::env::temp_dir().join(format!("{}.log", unique(slot, "daemon"))),
@@ -234,6 +246,7 @@ impl Daemon {
             state_dir: std::env::temp_dir().join(unique(slot, "state")),
             socket: std::env::temp_dir().join(format!("{}.sock", unique(slot, "admin"))),
             config: std::env::temp_dir().join(format!("{}.toml", unique(slot, "config"))),
+            config_text: config_text.to_owned(),
             extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
             extra_env: env
                 .iter()
@@ -256,8 +269,8 @@ impl Daemon {
             Some(cgroup) => command_in_cgroup(cgroup, APPLIANCE),
             None => test_command(APPLIANCE),
         };
-        // An empty configuration: built-in defaults, whatever is installed in /etc.
-        fs::write(&self.config, "").unwrap();
+        // Built-in defaults unless the test says otherwise, whatever is installed in /etc.
+        fs::write(&self.config, &self.config_text).unwrap();
         command
             .arg("daemon")
             .arg("--config")
@@ -362,10 +375,13 @@ impl Daemon {
         command
     }
 
-    /// Runs `appliance daemon --detach-all` for this daemon's bpffs directory.
+    /// Runs `appliance daemon --detach-all` for this daemon's configuration and bpffs
+    /// directory.
     pub fn detach_all(&self) -> Output {
         test_command(APPLIANCE)
-            .args(["daemon", "--detach-all", "--bpffs-dir"])
+            .args(["daemon", "--detach-all", "--config"])
+            .arg(&self.config)
+            .arg("--bpffs-dir")
             .arg(&self.bpffs_dir)
             .output()
             .unwrap()
@@ -381,6 +397,44 @@ impl Drop for Daemon {
         let _ = fs::remove_file(&self.config);
         let _ = fs::remove_dir_all(&self.state_dir);
     }
+}
+
+/// Runs the `appliance` CLI against the daemon's socket, feeding `stdin` when given.
+pub fn cli(daemon: &Daemon, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut command = test_command(APPLIANCE);
+    command
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+pub fn create_secret(daemon: &Daemon, args: &[&str], value: &str) {
+    let mut full = vec!["secret", "create"];
+    full.extend_from_slice(args);
+    full.push("--value-stdin");
+    let output = cli(daemon, &full, Some(&format!("{value}\n")));
+    assert!(
+        output.status.success(),
+        "secret create {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// `bpftool -j ARGS`, parsed.

@@ -164,6 +164,10 @@ pub struct Containers {
     own_netns: u64,
     /// By namespace inode.
     served: HashMap<u64, Served>,
+    /// Namespaces that could not be set up, with the reason last logged: they are retried
+    /// (a runtime may add the veth after the first process), and logged again only when the
+    /// reason changes.
+    unservable: HashMap<u64, String>,
 }
 
 impl Containers {
@@ -201,6 +205,7 @@ impl Containers {
             settings,
             own_netns,
             served: HashMap::new(),
+            unservable: HashMap::new(),
         })
     }
 
@@ -213,6 +218,8 @@ impl Containers {
         selected: &[Cgroup],
     ) -> Result<(), ContainerError> {
         let wanted = foreign_namespaces(selected, self.own_netns);
+        self.unservable
+            .retain(|inode, _| wanted.contains_key(inode));
         let host_links = links(&[])?;
         let stale: Vec<u64> = self
             .served
@@ -251,12 +258,19 @@ impl Containers {
                         "serving a container network namespace"
                     );
                     self.served.insert(inode, served);
+                    self.unservable.remove(&inode);
                 }
-                Err(error) => tracing::warn!(
-                    pid,
-                    error = %error_chain(&error),
-                    "cannot serve a container network namespace; its intercepted connections stay refused"
-                ),
+                Err(error) => {
+                    let reason = error_chain(&error);
+                    if self.unservable.get(&inode) != Some(&reason) {
+                        tracing::warn!(
+                            pid,
+                            error = %reason,
+                            "cannot serve a container network namespace; its intercepted connections stay refused"
+                        );
+                        self.unservable.insert(inode, reason);
+                    }
+                }
             }
         }
         Ok(())
@@ -436,9 +450,73 @@ pub fn remove_host_side(table: u32, preference: u32) -> Result<(), ContainerErro
             "table",
             &table_text,
         ];
-        ip_unless(&route, &["No such process", "not found", "does not exist"])?;
+        ip_unless(
+            &route,
+            &[
+                "No such process",
+                "No such file",
+                "not found",
+                "does not exist",
+            ],
+        )?;
     }
     Ok(())
+}
+
+/// Gives `lo` the engine's container addresses (`redirect` delivery), so the engine can listen
+/// on them and containers reach them through their default route to the host.
+pub fn add_engine_addresses(addresses: &[IpAddr]) -> Result<(), ContainerError> {
+    let present = loopback_addresses()?;
+    for address in addresses
+        .iter()
+        .filter(|address| !present.contains(address))
+    {
+        let prefix = host_prefix(*address);
+        let mut args = vec![
+            Family::of(*address).flag(),
+            "addr",
+            "add",
+            &prefix,
+            "dev",
+            "lo",
+        ];
+        if address.is_ipv6() {
+            // Duplicate address detection would keep the address unusable for a while.
+            args.push("nodad");
+        }
+        ip(&args)?;
+    }
+    Ok(())
+}
+
+/// Removes what [`add_engine_addresses`] added.
+pub fn remove_engine_addresses(addresses: &[IpAddr]) -> Result<(), ContainerError> {
+    let present = loopback_addresses()?;
+    for address in addresses.iter().filter(|address| present.contains(address)) {
+        let prefix = host_prefix(*address);
+        ip(&[
+            Family::of(*address).flag(),
+            "addr",
+            "del",
+            &prefix,
+            "dev",
+            "lo",
+        ])?;
+    }
+    Ok(())
+}
+
+fn host_prefix(address: IpAddr) -> String {
+    format!("{address}/{}", if address.is_ipv4() { 32 } else { 128 })
+}
+
+fn loopback_addresses() -> Result<Vec<IpAddr>, ContainerError> {
+    let links: Vec<Link> = parse_json(&ip(&["-j", "addr", "show", "dev", "lo"])?, "addr show")?;
+    Ok(links
+        .iter()
+        .flat_map(|link| &link.addr_info)
+        .filter_map(|address| address.local.parse().ok())
+        .collect())
 }
 
 /// The systemd unit (or container scope) a process runs in, when it is a container's:
