@@ -52,6 +52,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("bash", "bash"),
     ("timeout", "coreutils"),
     ("true", "coreutils"),
+    ("sleep", "coreutils"),
     ("setpriv", "util-linux"),
     ("unshare", "util-linux"),
     ("mount", "mount"),
@@ -523,7 +524,8 @@ mod tests {
     use super::TOOLS;
 
     /// Programs the tests, the bench and the demo start, read from their sources: the first
-    /// argument of `test_command`/`Command::new`/`command_in_cgroup`, the program after `"--"`
+    /// argument of `test_command`/`Command::new`, the first quoted one of `command_in_cgroup`
+    /// and `Container::command`, the program after `"--"`
     /// in an argument list, and git-lfs wherever `git lfs` is run.
     fn programs_started() -> Vec<String> {
         let root = super::workspace_root();
@@ -543,11 +545,15 @@ mod tests {
                     programs.push(rest[..rest.find('"').unwrap()].to_owned());
                 }
             }
-            for (index, _) in source.match_indices("command_in_cgroup(") {
-                let rest = &source[index..];
-                let call = &rest[..rest.find(')').unwrap()];
-                if let Some((_, quoted)) = call.split_once('"') {
-                    programs.push(quoted[..quoted.find('"').unwrap()].to_owned());
+            // Calls whose first quoted argument is the program: in a cgroup, and in a test
+            // container (`Container::command`).
+            for marker in ["command_in_cgroup(", ".command("] {
+                for (index, _) in source.match_indices(marker) {
+                    let rest = &source[index..];
+                    let call = &rest[..rest.find(')').unwrap()];
+                    if let Some((_, quoted)) = call.split_once('"') {
+                        programs.push(quoted[..quoted.find('"').unwrap()].to_owned());
+                    }
                 }
             }
             if source.contains("\"lfs\"") {
