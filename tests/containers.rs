@@ -920,3 +920,144 @@ fn redirect_mode_serves_containers_without_host_routing() {
     );
     setup.assert_b_goes_direct();
 }
+
+/// `podman ARGS`, which must succeed; returns stdout.
+fn podman(args: &[&str]) -> String {
+    let output = test_command("podman").args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "podman {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+/// What a Podman test made: an image, a network and a container, removed on drop.
+struct PodmanObjects {
+    image: String,
+    network: String,
+    container: String,
+}
+
+impl Drop for PodmanObjects {
+    fn drop(&mut self) {
+        let _ = test_command("podman")
+            .args(["rm", "--force", "--time", "0", &self.container])
+            .output();
+        let _ = test_command("podman")
+            .args(["network", "rm", "--force", &self.network])
+            .output();
+        let _ = test_command("podman")
+            .args(["rmi", "--force", &self.image])
+            .output();
+    }
+}
+
+/// An image made on this machine (no registry is reachable): curl, sh and sleep with the
+/// libraries they link, imported as a root filesystem.
+fn import_client_image(dir: &Path, image: &str) {
+    let root = dir.join("rootfs");
+    for program in ["/usr/bin/curl", "/bin/sh", "/bin/sleep"] {
+        let linked = test_command("ldd").arg(program).output().unwrap();
+        let libraries = String::from_utf8(linked.stdout).unwrap();
+        let files = std::iter::once(program.to_owned()).chain(
+            libraries
+                .split_whitespace()
+                .filter(|word| word.starts_with('/'))
+                .map(str::to_owned),
+        );
+        for file in files {
+            let target = root.join(file.trim_start_matches('/'));
+            fs::create_dir_all(target.parent().unwrap()).unwrap();
+            fs::copy(&file, &target).unwrap();
+        }
+    }
+    fs::create_dir_all(root.join("tmp")).unwrap();
+    let archive = dir.join("rootfs.tar");
+    let packed = test_command("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&archive)
+        .arg(".")
+        .output()
+        .unwrap();
+    assert!(packed.status.success(), "{packed:?}");
+    podman(&["import", archive.to_str().unwrap(), image]);
+}
+
+#[test]
+fn a_podman_container_under_an_agents_cgroup_gets_its_secret() {
+    let setup = setup(27, "tproxy");
+    let suffix = format!("{}-27", std::process::id());
+    let objects = PodmanObjects {
+        image: format!("localhost/appliance-test-{suffix}"),
+        network: format!("appliance-test-{suffix}"),
+        container: format!("appliance-test-{suffix}"),
+    };
+    import_client_image(&setup.dir, &objects.image);
+    let subnet = format!("{}/24", setup.network.plan.v4(5, 0));
+    podman(&["network", "create", "--subnet", &subnet, &objects.network]);
+    // The container's cgroup lies below the daemon's agents cgroup, so it is selected.
+    let parent = Path::new("/").join(setup.selected.strip_prefix(cgroup2_mount()).unwrap());
+    // runc, because crun refuses hosts with cgroup v1 and v2 side by side; limits no higher
+    // than the test's own, which it may not raise.
+    let id = podman(&[
+        "run",
+        "--detach",
+        "--runtime",
+        "runc",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1000:1000",
+        "--name",
+        &objects.container,
+        "--network",
+        &objects.network,
+        "--cgroup-parent",
+        parent.to_str().unwrap(),
+        "--volume",
+        &format!("{}:/trusted.pem:ro", setup.trusted.display()),
+        &objects.image,
+        "/bin/sleep",
+        "600",
+    ]);
+    setup.wait_for_event("container_served", 1);
+
+    let external = setup.network.external_v4;
+    let output = test_command("podman")
+        .args([
+            "exec",
+            &objects.container,
+            "/usr/bin/curl",
+            "-sS",
+            "--max-time",
+            "10",
+        ])
+        .args([
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+            "/trusted.pem",
+            "--resolve",
+        ])
+        .arg(format!("{HOST}:443:{external}"))
+        .args(["-H", "Authorization: Bearer placeholder"])
+        .arg(format!("https://{HOST}/v1/models"))
+        .output()
+        .unwrap();
+    assert_status(&output, "200");
+    assert_eq!(
+        setup.authorizations(external).last().cloned().flatten(),
+        Some(format!("Bearer {REAL}"))
+    );
+    let events = injected_events(&setup);
+    assert_eq!(
+        events.last().unwrap()["container"].as_str(),
+        Some(format!("libpod-{id}").as_str()),
+        "{events:#?}"
+    );
+    drop(objects);
+}

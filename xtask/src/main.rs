@@ -36,7 +36,7 @@ const FUZZ_SECONDS_IN_TESTS: u64 = 5;
 const TOOLS: &[(&str, &str)] = &[
     // Inspect the eBPF programs and maps the capture tests check.
     ("bpftool", "bpftool"),
-    // Network inspection for operators (docs/operations.md).
+    // Network inspection for operators (docs/operations.md); the daemon's container rules.
     ("ip", "iproute2"),
     ("nft", "nftables"),
     // Real clients and helpers of the end-to-end tests.
@@ -56,6 +56,12 @@ const TOOLS: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     ("unshare", "util-linux"),
     ("mount", "mount"),
+    // A real container runtime, and what the test's locally built image is made with. runc
+    // because crun refuses hosts that mount cgroup v1 beside v2.
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("tar", "tar"),
+    ("ldd", "libc-bin"),
     // The demo's test CA.
     ("openssl", "openssl"),
     // Checks the systemd unit.

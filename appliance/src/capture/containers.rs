@@ -519,10 +519,10 @@ fn loopback_addresses() -> Result<Vec<IpAddr>, ContainerError> {
         .collect())
 }
 
-/// The systemd unit (or container scope) a process runs in, when it is a container's:
-/// `docker-<id>.scope`, `libpod-<id>.scope`, `cri-containerd-<id>.scope`, `crio-<id>.scope`,
-/// `machine-<name>.scope`. The deepest match wins: a pod's container scope lies below the
-/// pod's slice.
+/// The container a process runs in, named by its cgroup: the systemd scope
+/// (`docker-<id>.scope`, `libpod-<id>.scope`, `cri-containerd-<id>.scope`, `crio-<id>.scope`,
+/// `machine-<name>.scope`) or, under the cgroupfs manager, `libpod-<id>` and `docker/<id>`.
+/// The deepest match wins: a pod's container lies below the pod's slice.
 pub fn container_unit(pid: u32) -> Option<String> {
     let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     let path = text.lines().find_map(|line| line.strip_prefix("0::"))?;
@@ -531,15 +531,21 @@ pub fn container_unit(pid: u32) -> Option<String> {
 
 fn container_unit_of(cgroup_path: &str) -> Option<String> {
     const RUNTIMES: [&str; 5] = ["docker-", "libpod-", "cri-containerd-", "crio-", "machine-"];
-    cgroup_path
-        .split('/')
+    let components: Vec<&str> = cgroup_path.split('/').collect();
+    components
+        .iter()
+        .enumerate()
         .rev()
-        .find(|component| {
-            component.ends_with(".scope")
-                && RUNTIMES.iter().any(|prefix| component.starts_with(prefix))
-                && !component.starts_with("libpod-conmon-")
+        .find_map(|(index, component)| {
+            let runtime = RUNTIMES.iter().any(|prefix| component.starts_with(prefix))
+                && !component.starts_with("libpod-conmon-");
+            if runtime && (component.ends_with(".scope") || component.starts_with("libpod-")) {
+                return Some((*component).to_owned());
+            }
+            let is_id = component.len() == 64 && component.bytes().all(|b| b.is_ascii_hexdigit());
+            (is_id && index > 0 && components[index - 1] == "docker")
+                .then(|| format!("docker/{component}"))
         })
-        .map(str::to_owned)
 }
 
 #[derive(Debug, Deserialize)]
