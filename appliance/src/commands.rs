@@ -447,8 +447,13 @@ fn print_events(output: Output, events: &[Value]) {
                     .flatten()
                     .map(|secret| text(&secret["name"]))
                     .collect();
+                // Host workloads have no container; their line stays as it was.
+                let container = event["container"]
+                    .as_str()
+                    .map(|name| format!(" container={name}"))
+                    .unwrap_or_default();
                 println!(
-                    "{}  {}  {} {}{}  {}  agent={} pid={} secrets={}",
+                    "{}  {}  {} {}{}  {}  agent={} pid={}{container} secrets={}",
                     text(&event["time"]),
                     text(&event["outcome"]),
                     text(&event["method"]),
