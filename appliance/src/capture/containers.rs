@@ -220,7 +220,7 @@ impl Containers {
         let wanted = foreign_namespaces(selected, self.own_netns);
         self.unservable
             .retain(|inode, _| wanted.contains_key(inode));
-        let host_links = links(&[])?;
+        let host_links = host_links()?;
         let stale: Vec<u64> = self
             .served
             .iter()
@@ -235,7 +235,7 @@ impl Containers {
             .collect();
         for inode in stale {
             if let Some(served) = self.served.remove(&inode) {
-                self.tear_down(capture, &served)?;
+                tear_down(&self.settings, capture, &served)?;
                 tracing::info!(
                     event = "container_released",
                     netns_cookie = served.cookie,
@@ -274,10 +274,6 @@ impl Containers {
             }
         }
         Ok(())
-    }
-
-    fn tear_down(&self, capture: &mut Capture, served: &Served) -> Result<(), ContainerError> {
-        tear_down(&self.settings, capture, served)
     }
 
     fn set_up(
@@ -365,7 +361,7 @@ impl Containers {
                 .cover(served.cookie, self.settings.delivery, &served.covered)
                 .map_err(ContainerError::from)
         }) {
-            let _ = self.tear_down(capture, &served);
+            let _ = tear_down(&self.settings, capture, &served);
             return Err(error);
         }
         Ok(served)
@@ -607,10 +603,8 @@ fn inspect_namespace(pid: u32) -> Result<Inside, ContainerError> {
     })
 }
 
-fn links(extra: &[&str]) -> Result<Vec<Link>, ContainerError> {
-    let mut args = vec!["-j", "link", "show"];
-    args.extend_from_slice(extra);
-    parse_json(&ip(&args)?, "link show")
+fn host_links() -> Result<Vec<Link>, ContainerError> {
+    parse_json(&ip(&["-j", "link", "show"])?, "link show")
 }
 
 fn namespace_inode(path: &Path) -> io::Result<u64> {
