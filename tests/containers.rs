@@ -121,6 +121,17 @@ struct Container {
 }
 
 impl Container {
+    /// A container with a veth to the host named `host_side`, at host `host` of subnet
+    /// `subnet` in both families.
+    fn with_veth(netns: String, plan: Plan, (subnet, host): (u8, u8), host_side: String) -> Self {
+        Self {
+            netns,
+            v4: Some(plan.v4(subnet, host)),
+            v6: Some(plan.v6(u16::from(subnet), u16::from(host))),
+            host_side: Some(host_side),
+        }
+    }
+
     /// A command run inside the container, by a process in `cgroup`.
     fn command(&self, cgroup: &Path, program: &str) -> Command {
         let mut command = command_in_cgroup(cgroup, "ip");
@@ -171,24 +182,9 @@ impl Network {
         let mut network = Self {
             plan,
             bridge: format!("{prefix}br"),
-            a: Container {
-                netns: netns("a"),
-                v4: Some(plan.v4(1, 2)),
-                v6: Some(plan.v6(1, 2)),
-                host_side: Some(format!("{prefix}a")),
-            },
-            b: Container {
-                netns: netns("b"),
-                v4: Some(plan.v4(1, 3)),
-                v6: Some(plan.v6(1, 3)),
-                host_side: Some(format!("{prefix}b")),
-            },
-            c: Container {
-                netns: netns("c"),
-                v4: Some(plan.v4(2, 2)),
-                v6: Some(plan.v6(2, 2)),
-                host_side: Some(format!("{prefix}c")),
-            },
+            a: Container::with_veth(netns("a"), plan, (1, 2), format!("{prefix}a")),
+            b: Container::with_veth(netns("b"), plan, (1, 3), format!("{prefix}b")),
+            c: Container::with_veth(netns("c"), plan, (2, 2), format!("{prefix}c")),
             d: Container {
                 netns: netns("d"),
                 v4: None,
