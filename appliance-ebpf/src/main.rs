@@ -220,8 +220,8 @@ fn record(ctx: &SockAddrContext, ip6: [u32; 4], delivery: u16) -> bool {
     true
 }
 
-/// Records a refused-unless-recorded connect: a connection the engine will receive must have
-/// its record, or the engine could not tell where it was going.
+/// Records a connect that reaches the engine unrewritten, refusing it when the record cannot
+/// be stored: without it the engine could not tell where the connection was going.
 fn record_or_refuse(ctx: &SockAddrContext, original: [u32; 4], delivery: u16) -> i32 {
     if record(ctx, original, delivery) {
         PROCEED
