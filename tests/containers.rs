@@ -132,6 +132,11 @@ impl Container {
         }
     }
 
+    /// The container's address in the family of `other`.
+    fn v4_or_v6(&self, other: IpAddr) -> IpAddr {
+        if other.is_ipv4() { self.v4 } else { self.v6 }.unwrap()
+    }
+
     /// A command run inside the container, by a process in `cgroup`.
     fn command(&self, cgroup: &Path, program: &str) -> Command {
         let mut command = command_in_cgroup(cgroup, "ip");
@@ -494,6 +499,98 @@ impl Drop for Network {
     }
 }
 
+/// Python that sends one packet to port 443 of `dst` from `src` the way a container with
+/// `CAP_NET_RAW` can: `syn`, a TCP SYN written on a raw socket (so no connect hook runs),
+/// with any source address; `udp`, a datagram from an ordinary socket bound to `src`.
+const RAW_PROBE: &str = r#"
+import socket, struct, sys
+kind, src, dst = sys.argv[1:4]
+v6 = ":" in dst
+if kind == "udp":
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((src, 0))
+    s.sendto(b"quic?", (dst, 443))
+    sys.exit(0)
+def checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+family = socket.AF_INET6 if v6 else socket.AF_INET
+source, destination = socket.inet_pton(family, src), socket.inet_pton(family, dst)
+segment = struct.pack("!HHIIBBHHH", 40443, 443, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
+if v6:
+    pseudo = source + destination + struct.pack("!I3xB", len(segment), 6)
+else:
+    pseudo = source + destination + struct.pack("!xBH", 6, len(segment))
+segment = segment[:16] + struct.pack("!H", checksum(pseudo + segment)) + segment[18:]
+if v6:
+    s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    s.setsockopt(socket.IPPROTO_IPV6, 78, 1)  # IPV6_FREEBIND: any source address
+    s.bind((src, 0))
+    s.sendto(segment, (dst, 0))
+else:
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(segment), 1, 0, 64, 6, 0, source, destination)
+    header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    s.sendto(header + segment, (dst, 0))
+"#;
+
+/// Counts, inside the upstream namespace, the TCP SYNs and UDP datagrams that arrive for port
+/// 443: what got past the host. Its nftables table goes with the namespace.
+struct Arrivals<'a> {
+    netns: &'a str,
+}
+
+impl<'a> Arrivals<'a> {
+    fn count_in(netns: &'a str) -> Self {
+        for rule in [
+            "add table inet appliance_test",
+            "add chain inet appliance_test input { type filter hook input priority 0; }",
+            // SYNs only: a client's answer to an upstream's SYN-ACK (an RST) is no bypass.
+            "add rule inet appliance_test input tcp dport 443 tcp flags & (syn | ack) == syn counter",
+            "add rule inet appliance_test input udp dport 443 counter",
+        ] {
+            let output = test_command("ip")
+                .args(["netns", "exec", netns, "nft"])
+                .args(rule.split(' '))
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "nft {rule}: {output:?}");
+        }
+        Self { netns }
+    }
+
+    fn packets(&self) -> u64 {
+        let output = test_command("ip")
+            .args(["netns", "exec", self.netns, "nft", "-j", "list", "table"])
+            .args(["inet", "appliance_test"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        let listing: Value = serde_json::from_slice(&output.stdout).unwrap();
+        listing["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|item| item["rule"]["expr"].as_array())
+            .flatten()
+            .filter_map(|expr| expr["counter"]["packets"].as_u64())
+            .sum()
+    }
+
+    /// How many packets of `send`'s reached the upstream namespace.
+    fn of(&self, send: impl FnOnce()) -> u64 {
+        let before = self.packets();
+        send();
+        // Forwarding is synchronous, but give a late packet the chance to be counted.
+        std::thread::sleep(Duration::from_millis(200));
+        self.packets() - before
+    }
+}
+
 /// Sets a global sysctl for the test and restores it on drop.
 struct Sysctl {
     path: PathBuf,
@@ -686,6 +783,21 @@ fn assert_status(output: &Output, status: &str) {
     );
 }
 
+impl Setup {
+    /// Sends [`RAW_PROBE`]'s packet `kind` from `container`, by a process in `cgroup`.
+    fn send_raw(&self, container: &Container, cgroup: &Path, kind: &str, src: IpAddr, dst: IpAddr) {
+        let output = container
+            .command(cgroup, "/usr/bin/python3")
+            .args(["-c", RAW_PROBE, kind, &src.to_string(), &dst.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "raw probe {kind} from {src}: {output:?}"
+        );
+    }
+}
+
 /// The audit events of requests that carried the secret.
 fn injected_events(setup: &Setup) -> Vec<Value> {
     setup
@@ -842,7 +954,76 @@ print(failures)
                 .any(|rule| rule.contains(&network.a.v4.unwrap().to_string())),
         "A's rules stayed: {rules_after:?}"
     );
+    let guards = setup.daemon.bpffs_dir.join("links/guard");
+    assert_eq!(
+        fs::read_dir(&guards).unwrap().count(),
+        1,
+        "only C's veth keeps a guard"
+    );
     drop(c_init);
+}
+
+#[test]
+fn raw_and_udp_packets_from_a_served_container_cannot_go_around_the_engine() {
+    let setup = setup(28, "tproxy");
+    let network = &setup.network;
+    let arrivals = Arrivals::count_in(&network.upstream_netns);
+    let _a_init = setup.start_container_init(&network.a, 0);
+    let _c_init = setup.start_container_init(&network.c, 1);
+    let families = [
+        (
+            network.external_v4,
+            network.plan.v4(1, 77),
+            network.plan.v4(2, 77),
+        ),
+        (
+            network.external_v6,
+            network.plan.v6(1, 77),
+            network.plan.v6(2, 77),
+        ),
+    ];
+    for (external, forged_on_bridge, forged_on_routed) in families {
+        let (a, b, c) = (&network.a, &network.b, &network.c);
+        // The probes work: from B, which is not selected, every one of them arrives.
+        let from_b = arrivals.of(|| {
+            setup.send_raw(b, &setup.unselected, "syn", forged_on_bridge, external);
+            setup.send_raw(b, &setup.unselected, "syn", b.v4_or_v6(external), external);
+            setup.send_raw(b, &setup.unselected, "udp", b.v4_or_v6(external), external);
+        });
+        assert_eq!(from_b, 3, "B's packets to {external} did not all arrive");
+        // From A (on the shared bridge): a SYN with another source is dropped on A's veth,
+        // one with A's own source is delivered to the engine like any of A's connections,
+        // and UDP to 443 is dropped, also from a process outside the selected cgroup.
+        let from_a = arrivals.of(|| {
+            setup.send_raw(a, &setup.selected, "syn", forged_on_bridge, external);
+            setup.send_raw(a, &setup.selected, "syn", a.v4_or_v6(external), external);
+            setup.send_raw(a, &setup.unselected, "udp", a.v4_or_v6(external), external);
+        });
+        assert_eq!(
+            from_a, 0,
+            "A's packets to {external} went around the engine"
+        );
+        // From C (a routed veth): every TCP source is delivered to the engine, UDP dropped.
+        let from_c = arrivals.of(|| {
+            setup.send_raw(c, &setup.selected, "syn", forged_on_routed, external);
+            setup.send_raw(c, &setup.unselected, "udp", c.v4_or_v6(external), external);
+        });
+        assert_eq!(
+            from_c, 0,
+            "C's packets to {external} went around the engine"
+        );
+    }
+    // The guard does not get in the way of A's ordinary clients.
+    assert_status(
+        &setup.curl(&network.a, &setup.selected, network.external_v6),
+        "200",
+    );
+    let guards = setup.daemon.bpffs_dir.join("links/guard");
+    assert_eq!(
+        fs::read_dir(&guards).unwrap().count(),
+        2,
+        "one guard link per served container's veth"
+    );
 }
 
 #[test]
@@ -866,10 +1047,30 @@ fn a_stopped_daemon_lets_nothing_out_and_detach_all_removes_everything() {
         before,
         "a request reached the upstream while the daemon was down"
     );
+    // The guard outlives the daemon too.
+    let network = &setup.network;
+    let arrivals = Arrivals::count_in(&network.upstream_netns);
+    let forged = network.plan.v4(1, 77);
+    let sent = arrivals.of(|| {
+        setup.send_raw(
+            &network.a,
+            &setup.selected,
+            "syn",
+            forged,
+            network.external_v4,
+        )
+    });
+    assert_eq!(sent, 0, "a forged SYN got out while the daemon was down");
 
     // A restarted daemon takes the namespace over again.
     setup.daemon.spawn();
     setup.wait_for_event("container_served", 2);
+    let guards = setup.daemon.bpffs_dir.join("links/guard");
+    assert_eq!(
+        fs::read_dir(&guards).unwrap().count(),
+        1,
+        "the restarted daemon adopted A's guard"
+    );
     assert_status(
         &setup.curl(&setup.network.a, &setup.selected, setup.network.external_v6),
         "200",
@@ -915,6 +1116,14 @@ fn redirect_mode_serves_containers_without_host_routing() {
         "redirect mode added policy rules"
     );
     setup.assert_b_goes_direct();
+    // Under redirect nothing of A's may reach port 443 directly, not even from its own address.
+    let arrivals = Arrivals::count_in(&network.upstream_netns);
+    for external in [network.external_v4, network.external_v6] {
+        let a = &network.a;
+        let sent = arrivals
+            .of(|| setup.send_raw(a, &setup.selected, "syn", a.v4_or_v6(external), external));
+        assert_eq!(sent, 0, "A's raw SYN reached {external}");
+    }
 }
 
 /// `podman ARGS`, which must succeed; returns stdout.

@@ -24,10 +24,17 @@ pub mod map_names {
     /// SOCKMAP of the engine's listeners: [`ENGINE_LISTENER_V4`](crate::ENGINE_LISTENER_V4)
     /// and [`ENGINE_LISTENER_V6`](crate::ENGINE_LISTENER_V6).
     pub const ENGINE_LISTENERS: &str = "ENGINE";
+    /// [`CoveredSource`](crate::CoveredSource) → 1: the sources the guard program lets send
+    /// TCP to intercepted ports from a served container's host-side veth (`ifindex` is the
+    /// veth's; an all-zero address allows every source).
+    pub const GUARDED_SOURCES: &str = "GUARDED";
 }
 
 /// Name of the sk_lookup program, attached to the engine's network namespace.
 pub const STEERING_PROGRAM: &str = "steer";
+
+/// Name of the tc program attached (tcx ingress) to served containers' host-side veths.
+pub const GUARD_PROGRAM: &str = "guard";
 
 /// Index of the engine's IPv4 listener in the `ENGINE` sockmap.
 pub const ENGINE_LISTENER_V4: u32 = 0;
@@ -36,6 +43,9 @@ pub const ENGINE_LISTENER_V6: u32 = 1;
 
 /// Capacity of the per-namespace maps (`FOREIGN`, `COVERED`).
 pub const MAX_COVERED_NAMESPACES: u32 = 4096;
+
+/// Capacity of `GUARDED`: a few addresses per served container.
+pub const MAX_GUARDED_SOURCES: u32 = 4 * MAX_COVERED_NAMESPACES;
 
 /// How a connection reached the engine (`Redirection::delivery`, values of `FOREIGN`).
 /// In the engine's own namespace: its connect was rewritten to the engine's listener.

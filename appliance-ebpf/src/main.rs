@@ -12,13 +12,18 @@
 //! - `getpeername4`/`getpeername6` show the client the address it asked for, not the engine's.
 //! - `sendmsg4`/`sendmsg6` and the connect hooks refuse UDP to intercepted ports (QUIC, HTTP/3),
 //!   so clients fall back to TCP and nothing bypasses the engine.
+//! - `guard` (tc ingress on a served container's host-side veth) drops what the cgroup hooks
+//!   never see: packets written by raw or packet sockets (Docker grants `CAP_NET_RAW`). UDP to
+//!   an intercepted port is dropped; TCP to one passes only from the container's own
+//!   addresses (its policy rules deliver exactly those to the engine) and, under `redirect`
+//!   delivery, not at all.
 #![no_std]
 #![no_main]
 
 use appliance_common::{
     ipv4_mapped, is_ipv4_mapped, CaptureConfig, ClientKey, CoveredSource, Redirection,
     DELIVERY_LOCAL, DELIVERY_REDIRECT, DELIVERY_TPROXY, ENGINE_LISTENER_V4, ENGINE_LISTENER_V6,
-    FLAG_REFUSE_FOREIGN_NETNS, MAX_COVERED_NAMESPACES, MAX_INTERCEPTED_PORTS,
+    FLAG_REFUSE_FOREIGN_NETNS, MAX_COVERED_NAMESPACES, MAX_GUARDED_SOURCES, MAX_INTERCEPTED_PORTS,
     TRACKED_SOCKETS_CAPACITY,
 };
 use aya_ebpf::{
@@ -30,9 +35,9 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
         bpf_get_socket_cookie,
     },
-    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    macros::{cgroup_sock_addr, classifier, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LruHashMap, SockMap},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext, TcContext},
     EbpfContext,
 };
 use aya_log_ebpf::{debug, info, warn};
@@ -42,7 +47,7 @@ const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
-const IPPROTO_TCP: u32 = 6;
+const IPPROTO_TCP: u8 = 6;
 /// sk_lookup return values.
 const SK_DROP: u32 = 0;
 const SK_PASS: u32 = 1;
@@ -73,6 +78,9 @@ static COVERED: HashMap<CoveredSource, u8> = HashMap::pinned(MAX_COVERED_NAMESPA
 
 #[map(name = "ENGINE")]
 static ENGINE: SockMap = SockMap::pinned(2, 0);
+
+#[map(name = "GUARDED")]
+static GUARDED: HashMap<CoveredSource, u8> = HashMap::pinned(MAX_GUARDED_SOURCES, 0);
 
 /// Where a redirected connect goes.
 #[derive(Clone, Copy)]
@@ -415,7 +423,7 @@ pub fn steer(ctx: SkLookupContext) -> u32 {
             ],
         )
     };
-    if protocol != IPPROTO_TCP {
+    if protocol != u32::from(IPPROTO_TCP) {
         return SK_PASS;
     }
     let port = local_port as u16;
@@ -446,6 +454,131 @@ pub fn steer(ctx: SkLookupContext) -> u32 {
         Ok(()) => SK_PASS,
         // No engine listener (the daemon is down): drop rather than let the host answer.
         Err(_) => SK_DROP,
+    }
+}
+
+/// tc verdicts.
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+const ETH_HEADER_LEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_UDP: u8 = 17;
+/// IPv6 extension headers the guard walks past to reach the transport header.
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DESTINATION_OPTIONS: u8 = 60;
+/// More extension headers than this and the guard cannot see the ports: it drops the packet
+/// (no ordinary client sends even one).
+const MAX_IPV6_EXTENSION_HEADERS: usize = 4;
+
+/// What the guard read of a packet: its transport protocol, source, and where the transport
+/// header starts. `None` for what carries no ports to judge (not IP, or a later fragment).
+struct Transport {
+    protocol: u8,
+    source: [u32; 4],
+    offset: usize,
+}
+
+fn transport(ctx: &TcContext) -> Result<Option<Transport>, ()> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| ())?);
+    match ethertype {
+        ETH_P_IP => {
+            let version_and_length: u8 = ctx.load(ETH_HEADER_LEN).map_err(|_| ())?;
+            let fragment: u16 = u16::from_be(ctx.load(ETH_HEADER_LEN + 6).map_err(|_| ())?);
+            // A later fragment carries no transport header; the first one always holds the
+            // ports (a fragment carries at least 8 bytes).
+            if fragment & 0x1fff != 0 {
+                return Ok(None);
+            }
+            let protocol: u8 = ctx.load(ETH_HEADER_LEN + 9).map_err(|_| ())?;
+            let source: u32 = ctx.load(ETH_HEADER_LEN + 12).map_err(|_| ())?;
+            Ok(Some(Transport {
+                protocol,
+                source: ipv4_mapped(source),
+                offset: ETH_HEADER_LEN + usize::from(version_and_length & 0x0f) * 4,
+            }))
+        }
+        ETH_P_IPV6 => {
+            let mut next: u8 = ctx.load(ETH_HEADER_LEN + 6).map_err(|_| ())?;
+            let source: [u32; 4] = ctx.load(ETH_HEADER_LEN + 8).map_err(|_| ())?;
+            let mut offset = ETH_HEADER_LEN + 40;
+            for _ in 0..MAX_IPV6_EXTENSION_HEADERS {
+                match next {
+                    IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DESTINATION_OPTIONS => {
+                        let header: [u8; 2] = ctx.load(offset).map_err(|_| ())?;
+                        next = header[0];
+                        offset += (usize::from(header[1]) + 1) * 8;
+                    }
+                    IPV6_FRAGMENT => {
+                        let header: [u8; 4] = ctx.load(offset).map_err(|_| ())?;
+                        if u16::from_be_bytes([header[2], header[3]]) >> 3 != 0 {
+                            return Ok(None);
+                        }
+                        next = header[0];
+                        offset += 8;
+                    }
+                    _ => break,
+                }
+            }
+            if matches!(
+                next,
+                IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_FRAGMENT | IPV6_DESTINATION_OPTIONS
+            ) {
+                return Err(());
+            }
+            Ok(Some(Transport {
+                protocol: next,
+                source,
+                offset,
+            }))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Keeps a served container from reaching an intercepted port around the engine with packets
+/// it built itself. Attached only to served containers' host-side veths, so it sees exactly
+/// what those containers send.
+#[classifier]
+pub fn guard(ctx: TcContext) -> i32 {
+    let packet = match transport(&ctx) {
+        Ok(Some(packet)) => packet,
+        Ok(None) => return TC_ACT_OK,
+        Err(()) => return TC_ACT_SHOT,
+    };
+    if packet.protocol != IPPROTO_TCP && packet.protocol != IPPROTO_UDP {
+        return TC_ACT_OK;
+    }
+    // A packet too short for its ports cannot be delivered by anyone; let the stack drop it.
+    let Ok(port) = ctx.load::<u16>(packet.offset + 2) else {
+        return TC_ACT_OK;
+    };
+    let port = u16::from_be(port);
+    // SAFETY: map lookups return pointers the kernel keeps valid for the program's run.
+    if unsafe { PORTS.get(&port) }.is_none() {
+        return TC_ACT_OK;
+    }
+    if packet.protocol == IPPROTO_UDP {
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: the context pointer is valid for the program's run.
+    let ifindex = unsafe { read_volatile(&(*ctx.skb.skb).ifindex) };
+    let exact = CoveredSource {
+        ifindex,
+        ip6: packet.source,
+    };
+    let any_source = CoveredSource {
+        ifindex,
+        ip6: [0; 4],
+    };
+    // SAFETY: as above.
+    let allowed = unsafe { GUARDED.get(&exact).is_some() || GUARDED.get(&any_source).is_some() };
+    if allowed {
+        TC_ACT_OK
+    } else {
+        TC_ACT_SHOT
     }
 }
 

@@ -1,7 +1,12 @@
 //! Containers: the network namespaces that selected cgroups' processes live in, and the host
 //! side that delivers their intercepted connections to the engine.
 //!
-//! For `tproxy` delivery each served namespace gets, on the host:
+//! Every served namespace gets the guard on its host-side veths: a tc program that drops
+//! what the container's raw or packet sockets send to intercepted ports around the engine
+//! (UDP always, TCP from any address but the container's own, and all of it under
+//! `redirect`).
+//!
+//! For `tproxy` delivery each served namespace also gets, on the host:
 //! - a policy rule per intercepted port and family that sends TCP from the container's host
 //!   interface into a routing table whose only route is `local` (so the host accepts packets
 //!   for any destination), narrowed by the container's addresses when the interface is a
@@ -9,8 +14,8 @@
 //! - `COVERED` entries, so the sk_lookup program gives exactly that traffic to the engine;
 //! - last, its `FOREIGN` entry, which is what lets its connects through at all.
 //!
-//! Teardown runs in the reverse order, so a namespace is refused before anything it relies
-//! on goes away. Rules and routes are added and deleted through iproute2 (`ip`), with every
+//! The guard comes first and `FOREIGN` last; teardown runs in the reverse order, so a
+//! namespace is refused before anything it relies on goes away. Rules and routes are added and deleted through iproute2 (`ip`), with every
 //! selector spelled out: a rule is only ever deleted as exactly the rule that was added.
 
 use std::collections::{BTreeSet, HashMap};
@@ -147,6 +152,15 @@ impl Rule {
     }
 }
 
+/// A container's host-side veth with the guard on it.
+#[derive(Debug)]
+struct Guarded {
+    interface: String,
+    ifindex: u32,
+    /// What may send TCP to intercepted ports through it.
+    allowed: Vec<CoveredTraffic>,
+}
+
 /// A namespace the daemon serves.
 #[derive(Debug)]
 struct Served {
@@ -154,6 +168,7 @@ struct Served {
     /// Host-side interfaces the namespace's traffic arrives on; when one disappears the
     /// namespace is torn down (and refused) until it is set up again.
     host_interfaces: BTreeSet<u32>,
+    guarded: Vec<Guarded>,
     rules: Vec<Rule>,
     covered: Vec<CoveredTraffic>,
 }
@@ -273,6 +288,17 @@ impl Containers {
                 }
             }
         }
+        // Last, so that a restarted daemon's guards stay on until it serves their containers
+        // again: remove those an earlier daemon left on veths no served namespace has now.
+        for ifindex in capture.guarded_interfaces()? {
+            let in_use = self
+                .served
+                .values()
+                .any(|served| served.guarded.iter().any(|guard| guard.ifindex == ifindex));
+            if !in_use {
+                capture.unguard(ifindex)?;
+            }
+        }
         Ok(())
     }
 
@@ -286,6 +312,7 @@ impl Containers {
         let mut served = Served {
             cookie: inside.cookie,
             host_interfaces: BTreeSet::new(),
+            guarded: Vec::new(),
             rules: Vec::new(),
             covered: Vec::new(),
         };
@@ -307,11 +334,20 @@ impl Containers {
                 .filter(|address| address.scope == "global")
                 .filter_map(|address| address.local.parse().ok())
                 .collect();
+            let mut guard = Guarded {
+                interface: peer.ifname.clone(),
+                ifindex: peer.ifindex,
+                allowed: Vec::new(),
+            };
             match bridge {
                 // Other containers share the bridge: only this one's addresses are covered.
                 Some(bridge) => {
                     served.host_interfaces.insert(bridge.ifindex);
                     for &source in &addresses {
+                        guard.allowed.push(CoveredTraffic {
+                            ifindex: peer.ifindex,
+                            source: Some(source),
+                        });
                         served.covered.push(CoveredTraffic {
                             ifindex: bridge.ifindex,
                             source: Some(source),
@@ -329,10 +365,12 @@ impl Containers {
                 // A routed veth serves this container alone: cover all of it, whatever
                 // source address a raw socket writes.
                 None => {
-                    served.covered.push(CoveredTraffic {
+                    let whole_interface = CoveredTraffic {
                         ifindex: peer.ifindex,
                         source: None,
-                    });
+                    };
+                    guard.allowed.push(whole_interface);
+                    served.covered.push(whole_interface);
                     for family in [Family::V4, Family::V6] {
                         for &port in &self.settings.ports {
                             served.rules.push(Rule {
@@ -345,22 +383,34 @@ impl Containers {
                     }
                 }
             }
+            served.guarded.push(guard);
         }
         if served.host_interfaces.is_empty() {
             return Err(ContainerError::NoHostInterface { pid });
         }
         if self.settings.delivery == Delivery::Redirect {
             // Redirected connects go to the engine's container address; the host needs no
-            // rule and the sk_lookup program no coverage.
+            // rule and the sk_lookup program no coverage, and nothing may send TCP to an
+            // intercepted port directly.
             served.rules.clear();
             served.covered.clear();
+            for guard in &mut served.guarded {
+                guard.allowed.clear();
+            }
         }
-        let added = self.add_rules(&served.rules);
-        if let Err(error) = added.and_then(|()| {
-            capture
-                .cover(served.cookie, self.settings.delivery, &served.covered)
-                .map_err(ContainerError::from)
-        }) {
+        let guarded = served
+            .guarded
+            .iter()
+            .try_for_each(|guard| capture.guard(&guard.interface, guard.ifindex, &guard.allowed));
+        let set_up = guarded
+            .map_err(ContainerError::from)
+            .and_then(|()| self.add_rules(&served.rules))
+            .and_then(|()| {
+                capture
+                    .cover(served.cookie, self.settings.delivery, &served.covered)
+                    .map_err(ContainerError::from)
+            });
+        if let Err(error) = set_up {
             let _ = tear_down(&self.settings, capture, &served);
             return Err(error);
         }
@@ -384,6 +434,9 @@ fn tear_down(
     capture.uncover(served.cookie, &served.covered)?;
     for rule in &served.rules {
         ip_unless(&rule.args("del", settings), &["No such file"])?;
+    }
+    for guard in &served.guarded {
+        capture.unguard(guard.ifindex)?;
     }
     Ok(())
 }

@@ -4,9 +4,11 @@
 //! Everything the kernel side holds is pinned under one bpffs directory:
 //!
 //! ```text
-//! <bpffs_dir>/maps/<MAP>                 CONFIG, PORTS, SOCKETS, ORIG_DST, FOREIGN, COVERED, ENGINE
+//! <bpffs_dir>/maps/<MAP>                 CONFIG, PORTS, SOCKETS, ORIG_DST, FOREIGN, COVERED,
+//!                                        ENGINE, GUARDED
 //! <bpffs_dir>/links/<cgroup id>/<prog>   one link per program and selected cgroup
 //! <bpffs_dir>/links/netns/steer          the sk_lookup link in the engine's namespace
+//! <bpffs_dir>/links/guard/<ifindex>      the guard's tcx link on a served container's veth
 //! ```
 //!
 //! Pinned links keep redirecting while the daemon is down: an intercepted connection then
@@ -27,10 +29,14 @@ use std::path::{Path, PathBuf};
 
 use appliance_common::{
     ipv4_mapped, map_names, CaptureConfig, CoveredSource, ENGINE_LISTENER_V4, ENGINE_LISTENER_V6,
-    FLAG_REFUSE_FOREIGN_NETNS, PROGRAM_NAMES, STEERING_PROGRAM,
+    FLAG_REFUSE_FOREIGN_NETNS, GUARD_PROGRAM, PROGRAM_NAMES, STEERING_PROGRAM,
 };
 use aya::maps::{Array, HashMap, MapError, SockMap};
-use aya::programs::{links::FdLink, CgroupAttachMode, Program, ProgramError, SkLookup};
+use aya::programs::tc::TcAttachOptions;
+use aya::programs::{
+    links::FdLink, CgroupAttachMode, LinkOrder, Program, ProgramError, SchedClassifier, SkLookup,
+    TcAttachType,
+};
 use aya::{Ebpf, EbpfLoader};
 
 pub use cgroup::{Cgroup, CgroupId};
@@ -168,6 +174,14 @@ impl PinLayout {
     fn steering_link(&self) -> PathBuf {
         self.links().join("netns").join(STEERING_PROGRAM)
     }
+
+    fn guard_links(&self) -> PathBuf {
+        self.links().join(GUARD_PROGRAM)
+    }
+
+    fn guard_link(&self, ifindex: u32) -> PathBuf {
+        self.guard_links().join(ifindex.to_string())
+    }
 }
 
 /// How connections from a covered foreign namespace reach the engine.
@@ -188,8 +202,10 @@ impl Delivery {
     }
 }
 
-/// Traffic the sk_lookup program gives the engine: from `source` (every source when `None`)
-/// arriving on host interface `ifindex`.
+/// Traffic from a container, as the host sees it: from `source` (every source when `None`)
+/// arriving on host interface `ifindex`. The sk_lookup program gives such traffic to the
+/// engine (`ifindex` the bridge or routed veth); the guard lets it send TCP to intercepted
+/// ports (`ifindex` the container's own veth).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CoveredTraffic {
     /// Host-side interface index (the bridge, or a routed veth).
@@ -293,7 +309,16 @@ impl Capture {
             .steering_program()?
             .load()
             .map_err(program_error(STEERING_PROGRAM))?;
+        capture
+            .guard_program()?
+            .load()
+            .map_err(program_error(GUARD_PROGRAM))?;
         Ok(capture)
+    }
+
+    fn guard_program(&mut self) -> Result<&mut SchedClassifier, CaptureError> {
+        let program = self.program_mut(GUARD_PROGRAM)?;
+        program.try_into().map_err(program_error(GUARD_PROGRAM))
     }
 
     fn steering_program(&mut self) -> Result<&mut SkLookup, CaptureError> {
@@ -337,14 +362,9 @@ impl Capture {
         let parent = pin.parent().unwrap_or(&pin).to_path_buf();
         fs::create_dir_all(&parent).map_err(io_error("creating", &parent))?;
         let program = self.steering_program()?;
-        if pin.exists() {
-            let program_fd = program.fd().map_err(program_error(STEERING_PROGRAM))?;
-            let link = sys::open_pinned(&pin).map_err(io_error("opening pinned link", &pin))?;
-            if sys::update_link_program(link.as_fd(), program_fd.as_fd()).is_ok() {
-                return Ok(());
-            }
-            tracing::warn!(pin = %pin.display(), "replacing a pinned sk_lookup link that cannot be updated");
-            fs::remove_file(&pin).map_err(io_error("removing", &pin))?;
+        let program_fd = program.fd().map_err(program_error(STEERING_PROGRAM))?;
+        if adopt_pinned_link(&pin, program_fd.as_fd())? {
+            return Ok(());
         }
         let netns_path = Path::new("/proc/self/ns/net");
         let netns = File::open(netns_path).map_err(io_error("opening", netns_path))?;
@@ -428,6 +448,91 @@ impl Capture {
         Ok(())
     }
 
+    /// Attaches the guard to the ingress of host interface `interface` (index `ifindex`, a
+    /// served container's veth; adopting a link an earlier daemon pinned) and lets `allowed`
+    /// send TCP to intercepted ports through it. Everything else it sends to those ports is
+    /// dropped, whatever socket wrote it.
+    pub fn guard(
+        &mut self,
+        interface: &str,
+        ifindex: u32,
+        allowed: &[CoveredTraffic],
+    ) -> Result<(), CaptureError> {
+        let name = map_names::GUARDED_SOURCES;
+        let mut sources: HashMap<_, CoveredSource, u8> =
+            HashMap::try_from(self.map_by_name(name)?).map_err(map_error(name))?;
+        for traffic in allowed {
+            sources
+                .insert(traffic.key(), 1, 0)
+                .map_err(map_error(name))?;
+        }
+        let pin = self.layout.guard_link(ifindex);
+        let parent = self.layout.guard_links();
+        fs::create_dir_all(&parent).map_err(io_error("creating", &parent))?;
+        let program = self.guard_program()?;
+        let program_fd = program.fd().map_err(program_error(GUARD_PROGRAM))?;
+        if adopt_pinned_link(&pin, program_fd.as_fd())? {
+            return Ok(());
+        }
+        let id = program
+            .attach_with_options(
+                interface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(program_error(GUARD_PROGRAM))?;
+        let link: FdLink = program
+            .take_link(id)
+            .map_err(program_error(GUARD_PROGRAM))?
+            .try_into()
+            .map_err(|error| CaptureError::Io {
+                action: "taking the tcx link on",
+                path: PathBuf::from(interface),
+                source: io::Error::other(error),
+            })?;
+        link.pin(&pin).map_err(|error| CaptureError::Io {
+            action: "pinning link at",
+            path: pin.clone(),
+            source: io::Error::other(error),
+        })?;
+        Ok(())
+    }
+
+    /// Host interfaces the guard is attached to (pinned by this daemon or an earlier one).
+    pub fn guarded_interfaces(&self) -> Result<Vec<u32>, CaptureError> {
+        let dir = self.layout.guard_links();
+        match fs::read_dir(&dir) {
+            Ok(entries) => Ok(entries
+                .filter_map(Result::ok)
+                .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+                .collect()),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(error) => Err(io_error("listing", &dir)(error)),
+        }
+    }
+
+    /// Detaches the guard from `ifindex` and forgets the sources it allowed there.
+    pub fn unguard(&mut self, ifindex: u32) -> Result<(), CaptureError> {
+        let pin = self.layout.guard_link(ifindex);
+        match fs::remove_file(&pin) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => return Err(io_error("removing", &pin)(error)),
+        }
+        let name = map_names::GUARDED_SOURCES;
+        let mut sources: HashMap<_, CoveredSource, u8> =
+            HashMap::try_from(self.map_by_name(name)?).map_err(map_error(name))?;
+        let keys: Vec<CoveredSource> = sources
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.ifindex == ifindex)
+            .collect();
+        for key in keys {
+            ignore_missing(sources.remove(&key)).map_err(map_error(name))?;
+        }
+        Ok(())
+    }
+
     fn configure(&mut self, settings: &CaptureSettings) -> Result<(), CaptureError> {
         let netns_socket = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
             .map_err(io_error("opening a socket on", Path::new("127.0.0.1")))?;
@@ -506,17 +611,16 @@ impl Capture {
         for name in PROGRAM_NAMES {
             let pin = dir.join(name);
             let program = self.program_mut(name)?;
-            if pin.exists() {
-                let program_fd = program.fd().map_err(program_error(name))?;
-                let link = sys::open_pinned(&pin).map_err(io_error("opening pinned link", &pin))?;
-                match sys::update_link_program(link.as_fd(), program_fd.as_fd()) {
-                    Ok(()) => continue,
-                    // A link whose cgroup went away cannot be updated: replace it.
-                    Err(error) => {
-                        tracing::warn!(pin = %pin.display(), %error, "replacing a pinned link that cannot be updated");
-                        fs::remove_file(&pin).map_err(io_error("removing", &pin))?;
-                    }
+            let program_fd = match program {
+                Program::CgroupSockAddr(program) => program.fd(),
+                Program::SockOps(program) => program.fd(),
+                _ => {
+                    unreachable!("PROGRAM_NAMES lists only cgroup_sock_addr and sock_ops programs")
                 }
+            }
+            .map_err(program_error(name))?;
+            if adopt_pinned_link(&pin, program_fd.as_fd())? {
+                continue;
             }
             outcome = Attachment::Attached;
             let link = attach_link(program, &cgroup_dir).map_err(program_error(name))?;
@@ -563,6 +667,27 @@ impl Capture {
     /// daemon routes into `tracing`.
     pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, CaptureError> {
         aya_log::EbpfLogger::init(&mut self.ebpf).map_err(CaptureError::Log)
+    }
+}
+
+/// Makes the link pinned at `pin`, if there is one, run `program`, and says whether it did. A
+/// pinned link that cannot be updated (its cgroup or device went away) is removed, so the
+/// caller attaches a new one.
+fn adopt_pinned_link(
+    pin: &Path,
+    program: std::os::fd::BorrowedFd<'_>,
+) -> Result<bool, CaptureError> {
+    if !pin.exists() {
+        return Ok(false);
+    }
+    let link = sys::open_pinned(pin).map_err(io_error("opening pinned link", pin))?;
+    match sys::update_link_program(link.as_fd(), program) {
+        Ok(()) => Ok(true),
+        Err(error) => {
+            tracing::warn!(pin = %pin.display(), %error, "replacing a pinned link that cannot be updated");
+            fs::remove_file(pin).map_err(io_error("removing", pin))?;
+            Ok(false)
+        }
     }
 }
 
