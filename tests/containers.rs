@@ -631,6 +631,11 @@ impl Drop for Setup {
 }
 
 fn setup(slot: u8, mode: &str) -> Setup {
+    setup_with(slot, mode, "")
+}
+
+/// [`setup`] with more `[capture]` settings.
+fn setup_with(slot: u8, mode: &str, capture_settings: &str) -> Setup {
     require_root();
     let dir = std::env::temp_dir().join(unique(slot, "files"));
     fs::create_dir_all(&dir).unwrap();
@@ -640,7 +645,9 @@ fn setup(slot: u8, mode: &str) -> Setup {
     let network = Network::build(slot);
     let upstreams = network.start_upstream(&test_ca);
     let table = 1700 + u32::from(slot);
-    let config = format!("[capture]\nrouting_table = {table}\nrule_preference = {table}\n");
+    let config = format!(
+        "[capture]\nrouting_table = {table}\nrule_preference = {table}\n{capture_settings}"
+    );
     let daemon = Daemon::start_configured(
         slot,
         &config,
@@ -1023,6 +1030,35 @@ fn raw_and_udp_packets_from_a_served_container_cannot_go_around_the_engine() {
         fs::read_dir(&guards).unwrap().count(),
         2,
         "one guard link per served container's veth"
+    );
+}
+
+#[test]
+fn containers_are_followed_by_events_without_waiting_for_the_rescan() {
+    // The periodic rescan is out of reach: only events can make the daemon look.
+    let setup = setup_with(29, "tproxy", "container_rescan_seconds = 3600\n");
+    let network = &setup.network;
+    setup.wait_for_event("ready", 1);
+    // A starts in a cgroup of its own, as runtimes start containers: the cgroup's creation
+    // and its becoming populated announce it.
+    let a_cgroup = setup.selected.join("a");
+    fs::create_dir(&a_cgroup).unwrap();
+    let a_init = Running::spawn(network.a.command(&a_cgroup, "sleep").arg("600"));
+    setup.wait_for_event("container_served", 1);
+    assert_status(
+        &setup.curl(&network.a, &a_cgroup, network.external_v4),
+        "200",
+    );
+    // The runtime removes A's veth: the link announcement releases it.
+    drop(a_init);
+    network.stop_container_a();
+    setup.wait_for_event("container_released", 1);
+    assert!(
+        !setup
+            .policy_rules()
+            .iter()
+            .any(|rule| rule.contains(&network.a.v4.unwrap().to_string())),
+        "A's rules stayed"
     );
 }
 

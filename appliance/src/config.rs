@@ -109,6 +109,9 @@ pub struct CaptureConfig {
     pub routing_table: u32,
     /// Preference of the policy rules that `tproxy` delivery adds (before `main`, 32766).
     pub rule_preference: u32,
+    /// Seconds between looks at the selected cgroups' container namespaces besides those
+    /// that link, address and cgroup events trigger.
+    pub container_rescan_seconds: u64,
 }
 
 impl Default for CaptureConfig {
@@ -122,6 +125,7 @@ impl Default for CaptureConfig {
             foreign_netns: ForeignNetns::Refuse,
             routing_table: 1500,
             rule_preference: 1500,
+            container_rescan_seconds: 5,
         }
     }
 }
@@ -344,6 +348,15 @@ impl Config {
                 ),
             ));
         }
+        if !(1..=3600).contains(&self.capture.container_rescan_seconds) {
+            return Err(invalid(
+                "capture.container_rescan_seconds",
+                format!(
+                    "is {}; give 1-3600 (events trigger most looks; this is the fallback)",
+                    self.capture.container_rescan_seconds
+                ),
+            ));
+        }
         if matches!(self.capture.routing_table, 0 | 253..=255) {
             return Err(invalid(
                 "capture.routing_table",
@@ -513,6 +526,10 @@ mod tests {
             (
                 "[capture]\nrule_preference = 40000",
                 "capture.rule_preference: is 40000; give 1-32765",
+            ),
+            (
+                "[capture]\ncontainer_rescan_seconds = 0",
+                "capture.container_rescan_seconds: is 0; give 1-3600",
             ),
             (
                 "[capture]\nrouting_table = 254",

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::api::{self, ApiSettings, ApiState};
 use crate::audit::EventLog;
+use crate::capture::changes::ChangeEvents;
 use crate::capture::containers::ContainerSettings;
 use crate::capture::{self, Capture, CaptureControl, CaptureSettings, Cgroup, Delivery};
 use crate::engine::Engine;
@@ -142,8 +143,12 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let api_task = tokio::spawn(admin_api.serve(Arc::clone(&state), stop_rx.clone()));
     let served = tokio::spawn(engine.serve(stop_rx.clone(), settings.drain));
-    if settings.containers.is_some() {
-        tokio::spawn(follow_containers(Arc::clone(&state), stop_rx));
+    if let Some(containers) = &settings.containers {
+        tokio::spawn(follow_containers(
+            Arc::clone(&state),
+            containers.rescan,
+            stop_rx,
+        ));
     }
     info!(
         event = "ready",
@@ -188,30 +193,55 @@ pub async fn run(
     Ok(())
 }
 
-/// How often the daemon looks for container namespaces that appeared or went away. Until a
-/// new namespace is set up its connections are refused, so the period bounds how long a new
-/// container waits, never what escapes.
-const CONTAINER_REFRESH: Duration = Duration::from_secs(1);
+/// How long the follower lets a burst of events settle before it reconciles: a runtime
+/// starting one container announces several links, addresses and cgroup changes.
+const EVENT_SETTLE: Duration = Duration::from_millis(20);
 
-async fn follow_containers(state: Arc<ApiState>, mut stop: watch::Receiver<bool>) {
-    let mut ticks = tokio::time::interval(CONTAINER_REFRESH);
+/// Serves container namespaces as they come and go: at once when a link, address or cgroup
+/// event says something changed, and every `rescan` for what no event announces. Until a
+/// new namespace is set up its connections are refused, so the delay bounds how long a new
+/// container waits, never what escapes.
+async fn follow_containers(
+    state: Arc<ApiState>,
+    rescan: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let events = ChangeEvents::open()
+        .inspect_err(|error| warn!(%error, rescan_seconds = rescan.as_secs(), "cannot follow link and cgroup events; containers are found by the periodic rescan only"))
+        .ok();
+    let mut ticks = tokio::time::interval(rescan);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let changed = async {
+            match &events {
+                Some(events) => events.changed(EVENT_SETTLE).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = stop.changed() => return,
             _ = ticks.tick() => {}
+            () = changed => {}
         }
-        let state = Arc::clone(&state);
+        let state_for_refresh = Arc::clone(&state);
         let refreshed = tokio::task::spawn_blocking(move || {
-            state
+            let mut capture = state_for_refresh
                 .capture
                 .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            capture
                 .refresh_containers()
+                .map(|()| capture.selected_paths())
         })
         .await;
         match refreshed {
-            Ok(Ok(())) => {}
+            Ok(Ok(selected)) => {
+                if let Some(events) = &events {
+                    events.watch_cgroups(&selected);
+                    // What the reconcile itself announced (its own lookups) is no news.
+                    events.drain();
+                }
+            }
             Ok(Err(error)) => {
                 warn!(error = %format!("{:#}", anyhow::Error::new(error)), "following containers failed")
             }

@@ -317,6 +317,7 @@ fn settings(config: &Config) -> DaemonSettings {
         routing_table: config.capture.routing_table,
         rule_preference: config.capture.rule_preference,
         ports: config.capture.intercept_ports.clone(),
+        rescan: Duration::from_secs(config.capture.container_rescan_seconds),
     });
     let mut listen = vec![
         SocketAddr::new(config.listen.ipv4.into(), config.listen.port),

@@ -86,6 +86,10 @@ pub struct ContainerSettings {
     pub rule_preference: u32,
     /// Intercepted destination ports.
     pub ports: Vec<u16>,
+    /// How often the daemon looks at the selected cgroups' namespaces without being told
+    /// (link, address and cgroup events make it look at once): for what no event announces,
+    /// such as a process joining an already populated cgroup.
+    pub rescan: std::time::Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -788,6 +792,7 @@ mod tests {
             routing_table: 1500,
             rule_preference: 1501,
             ports: vec![443],
+            rescan: std::time::Duration::from_secs(5),
         };
         let rule = Rule {
             family: Family::V6,

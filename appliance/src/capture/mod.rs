@@ -17,6 +17,7 @@
 //! copies and is never without one.
 
 pub mod cgroup;
+pub mod changes;
 pub mod containers;
 mod origdst;
 pub(crate) mod sys;
@@ -827,5 +828,13 @@ impl CaptureControl {
     /// How many cgroups are selected.
     pub fn selected(&self) -> usize {
         self.current.len()
+    }
+
+    /// Directories of the selected cgroups.
+    pub fn selected_paths(&self) -> Vec<PathBuf> {
+        self.current
+            .iter()
+            .map(|cgroup| cgroup.path().to_path_buf())
+            .collect()
     }
 }
