@@ -100,7 +100,9 @@ enum Task {
         /// redactor, request_head, websocket_frames.
         targets: Vec<String>,
     },
-    /// Measure the engine against a direct connection on loopback (BENCH_SECONDS per figure).
+    /// Measure the engine against a direct connection on loopback, and, as root, the
+    /// container path against the host path through the real daemon (BENCH_SECONDS per
+    /// figure).
     Bench,
     /// Show the appliance at work: an agent with a placeholder key calls a local stand-in
     /// for api.anthropic.com; the upstream receives the real key (needs root).
@@ -177,7 +179,13 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Bench => {
             setup()?;
-            run(cargo().args(["bench", "--package", "appliance", "--bench", "proxy"]))
+            run(cargo().args(["bench", "--package", "appliance", "--bench", "proxy"]))?;
+            if is_root() {
+                run(cargo().args(["bench", "--package", "appliance", "--bench", "containers"]))
+            } else {
+                step("skipping the container bench: it needs root (eBPF, network namespaces)");
+                Ok(())
+            }
         }
     }
 }
@@ -536,7 +544,13 @@ mod tests {
     fn programs_started() -> Vec<String> {
         let root = super::workspace_root();
         let mut sources = Vec::new();
-        for dir in ["tests", "tests/common", "tests/https", "appliance/benches"] {
+        for dir in [
+            "tests",
+            "tests/common",
+            "tests/https",
+            "tests/network",
+            "appliance/benches",
+        ] {
             for entry in std::fs::read_dir(root.join(dir)).unwrap().flatten() {
                 if entry.path().extension().is_some_and(|ext| ext == "rs") {
                     sources.push(std::fs::read_to_string(entry.path()).unwrap());
