@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use appliance::addr::{ClientAddr, OrigDstAddr};
+use appliance::addr::{ClientAddr, EngineAddr, OrigDstAddr};
 use appliance::audit::{EventLog, SecretUse};
 use appliance::capture::{CgroupId, LookupError, OriginalDestinations, Redirect};
 use appliance::engine::Engine;
@@ -30,7 +30,11 @@ const SECRET: &str = "Bearer sk-real-0123456789";
 struct AllTo(Redirect);
 
 impl OriginalDestinations for AllTo {
-    fn take(&self, _client: ClientAddr) -> Result<Option<Redirect>, LookupError> {
+    fn take(
+        &self,
+        _client: ClientAddr,
+        _engine: EngineAddr,
+    ) -> Result<Option<Redirect>, LookupError> {
         Ok(Some(self.0.clone()))
     }
 }

@@ -14,7 +14,8 @@ pub mod map_names {
     pub const PORTS: &str = "PORTS";
     /// Socket cookie → [`Redirection`](crate::Redirection), for `getpeername` and cleanup.
     pub const SOCKETS: &str = "SOCKETS";
-    /// [`ClientKey`](crate::ClientKey) → [`Redirection`](crate::Redirection), read by the engine.
+    /// [`ConnectionKey`](crate::ConnectionKey) → [`Redirection`](crate::Redirection), read by
+    /// the engine.
     pub const ORIGINAL_DESTINATIONS: &str = "ORIG_DST";
     /// Network namespace cookie → `DELIVERY_*`, for namespaces the daemon has set up.
     pub const FOREIGN_NAMESPACES: &str = "FOREIGN";
@@ -134,14 +135,22 @@ pub struct CoveredSource {
     pub ip6: [u32; 4],
 }
 
-/// Key identifying a redirected connection as the engine sees it: the client's address.
+/// Key identifying a redirected connection as the engine sees it: the client's address and
+/// the address the client's socket is connected to, which is the engine's own address of
+/// the accepted connection (its listener, or under `tproxy` delivery the original
+/// destination). The whole 4-tuple, so two containers with the same address on separate
+/// bridges using the same source port at once still have records of their own.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ClientKey {
+pub struct ConnectionKey {
     /// Client address as IPv6, network byte order per word; IPv4 is stored mapped.
-    pub ip6: [u32; 4],
+    pub client_ip6: [u32; 4],
+    /// Address the client is connected to, in the same form.
+    pub server_ip6: [u32; 4],
     /// Client port, host byte order.
-    pub port: u32,
+    pub client_port: u32,
+    /// Port the client is connected to, host byte order.
+    pub server_port: u32,
 }
 
 /// IPv4 address (network byte order, as the kernel stores it) in its IPv4-mapped IPv6 form.
@@ -159,7 +168,7 @@ mod pod {
     // SAFETY: all four are repr(C), made only of integers, and have no padding.
     unsafe impl aya::Pod for super::CaptureConfig {}
     unsafe impl aya::Pod for super::Redirection {}
-    unsafe impl aya::Pod for super::ClientKey {}
+    unsafe impl aya::Pod for super::ConnectionKey {}
     unsafe impl aya::Pod for super::CoveredSource {}
 }
 
@@ -173,7 +182,7 @@ mod tests {
         assert_eq!(size_of::<CaptureConfig>(), 8 + 16 + 4 * 4 + 16 + 4 + 4);
         assert_eq!(size_of::<Redirection>(), 8 + 8 + 16 + 4 + 2 + 2);
         assert_eq!(size_of::<CoveredSource>(), 4 + 16);
-        assert_eq!(size_of::<ClientKey>(), 16 + 4);
+        assert_eq!(size_of::<ConnectionKey>(), 16 + 16 + 4 + 4);
     }
 
     #[test]

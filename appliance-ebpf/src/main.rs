@@ -6,9 +6,9 @@
 //!   policy routing delivers the packets locally and `steer` hands them to the engine.
 //! - `steer` (sk_lookup, in the engine's namespace) gives the engine's listener the port-443
 //!   connections arriving from covered containers.
-//! - `sock_ops_track` re-keys that record by the client's address once the kernel has chosen the
-//!   source port (the engine only knows the accepted peer address), and removes both records when
-//!   the socket closes, so nothing outlives its connection.
+//! - `sock_ops_track` re-keys that record by the connection's addresses once the kernel has
+//!   chosen the source port (the engine only knows the accepted connection's two addresses),
+//!   and removes both records when the socket closes, so nothing outlives its connection.
 //! - `getpeername4`/`getpeername6` show the client the address it asked for, not the engine's.
 //! - `sendmsg4`/`sendmsg6` and the connect hooks refuse UDP to intercepted ports (QUIC, HTTP/3),
 //!   so clients fall back to TCP and nothing bypasses the engine.
@@ -21,7 +21,7 @@
 #![no_main]
 
 use appliance_common::{
-    ipv4_mapped, is_ipv4_mapped, CaptureConfig, ClientKey, CoveredSource, Redirection,
+    ipv4_mapped, is_ipv4_mapped, CaptureConfig, ConnectionKey, CoveredSource, Redirection,
     DELIVERY_LOCAL, DELIVERY_REDIRECT, DELIVERY_TPROXY, ENGINE_LISTENER_V4, ENGINE_LISTENER_V6,
     FLAG_REFUSE_FOREIGN_NETNS, MAX_COVERED_NAMESPACES, MAX_GUARDED_SOURCES, MAX_INTERCEPTED_PORTS,
     TRACKED_SOCKETS_CAPACITY,
@@ -67,7 +67,7 @@ static PORTS: HashMap<u16, u8> = HashMap::pinned(MAX_INTERCEPTED_PORTS, 0);
 static SOCKETS: LruHashMap<u64, Redirection> = LruHashMap::pinned(TRACKED_SOCKETS_CAPACITY, 0);
 
 #[map(name = "ORIG_DST")]
-static ORIG_DST: LruHashMap<ClientKey, Redirection> =
+static ORIG_DST: LruHashMap<ConnectionKey, Redirection> =
     LruHashMap::pinned(TRACKED_SOCKETS_CAPACITY, 0);
 
 #[map(name = "FOREIGN")]
@@ -340,12 +340,12 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
     PROCEED
 }
 
-fn client_key(ctx: &SockOpsContext) -> Option<ClientKey> {
+fn connection_key(ctx: &SockOpsContext) -> Option<ConnectionKey> {
     // The verifier only accepts context loads at constant offsets. Loading both address
     // families unconditionally keeps the compiler from merging them into one load at a
     // computed offset.
     // SAFETY: the context pointer is valid for the program's run; all fields are readable.
-    let (family, ip4, ip6, port) = unsafe {
+    let (family, local_ip4, local_ip6, local_port, remote_ip4, remote_ip6, remote_port) = unsafe {
         let ops = ctx.ops;
         (
             read_volatile(&(*ops).family),
@@ -357,14 +357,29 @@ fn client_key(ctx: &SockOpsContext) -> Option<ClientKey> {
                 read_volatile(&(*ops).local_ip6[3]),
             ],
             read_volatile(&(*ops).local_port),
+            read_volatile(&(*ops).remote_ip4),
+            [
+                read_volatile(&(*ops).remote_ip6[0]),
+                read_volatile(&(*ops).remote_ip6[1]),
+                read_volatile(&(*ops).remote_ip6[2]),
+                read_volatile(&(*ops).remote_ip6[3]),
+            ],
+            read_volatile(&(*ops).remote_port),
         )
     };
-    let ip6 = match family {
-        AF_INET => ipv4_mapped(ip4),
-        AF_INET6 => ip6,
+    let (client_ip6, server_ip6) = match family {
+        AF_INET => (ipv4_mapped(local_ip4), ipv4_mapped(remote_ip4)),
+        AF_INET6 => (local_ip6, remote_ip6),
         _ => return None,
     };
-    Some(ClientKey { ip6, port })
+    Some(ConnectionKey {
+        client_ip6,
+        server_ip6,
+        client_port: local_port,
+        // `remote_port` holds the port in network byte order in its upper half (little
+        // endian), unlike `local_port`, which is in host byte order.
+        server_port: u32::from(u16::from_be((remote_port >> 16) as u16)),
+    })
 }
 
 #[sock_ops]
@@ -377,7 +392,7 @@ pub fn sock_ops_track(ctx: SockOpsContext) -> u32 {
             let Some(redirection) = (unsafe { SOCKETS.get(&cookie).copied() }) else {
                 return 1;
             };
-            let Some(key) = client_key(&ctx) else {
+            let Some(key) = connection_key(&ctx) else {
                 return 1;
             };
             if ORIG_DST.insert(&key, &redirection, 0).is_err() {
@@ -390,7 +405,7 @@ pub fn sock_ops_track(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             // Either may already be gone: the engine consumes ORIG_DST entries on accept.
             let _ = SOCKETS.remove(&cookie);
-            if let Some(key) = client_key(&ctx) {
+            if let Some(key) = connection_key(&ctx) {
                 let _ = ORIG_DST.remove(&key);
             }
         }

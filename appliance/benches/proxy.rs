@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use appliance::addr::{ClientAddr, OrigDstAddr};
+use appliance::addr::{ClientAddr, EngineAddr, OrigDstAddr};
 use appliance::audit::EventLog;
 use appliance::capture::{CgroupId, LookupError, OriginalDestinations, Redirect};
 use appliance::engine::Engine;
@@ -51,7 +51,11 @@ fn seconds() -> Duration {
 struct AllTo(Redirect);
 
 impl OriginalDestinations for AllTo {
-    fn take(&self, _client: ClientAddr) -> Result<Option<Redirect>, LookupError> {
+    fn take(
+        &self,
+        _client: ClientAddr,
+        _engine: EngineAddr,
+    ) -> Result<Option<Redirect>, LookupError> {
         Ok(Some(self.0.clone()))
     }
 }

@@ -8,6 +8,11 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ClientAddr(pub SocketAddr);
 
+/// The engine's own address of an accepted connection (`getsockname`): its listener's, or,
+/// for a container's connection delivered by `tproxy`, the original destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EngineAddr(pub SocketAddr);
+
 /// The address a client asked to connect to before capture redirected it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct OrigDstAddr(pub SocketAddr);
@@ -25,7 +30,7 @@ macro_rules! display_inner {
         }
     )*};
 }
-display_inner!(ClientAddr, OrigDstAddr, UpstreamAddr);
+display_inner!(ClientAddr, EngineAddr, OrigDstAddr, UpstreamAddr);
 
 impl From<OrigDstAddr> for UpstreamAddr {
     /// The engine goes to the address the client chose, never to a fresh DNS answer.

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{info, warn, Instrument as _};
 
-use crate::addr::ClientAddr;
+use crate::addr::{ClientAddr, EngineAddr};
 use crate::capture::OriginalDestinations;
 use crate::proxy::{stop_requested, Proxy};
 
@@ -151,7 +151,14 @@ async fn handle(
     proxy: Arc<Proxy>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let mut redirect = match destinations.take(client) {
+    let engine = match stream.local_addr() {
+        Ok(local) => EngineAddr(local),
+        Err(error) => {
+            warn!(%error, "cannot read the accepted connection's own address; closing");
+            return;
+        }
+    };
+    let mut redirect = match destinations.take(client, engine) {
         Ok(Some(redirect)) => redirect,
         Ok(None) => {
             warn!("connection was not redirected by capture (no original destination); closing");
@@ -225,6 +232,7 @@ mod tests {
         let client_addr = socket.local_addr().unwrap();
         destinations.insert(
             ClientAddr(client_addr),
+            EngineAddr(engine_addr),
             Redirect {
                 original_dst: OrigDstAddr(upstream),
                 cgroup_id: CgroupId(1),

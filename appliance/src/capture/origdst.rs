@@ -6,11 +6,11 @@
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
-use appliance_common::{ClientKey, Redirection};
+use appliance_common::{ConnectionKey, Redirection};
 use aya::maps::{HashMap, MapData, MapError};
 
 use super::cgroup::CgroupId;
-use crate::addr::{from_kernel_words, to_kernel_words, ClientAddr, OrigDstAddr};
+use crate::addr::{from_kernel_words, to_kernel_words, ClientAddr, EngineAddr, OrigDstAddr};
 
 /// What capture recorded about a redirected connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,29 +40,33 @@ pub struct LookupError {
 
 /// Source of original destinations for accepted connections.
 pub trait OriginalDestinations: Send + Sync + 'static {
-    /// Returns the record of the connection accepted from `client` and forgets it, so each
-    /// record is used once and the table does not grow. `None` means the connection was not
-    /// redirected by capture (or its record was already taken).
-    fn take(&self, client: ClientAddr) -> Result<Option<Redirect>, LookupError>;
+    /// Returns the record of the connection accepted from `client` on the engine's address
+    /// `engine` and forgets it, so each record is used once and the table does not grow.
+    /// `None` means the connection was not redirected by capture (or its record was already
+    /// taken).
+    fn take(&self, client: ClientAddr, engine: EngineAddr)
+        -> Result<Option<Redirect>, LookupError>;
 }
 
 /// Original destinations recorded by the eBPF programs in the pinned `ORIG_DST` map.
 pub struct KernelOriginalDestinations {
-    map: Mutex<HashMap<MapData, ClientKey, Redirection>>,
+    map: Mutex<HashMap<MapData, ConnectionKey, Redirection>>,
 }
 
 impl KernelOriginalDestinations {
-    pub(super) fn new(map: HashMap<MapData, ClientKey, Redirection>) -> Self {
+    pub(super) fn new(map: HashMap<MapData, ConnectionKey, Redirection>) -> Self {
         Self {
             map: Mutex::new(map),
         }
     }
 }
 
-fn client_key(client: ClientAddr) -> ClientKey {
-    ClientKey {
-        ip6: to_kernel_words(client.0.ip()),
-        port: u32::from(client.0.port()),
+fn connection_key(client: ClientAddr, engine: EngineAddr) -> ConnectionKey {
+    ConnectionKey {
+        client_ip6: to_kernel_words(client.0.ip()),
+        server_ip6: to_kernel_words(engine.0.ip()),
+        client_port: u32::from(client.0.port()),
+        server_port: u32::from(engine.0.port()),
     }
 }
 
@@ -80,8 +84,12 @@ impl From<Redirection> for Redirect {
 }
 
 impl OriginalDestinations for KernelOriginalDestinations {
-    fn take(&self, client: ClientAddr) -> Result<Option<Redirect>, LookupError> {
-        let key = client_key(client);
+    fn take(
+        &self,
+        client: ClientAddr,
+        engine: EngineAddr,
+    ) -> Result<Option<Redirect>, LookupError> {
+        let key = connection_key(client, engine);
         let mut map = self
             .map
             .lock()
@@ -103,21 +111,28 @@ impl OriginalDestinations for KernelOriginalDestinations {
 #[cfg(test)]
 #[derive(Default)]
 pub struct FixedOriginalDestinations {
-    entries: Mutex<std::collections::HashMap<ClientAddr, Redirect>>,
+    entries: Mutex<std::collections::HashMap<(ClientAddr, EngineAddr), Redirect>>,
 }
 
 #[cfg(test)]
 impl FixedOriginalDestinations {
-    /// Records that the connection from `client` was redirected.
-    pub fn insert(&self, client: ClientAddr, redirect: Redirect) {
-        self.entries.lock().unwrap().insert(client, redirect);
+    /// Records that the connection from `client` to the engine's `engine` was redirected.
+    pub fn insert(&self, client: ClientAddr, engine: EngineAddr, redirect: Redirect) {
+        self.entries
+            .lock()
+            .unwrap()
+            .insert((client, engine), redirect);
     }
 }
 
 #[cfg(test)]
 impl OriginalDestinations for FixedOriginalDestinations {
-    fn take(&self, client: ClientAddr) -> Result<Option<Redirect>, LookupError> {
-        Ok(self.entries.lock().unwrap().remove(&client))
+    fn take(
+        &self,
+        client: ClientAddr,
+        engine: EngineAddr,
+    ) -> Result<Option<Redirect>, LookupError> {
+        Ok(self.entries.lock().unwrap().remove(&(client, engine)))
     }
 }
 
@@ -144,11 +159,19 @@ mod tests {
     }
 
     #[test]
-    fn client_keys_match_for_both_families() {
-        let v4 = client_key(ClientAddr("127.0.0.1:40000".parse().unwrap()));
-        assert_eq!(v4.port, 40000);
-        assert!(appliance_common::is_ipv4_mapped(&v4.ip6));
-        let v6 = client_key(ClientAddr("[::1]:40000".parse().unwrap()));
-        assert!(!appliance_common::is_ipv4_mapped(&v6.ip6));
+    fn connection_keys_match_for_both_families() {
+        let v4 = connection_key(
+            ClientAddr("127.0.0.1:40000".parse().unwrap()),
+            EngineAddr("10.0.0.1:443".parse().unwrap()),
+        );
+        assert_eq!((v4.client_port, v4.server_port), (40000, 443));
+        assert!(appliance_common::is_ipv4_mapped(&v4.client_ip6));
+        assert!(appliance_common::is_ipv4_mapped(&v4.server_ip6));
+        let v6 = connection_key(
+            ClientAddr("[::1]:40000".parse().unwrap()),
+            EngineAddr("[::1]:15443".parse().unwrap()),
+        );
+        assert!(!appliance_common::is_ipv4_mapped(&v6.client_ip6));
+        assert_eq!(v6.server_port, 15443);
     }
 }
