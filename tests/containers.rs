@@ -61,17 +61,34 @@ else:
 /// 443: what got past the host. Its nftables table goes with the namespace.
 struct Arrivals<'a> {
     netns: &'a str,
+    table: &'static str,
 }
 
 impl<'a> Arrivals<'a> {
     fn count_in(netns: &'a str) -> Self {
-        for rule in [
-            "add table inet appliance_test",
-            "add chain inet appliance_test input { type filter hook input priority 0; }",
-            // SYNs only: a client's answer to an upstream's SYN-ACK (an RST) is no bypass.
-            "add rule inet appliance_test input tcp dport 443 tcp flags & (syn | ack) == syn counter",
-            "add rule inet appliance_test input udp dport 443 counter",
-        ] {
+        // SYNs only: a client's answer to an upstream's SYN-ACK (an RST) is no bypass.
+        Self::counting(
+            netns,
+            "appliance_test",
+            &[
+                "tcp dport 443 tcp flags & (syn | ack) == syn",
+                "udp dport 443",
+            ],
+        )
+    }
+
+    /// Counts packets that arrive inside `netns` and match any of `matches` (nftables
+    /// expressions), in an nftables table `table` of their own.
+    fn counting(netns: &'a str, table: &'static str, matches: &[&str]) -> Self {
+        let chain =
+            format!("add chain inet {table} input {{ type filter hook input priority 0; }}");
+        let rules = matches
+            .iter()
+            .map(|expression| format!("add rule inet {table} input {expression} counter"));
+        for rule in [format!("add table inet {table}"), chain]
+            .into_iter()
+            .chain(rules)
+        {
             let output = test_command("ip")
                 .args(["netns", "exec", netns, "nft"])
                 .args(rule.split(' '))
@@ -79,13 +96,13 @@ impl<'a> Arrivals<'a> {
                 .unwrap();
             assert!(output.status.success(), "nft {rule}: {output:?}");
         }
-        Self { netns }
+        Self { netns, table }
     }
 
     fn packets(&self) -> u64 {
         let output = test_command("ip")
             .args(["netns", "exec", self.netns, "nft", "-j", "list", "table"])
-            .args(["inet", "appliance_test"])
+            .args(["inet", self.table])
             .output()
             .unwrap();
         assert!(output.status.success(), "{output:?}");
@@ -294,7 +311,7 @@ fn containers_on_a_bridge_and_a_routed_veth_get_their_secrets_by_tproxy() {
 
     // C, on a routed veth.
     assert_status(
-        &setup.curl(&network.c, &setup.selected, network.external_v4),
+        &setup.curl(&network.c, &setup.selected, network.external_v6),
         "200",
     );
     assert_eq!(
@@ -495,6 +512,122 @@ fn containers_are_followed_by_events_without_waiting_for_the_rescan() {
             .iter()
             .any(|rule| rule.contains(&network.a.v4.unwrap().to_string())),
         "A's rules stayed"
+    );
+}
+
+#[test]
+fn selecting_one_cgroup_of_a_shared_namespace_leaves_its_sidecars_direct() {
+    let setup = setup_with(30, "tproxy", "container_selection = \"cgroup\"\n");
+    let network = &setup.network;
+    let (a, c) = (&network.a, &network.c);
+    // Every TCP packet of A's or C's that reaches the upstream's namespace on port 443: none
+    // of a selected cgroup's may, from the SYN to the last ACK.
+    let from_a_or_c = Arrivals::counting(
+        &network.upstream_netns,
+        "appliance_test_direct",
+        &[
+            &format!(
+                "ip saddr {{ {}, {} }} tcp dport 443",
+                a.v4.unwrap(),
+                c.v4.unwrap()
+            ),
+            &format!(
+                "ip6 saddr {{ {}, {} }} tcp dport 443",
+                a.v6.unwrap(),
+                c.v6.unwrap()
+            ),
+        ],
+    );
+    let _a_init = setup.start_container_init(a, 0);
+    let _c_init = setup.start_container_init(c, 1);
+    for external in [network.external_v6, network.external_v4] {
+        for container in [c, a] {
+            let o = setup.curl(container, &setup.selected, external);
+            eprintln!("LOG {}", setup.daemon.log_text());
+            eprintln!("RULES {:?}", setup.policy_rules());
+            assert_status(&o, "200");
+            assert_eq!(
+                setup.authorizations(external).last().cloned().flatten(),
+                Some(format!("Bearer {REAL}")),
+                "a selected process's request to {external}"
+            );
+        }
+    }
+    // 500 connections one after the other: each handshake, data and close goes to the
+    // engine (TIME_WAIT reuse included).
+    let program = format!(
+        r#"
+import socket
+failures = 0
+for i in range(500):
+    try:
+        s = socket.create_connection(("{}", 443), timeout=5)
+        s.sendall(b"x")
+        s.close()
+    except OSError:
+        failures += 1
+print(failures)
+"#,
+        network.external_v4
+    );
+    let output = a
+        .command(&setup.selected, "/usr/bin/python3")
+        .args(["-c", &program])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "0",
+        "{output:?}"
+    );
+    assert_eq!(
+        from_a_or_c.packets(),
+        0,
+        "a selected cgroup's packets reached the upstream directly"
+    );
+
+    // A process of the same namespaces outside the selected cgroups (a sidecar) goes out
+    // directly with its own credentials, over both families, and so may its QUIC.
+    for external in [network.external_v4, network.external_v6] {
+        for container in [a, c] {
+            let before = setup.authorizations(external).len();
+            assert_status(&setup.curl(container, &setup.unselected, external), "200");
+            assert_eq!(
+                setup.authorizations(external)[before..],
+                [Some("Bearer placeholder".to_owned())],
+                "the sidecar's request to {external} went through the engine"
+            );
+        }
+    }
+    assert!(
+        from_a_or_c.packets() > 0,
+        "the sidecars' connections were not seen"
+    );
+    let arrivals = Arrivals::count_in(&network.upstream_netns);
+    for external in [network.external_v4, network.external_v6] {
+        let udp = setup.arrivals_of(&arrivals, external, || {
+            setup.send_raw(a, &setup.unselected, "udp", a.v4_or_v6(external), external)
+        });
+        assert_eq!(udp, 1, "the sidecar's UDP to {external}");
+        // A forged source is still no source of A's.
+        let forged = if external.is_ipv4() {
+            network.plan.v4(1, 77)
+        } else {
+            network.plan.v6(1, 77)
+        };
+        let sent = setup.arrivals_of(&arrivals, external, || {
+            setup.send_raw(a, &setup.selected, "syn", forged, external)
+        });
+        assert_eq!(sent, 0, "a forged SYN from A reached {external}");
+    }
+    setup.assert_b_goes_direct();
+    assert!(
+        setup
+            .policy_rules()
+            .iter()
+            .all(|rule| rule.contains("fwmark 0x8000000/0x8000000")),
+        "{:?}",
+        setup.policy_rules()
     );
 }
 

@@ -22,12 +22,17 @@ pub mod map_names {
     /// [`CoveredSource`](crate::CoveredSource) → 1: container traffic the sk_lookup program
     /// hands to the engine.
     pub const COVERED_SOURCES: &str = "COVERED";
+    /// [`ConnectionKey`](crate::ConnectionKey) → 1: connections of `tproxy` namespaces whose
+    /// client socket closed recently, whose late packets the guard still carries to the
+    /// engine.
+    pub const CLOSED_CONNECTIONS: &str = "CLOSED";
     /// SOCKMAP of the engine's listeners: [`ENGINE_LISTENER_V4`](crate::ENGINE_LISTENER_V4)
     /// and [`ENGINE_LISTENER_V6`](crate::ENGINE_LISTENER_V6).
     pub const ENGINE_LISTENERS: &str = "ENGINE";
-    /// [`CoveredSource`](crate::CoveredSource) → 1: the sources the guard program lets send
-    /// TCP to intercepted ports from a served container's host-side veth (`ifindex` is the
-    /// veth's; an all-zero address allows every source).
+    /// [`CoveredSource`](crate::CoveredSource) → `GUARD_*`: how the guard program treats
+    /// what a source sends to intercepted ports from a served container's host-side veth
+    /// (`ifindex` is the veth's; an all-zero address stands for every source). A source
+    /// without an entry may send nothing there.
     pub const GUARDED_SOURCES: &str = "GUARDED";
 }
 
@@ -44,6 +49,13 @@ pub const ENGINE_LISTENER_V6: u32 = 1;
 
 /// Capacity of the per-namespace maps (`FOREIGN`, `COVERED`).
 pub const MAX_COVERED_NAMESPACES: u32 = 4096;
+
+/// `GUARDED` value: the whole namespace is captured; TCP from this source passes (the policy
+/// rule delivers it to the engine), UDP is dropped.
+pub const GUARD_WHOLE_NAMESPACE: u8 = 1;
+/// `GUARDED` value: only selected cgroups are captured; TCP of their connections is marked
+/// with `CaptureConfig::container_mark`, everything else from this source passes unmarked.
+pub const GUARD_SELECTED_CGROUPS: u8 = 2;
 
 /// Capacity of `GUARDED`: a few addresses per served container.
 pub const MAX_GUARDED_SOURCES: u32 = 4 * MAX_COVERED_NAMESPACES;
@@ -71,6 +83,9 @@ pub const PROGRAM_NAMES: [&str; 7] = [
 /// Capacity of the per-socket maps. They are LRU maps, so a burst beyond this evicts the
 /// oldest entries instead of failing new connections.
 pub const TRACKED_SOCKETS_CAPACITY: u32 = 65_536;
+
+/// Capacity of `CLOSED`, an LRU map: it only has to outlive a closed socket's last answers.
+pub const CLOSED_CONNECTIONS_CAPACITY: u32 = 16_384;
 
 /// Maximum number of intercepted ports.
 pub const MAX_INTERCEPTED_PORTS: u32 = 64;
@@ -100,8 +115,9 @@ pub struct CaptureConfig {
     pub container_ip6: [u32; 4],
     /// Same, IPv4.
     pub container_ip4: u32,
-    /// Zero; makes the padding explicit.
-    pub reserved: u32,
+    /// Mark bits the guard sets on packets of selected cgroups' connections in namespaces
+    /// captured per cgroup; the policy rules match them.
+    pub container_mark: u32,
 }
 
 /// The original destination of a redirected connection, and who made it.

@@ -13,27 +13,31 @@
 //! - `sendmsg4`/`sendmsg6` and the connect hooks refuse UDP to intercepted ports (QUIC, HTTP/3),
 //!   so clients fall back to TCP and nothing bypasses the engine.
 //! - `guard` (tc ingress on a served container's host-side veth) drops what the cgroup hooks
-//!   never see: packets written by raw or packet sockets (Docker grants `CAP_NET_RAW`). UDP to
-//!   an intercepted port is dropped; TCP to one passes only from the container's own
-//!   addresses (its policy rules deliver exactly those to the engine) and, under `redirect`
-//!   delivery, not at all.
+//!   never see: packets written by raw or packet sockets (Docker grants `CAP_NET_RAW`). When the
+//!   whole namespace is captured, UDP to an intercepted port is dropped and TCP to one passes
+//!   only from the container's own addresses (its policy rules deliver exactly those to the
+//!   engine); under `redirect` delivery none passes. When only some cgroups of a namespace
+//!   are selected, it marks the packets of their connections for the policy rule and lets
+//!   the rest of the namespace (sidecars) go its own way.
 #![no_std]
 #![no_main]
 
 use appliance_common::{
     ipv4_mapped, is_ipv4_mapped, CaptureConfig, ConnectionKey, CoveredSource, Redirection,
-    DELIVERY_LOCAL, DELIVERY_REDIRECT, DELIVERY_TPROXY, ENGINE_LISTENER_V4, ENGINE_LISTENER_V6,
-    FLAG_REFUSE_FOREIGN_NETNS, MAX_COVERED_NAMESPACES, MAX_GUARDED_SOURCES, MAX_INTERCEPTED_PORTS,
+    CLOSED_CONNECTIONS_CAPACITY, DELIVERY_LOCAL, DELIVERY_REDIRECT, DELIVERY_TPROXY,
+    ENGINE_LISTENER_V4, ENGINE_LISTENER_V6, FLAG_REFUSE_FOREIGN_NETNS, GUARD_SELECTED_CGROUPS,
+    GUARD_WHOLE_NAMESPACE, MAX_COVERED_NAMESPACES, MAX_GUARDED_SOURCES, MAX_INTERCEPTED_PORTS,
     TRACKED_SOCKETS_CAPACITY,
 };
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE,
+        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2, BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
-        bpf_get_socket_cookie,
+        bpf_get_socket_cookie, bpf_sk_release, bpf_skc_lookup_tcp,
     },
     macros::{cgroup_sock_addr, classifier, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LruHashMap, SockMap},
@@ -78,6 +82,9 @@ static COVERED: HashMap<CoveredSource, u8> = HashMap::pinned(MAX_COVERED_NAMESPA
 
 #[map(name = "ENGINE")]
 static ENGINE: SockMap = SockMap::pinned(2, 0);
+
+#[map(name = "CLOSED")]
+static CLOSED: LruHashMap<ConnectionKey, u8> = LruHashMap::pinned(CLOSED_CONNECTIONS_CAPACITY, 0);
 
 #[map(name = "GUARDED")]
 static GUARDED: HashMap<CoveredSource, u8> = HashMap::pinned(MAX_GUARDED_SOURCES, 0);
@@ -403,10 +410,18 @@ pub fn sock_ops_track(ctx: SockOpsContext) -> u32 {
             }
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            // SAFETY: map value copied out at once.
+            let delivery = unsafe { SOCKETS.get(&cookie).map(|record| record.delivery) };
             // Either may already be gone: the engine consumes ORIG_DST entries on accept.
             let _ = SOCKETS.remove(&cookie);
             if let Some(key) = connection_key(&ctx) {
                 let _ = ORIG_DST.remove(&key);
+                // A closed socket still answers: its RST to a segment that arrives after
+                // the close leaves after this callback. The guard keeps carrying such
+                // packets to the engine rather than to the real destination.
+                if delivery == Some(DELIVERY_TPROXY) {
+                    let _ = CLOSED.insert(&key, &1, 0);
+                }
             }
         }
         _ => {}
@@ -492,7 +507,10 @@ const MAX_IPV6_EXTENSION_HEADERS: usize = 4;
 /// header starts. `None` for what carries no ports to judge (not IP, or a later fragment).
 struct Transport {
     protocol: u8,
+    /// Whether the addresses are IPv4 (stored mapped).
+    ipv4: bool,
     source: [u32; 4],
+    destination: [u32; 4],
     offset: usize,
 }
 
@@ -509,15 +527,19 @@ fn transport(ctx: &TcContext) -> Result<Option<Transport>, ()> {
             }
             let protocol: u8 = ctx.load(ETH_HEADER_LEN + 9).map_err(|_| ())?;
             let source: u32 = ctx.load(ETH_HEADER_LEN + 12).map_err(|_| ())?;
+            let destination: u32 = ctx.load(ETH_HEADER_LEN + 16).map_err(|_| ())?;
             Ok(Some(Transport {
                 protocol,
+                ipv4: true,
                 source: ipv4_mapped(source),
+                destination: ipv4_mapped(destination),
                 offset: ETH_HEADER_LEN + usize::from(version_and_length & 0x0f) * 4,
             }))
         }
         ETH_P_IPV6 => {
             let mut next: u8 = ctx.load(ETH_HEADER_LEN + 6).map_err(|_| ())?;
             let source: [u32; 4] = ctx.load(ETH_HEADER_LEN + 8).map_err(|_| ())?;
+            let destination: [u32; 4] = ctx.load(ETH_HEADER_LEN + 24).map_err(|_| ())?;
             let mut offset = ETH_HEADER_LEN + 40;
             for _ in 0..MAX_IPV6_EXTENSION_HEADERS {
                 match next {
@@ -545,7 +567,9 @@ fn transport(ctx: &TcContext) -> Result<Option<Transport>, ()> {
             }
             Ok(Some(Transport {
                 protocol: next,
+                ipv4: false,
                 source,
+                destination,
                 offset,
             }))
         }
@@ -554,8 +578,9 @@ fn transport(ctx: &TcContext) -> Result<Option<Transport>, ()> {
 }
 
 /// Keeps a served container from reaching an intercepted port around the engine with packets
-/// it built itself. Attached only to served containers' host-side veths, so it sees exactly
-/// what those containers send.
+/// it built itself, and, where only some of its cgroups are selected, marks the packets of
+/// their connections for the policy rule that delivers them. Attached only to served
+/// containers' host-side veths, so it sees exactly what those containers send.
 #[classifier]
 pub fn guard(ctx: TcContext) -> i32 {
     let packet = match transport(&ctx) {
@@ -567,16 +592,18 @@ pub fn guard(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     }
     // A packet too short for its ports cannot be delivered by anyone; let the stack drop it.
-    let Ok(port) = ctx.load::<u16>(packet.offset + 2) else {
+    let Ok(ports) = ctx.load::<[u16; 2]>(packet.offset) else {
         return TC_ACT_OK;
     };
-    let port = u16::from_be(port);
+    let (source_port, port) = (u16::from_be(ports[0]), u16::from_be(ports[1]));
+    // TCP flags byte: SYN 0x02, ACK 0x10. Unread for UDP.
+    let opens = packet.protocol == IPPROTO_TCP
+        && ctx
+            .load::<u8>(packet.offset + 13)
+            .is_ok_and(|flags| flags & 0x12 == 0x02);
     // SAFETY: map lookups return pointers the kernel keeps valid for the program's run.
     if unsafe { PORTS.get(&port) }.is_none() {
         return TC_ACT_OK;
-    }
-    if packet.protocol == IPPROTO_UDP {
-        return TC_ACT_SHOT;
     }
     // SAFETY: the context pointer is valid for the program's run.
     let ifindex = unsafe { read_volatile(&(*ctx.skb.skb).ifindex) };
@@ -588,12 +615,116 @@ pub fn guard(ctx: TcContext) -> i32 {
         ifindex,
         ip6: [0; 4],
     };
-    // SAFETY: as above.
-    let allowed = unsafe { GUARDED.get(&exact).is_some() || GUARDED.get(&any_source).is_some() };
-    if allowed {
-        TC_ACT_OK
-    } else {
-        TC_ACT_SHOT
+    // SAFETY: as above; values copied out at once.
+    let guard = unsafe {
+        GUARDED
+            .get(&exact)
+            .or_else(|| GUARDED.get(&any_source))
+            .copied()
+    };
+    match guard {
+        // The whole namespace is captured: its TCP reaches the engine by the policy rule,
+        // and nothing else may leave for these ports.
+        Some(GUARD_WHOLE_NAMESPACE) if packet.protocol == IPPROTO_TCP => TC_ACT_OK,
+        // Only selected cgroups are captured: their connections are marked for the policy
+        // rule, everything else in the namespace (sidecars) goes its own way.
+        Some(GUARD_SELECTED_CGROUPS) => {
+            if packet.protocol == IPPROTO_TCP
+                && is_captured(&ctx, &packet, source_port, port, opens)
+            {
+                if let Some(config) = CONFIG.get(0) {
+                    // SAFETY: as above.
+                    let mark = unsafe { read_volatile(&(*ctx.skb.skb).mark) };
+                    ctx.set_mark(mark | config.container_mark);
+                }
+            }
+            TC_ACT_OK
+        }
+        // UDP to an intercepted port, a source that is not the container's, or a namespace
+        // under redirect delivery, whose connects never go to these ports.
+        _ => TC_ACT_SHOT,
+    }
+}
+
+/// `state` of a listening socket (`TCP_LISTEN`).
+const TCP_LISTEN: u32 = 10;
+
+/// Whether a TCP packet belongs to a connection of a selected cgroup: capture recorded it
+/// (from the SYN until the engine accepts), or the engine holds a socket for its 4-tuple
+/// (from the handshake to the last ACK, TIME_WAIT included), or, for anything but a SYN
+/// (`opens`), the client's socket closed recently (its late RSTs). A listener found by the
+/// lookup is no connection. A SYN that is not captured opens another process's connection
+/// on that 4-tuple, which is then no longer a closed captured one.
+fn is_captured(
+    ctx: &TcContext,
+    packet: &Transport,
+    source_port: u16,
+    port: u16,
+    opens: bool,
+) -> bool {
+    let key = ConnectionKey {
+        client_ip6: packet.source,
+        server_ip6: packet.destination,
+        client_port: u32::from(source_port),
+        server_port: u32::from(port),
+    };
+    // SAFETY: as in `guard`.
+    if unsafe { ORIG_DST.get(&key) }.is_some() {
+        return true;
+    }
+    if opens {
+        let _ = CLOSED.remove(&key);
+        return false;
+    }
+    // SAFETY: as in `guard`.
+    if unsafe { CLOSED.get(&key) }.is_some() {
+        return true;
+    }
+    // SAFETY: zero is a valid bit pattern for the tuple.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let skb = ctx.skb.skb.cast();
+    // Two calls, each with a constant tuple size, as the verifier requires.
+    // SAFETY: the helper reads `tuple_size` bytes of `tuple`; the result is checked for null
+    // and released on every path.
+    let socket = unsafe {
+        if packet.ipv4 {
+            tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: packet.source[3],
+                daddr: packet.destination[3],
+                sport: source_port.to_be(),
+                dport: port.to_be(),
+            };
+            bpf_skc_lookup_tcp(
+                skb,
+                &mut tuple,
+                core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            )
+        } else {
+            tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+                saddr: packet.source,
+                daddr: packet.destination,
+                sport: source_port.to_be(),
+                dport: port.to_be(),
+            };
+            bpf_skc_lookup_tcp(
+                skb,
+                &mut tuple,
+                core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>() as u32,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            )
+        }
+    };
+    if socket.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null socket from the lookup, released right after its state is read.
+    unsafe {
+        let state = read_volatile(&(*socket).state);
+        bpf_sk_release(socket.cast());
+        state != TCP_LISTEN
     }
 }
 

@@ -89,6 +89,17 @@ pub enum ForeignNetns {
     Redirect,
 }
 
+/// What of a selected container's network namespace is captured.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ContainerSelectionConfig {
+    /// Every process in the namespace of a selected process (whole-container capture).
+    Namespace,
+    /// Only processes in selected cgroups; the rest of the namespace (a pod's sidecars) goes
+    /// out directly.
+    Cgroup,
+}
+
 /// What is intercepted.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -112,6 +123,11 @@ pub struct CaptureConfig {
     /// Seconds between looks at the selected cgroups' container namespaces besides those
     /// that link, address and cgroup events trigger.
     pub container_rescan_seconds: u64,
+    /// Whole container namespaces, or only their selected cgroups.
+    pub container_selection: ContainerSelectionConfig,
+    /// Packet mark bits that carry a selected cgroup's connections to the policy rules under
+    /// `container_selection = "cgroup"`.
+    pub container_mark: u32,
 }
 
 impl Default for CaptureConfig {
@@ -126,6 +142,8 @@ impl Default for CaptureConfig {
             routing_table: 1500,
             rule_preference: 1500,
             container_rescan_seconds: 5,
+            container_selection: ContainerSelectionConfig::Namespace,
+            container_mark: 0x0800_0000,
         }
     }
 }
@@ -357,6 +375,16 @@ impl Config {
                 ),
             ));
         }
+        let container_mark = self.capture.container_mark;
+        if container_mark == 0 || container_mark & self.capture.mark != 0 {
+            return Err(invalid(
+                "capture.container_mark",
+                format!(
+                    "is {container_mark:#x}; give non-zero bits that capture.mark ({:#x}) and other software on the host (CNIs, kube-proxy) do not use",
+                    self.capture.mark
+                ),
+            ));
+        }
         if matches!(self.capture.routing_table, 0 | 253..=255) {
             return Err(invalid(
                 "capture.routing_table",
@@ -530,6 +558,18 @@ mod tests {
             (
                 "[capture]\ncontainer_rescan_seconds = 0",
                 "capture.container_rescan_seconds: is 0; give 1-3600",
+            ),
+            (
+                "[capture]\ncontainer_mark = 0",
+                "capture.container_mark: is 0x0; give non-zero bits",
+            ),
+            (
+                "[capture]\nmark = 3\ncontainer_mark = 2",
+                "capture.container_mark: is 0x2; give non-zero bits that capture.mark (0x3)",
+            ),
+            (
+                "[capture]\ncontainer_selection = \"pod\"",
+                "unknown variant `pod`, expected `namespace` or `cgroup`",
             ),
             (
                 "[capture]\nrouting_table = 254",

@@ -14,8 +14,10 @@ use commands::{ClientCommand, Output};
 
 use appliance::api::ApiSettings;
 use appliance::capture::containers::{self, ContainerSettings};
-use appliance::capture::{self, CaptureSettings, Delivery};
-use appliance::config::{Config, ForeignNetns, LogFormatConfig, UninterceptedConfig};
+use appliance::capture::{self, CaptureSettings, ContainerSelection, Delivery};
+use appliance::config::{
+    Config, ContainerSelectionConfig, ForeignNetns, LogFormatConfig, UninterceptedConfig,
+};
 use appliance::daemon::{self, DaemonSettings};
 use appliance::logging::{self, LogFormat};
 use appliance::proxy::{ProxySettings, Unintercepted};
@@ -289,6 +291,7 @@ fn settings(config: &Config) -> DaemonSettings {
         refuse_foreign_netns: config.capture.foreign_netns != ForeignNetns::Allow,
         container_v4: config.listen.containers_ipv4,
         container_v6: config.listen.containers_ipv6,
+        container_mark: config.capture.container_mark,
         ebpf_log_level: if tracing::enabled!(target: "appliance_ebpf", tracing::Level::DEBUG) {
             4
         } else {
@@ -314,6 +317,11 @@ fn settings(config: &Config) -> DaemonSettings {
     }
     .map(|delivery| ContainerSettings {
         delivery,
+        selection: match config.capture.container_selection {
+            ContainerSelectionConfig::Namespace => ContainerSelection::Namespace,
+            ContainerSelectionConfig::Cgroup => ContainerSelection::Cgroups,
+        },
+        mark: config.capture.container_mark,
         routing_table: config.capture.routing_table,
         rule_preference: config.capture.rule_preference,
         ports: config.capture.intercept_ports.clone(),

@@ -372,9 +372,10 @@ impl Network {
                 "{external} does not resolve through the test's veth: {resolved}"
             );
         }
-        // Unselected traffic (B) is forwarded by the host; only the test's own interfaces
-        // forward, and they disappear with the test.
-        for interface in [&self.bridge, &self.upstream_link] {
+        // Unselected traffic (B, and sidecars in A and C when only cgroups are selected) is
+        // forwarded by the host; only the test's own interfaces forward, and they disappear
+        // with the test.
+        for interface in [&self.bridge, &c_host, &self.upstream_link] {
             for (family, key) in [("ipv4", "forwarding"), ("ipv6", "force_forwarding")] {
                 let path = format!("/proc/sys/net/{family}/conf/{interface}/{key}");
                 if Path::new(&path).exists() {

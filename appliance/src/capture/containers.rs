@@ -29,7 +29,7 @@ use std::process::Command;
 
 use serde::Deserialize;
 
-use super::{Capture, CaptureError, Cgroup, CoveredTraffic, Delivery};
+use super::{Capture, CaptureError, Cgroup, ContainerSelection, CoveredTraffic, Delivery};
 
 /// Errors while serving a container's namespace.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +80,11 @@ pub enum ContainerError {
 pub struct ContainerSettings {
     /// How their connections reach the engine.
     pub delivery: Delivery,
+    /// Whether a namespace is captured whole or only its selected cgroups.
+    pub selection: ContainerSelection,
+    /// Mark bits of selected cgroups' packets under [`ContainerSelection::Cgroups`], which
+    /// the policy rules match.
+    pub mark: u32,
     /// Routing table holding the `local` routes of `tproxy` delivery.
     pub routing_table: u32,
     /// Preference of the policy rules (must sort before `main`, 32766).
@@ -127,6 +132,8 @@ struct Rule {
     family: Family,
     interface: String,
     source: Option<IpAddr>,
+    /// Matched as `fwmark M/M`: only the selected cgroups' packets, which the guard marked.
+    mark: Option<u32>,
     port: u16,
 }
 
@@ -143,6 +150,9 @@ impl Rule {
         ];
         if let Some(source) = self.source {
             args.extend(["from".into(), source.to_string()]);
+        }
+        if let Some(mark) = self.mark {
+            args.extend(["fwmark".into(), format!("{mark:#x}/{mark:#x}")]);
         }
         args.extend([
             "ipproto".into(),
@@ -361,6 +371,7 @@ impl Containers {
                                 family: Family::of(source),
                                 interface: bridge.ifname.clone(),
                                 source: Some(source),
+                                mark: self.rule_mark(),
                                 port,
                             });
                         }
@@ -381,6 +392,7 @@ impl Containers {
                                 family,
                                 interface: peer.ifname.clone(),
                                 source: None,
+                                mark: self.rule_mark(),
                                 port,
                             });
                         }
@@ -394,18 +406,20 @@ impl Containers {
         }
         if self.settings.delivery == Delivery::Redirect {
             // Redirected connects go to the engine's container address; the host needs no
-            // rule and the sk_lookup program no coverage, and nothing may send TCP to an
-            // intercepted port directly.
+            // rule and the sk_lookup program no coverage. A whole namespace may send nothing
+            // to an intercepted port directly.
             served.rules.clear();
             served.covered.clear();
-            for guard in &mut served.guarded {
-                guard.allowed.clear();
+            if self.settings.selection == ContainerSelection::Namespace {
+                for guard in &mut served.guarded {
+                    guard.allowed.clear();
+                }
             }
         }
-        let guarded = served
-            .guarded
-            .iter()
-            .try_for_each(|guard| capture.guard(&guard.interface, guard.ifindex, &guard.allowed));
+        let selection = self.settings.selection;
+        let guarded = served.guarded.iter().try_for_each(|guard| {
+            capture.guard(&guard.interface, guard.ifindex, &guard.allowed, selection)
+        });
         let set_up = guarded
             .map_err(ContainerError::from)
             .and_then(|()| self.add_rules(&served.rules))
@@ -419,6 +433,11 @@ impl Containers {
             return Err(error);
         }
         Ok(served)
+    }
+
+    /// The mark the rules match: only when a namespace is captured per cgroup.
+    fn rule_mark(&self) -> Option<u32> {
+        (self.settings.selection == ContainerSelection::Cgroups).then_some(self.settings.mark)
     }
 
     fn add_rules(&self, rules: &[Rule]) -> Result<(), ContainerError> {
@@ -455,6 +474,8 @@ pub fn remove_host_side(table: u32, preference: u32) -> Result<(), ContainerErro
         iif: Option<String>,
         src: Option<String>,
         srclen: Option<u8>,
+        fwmark: Option<String>,
+        fwmask: Option<String>,
         ipproto: Option<String>,
         dport: Option<u16>,
     }
@@ -482,6 +503,13 @@ pub fn remove_host_side(table: u32, preference: u32) -> Result<(), ContainerErro
             }
             if let (Some(src), Some(len)) = (rule.src, rule.srclen) {
                 args.extend(["from".into(), format!("{src}/{len}")]);
+            }
+            if let Some(mark) = rule.fwmark {
+                let mask = rule
+                    .fwmask
+                    .map(|mask| format!("/{mask}"))
+                    .unwrap_or_default();
+                args.extend(["fwmark".into(), format!("{mark}{mask}")]);
             }
             if let Some(proto) = rule.ipproto {
                 args.extend(["ipproto".into(), proto]);
@@ -789,6 +817,8 @@ mod tests {
     fn rules_are_spelled_with_every_selector() {
         let settings = ContainerSettings {
             delivery: Delivery::Tproxy,
+            selection: ContainerSelection::Cgroups,
+            mark: 0x0100_0000,
             routing_table: 1500,
             rule_preference: 1501,
             ports: vec![443],
@@ -798,11 +828,12 @@ mod tests {
             family: Family::V6,
             interface: "br0".into(),
             source: Some("fd00::2".parse().unwrap()),
+            mark: Some(0x0100_0000),
             port: 443,
         };
         assert_eq!(
             rule.args("del", &settings).join(" "),
-            "-6 rule del pref 1501 iif br0 from fd00::2 ipproto tcp dport 443 lookup 1500"
+            "-6 rule del pref 1501 iif br0 from fd00::2 fwmark 0x1000000/0x1000000 ipproto tcp dport 443 lookup 1500"
         );
     }
 }

@@ -136,6 +136,9 @@ pub struct CaptureSettings {
     pub container_v4: Ipv4Addr,
     /// Same, IPv6.
     pub container_v6: Ipv6Addr,
+    /// Mark bits that select container packets for `tproxy` delivery when only some cgroups
+    /// of a namespace are captured ([`ContainerSelection::Cgroups`]).
+    pub container_mark: u32,
     /// Most verbose level the eBPF programs emit (aya-log: 1 error … 5 trace).
     pub ebpf_log_level: u8,
 }
@@ -200,6 +203,27 @@ impl Delivery {
             Self::Tproxy => appliance_common::DELIVERY_TPROXY,
             Self::Redirect => appliance_common::DELIVERY_REDIRECT,
         })
+    }
+}
+
+/// What of a served container's network namespace is captured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContainerSelection {
+    /// Every process in it: its port-443 TCP all goes to the engine (a process outside the
+    /// selected cgroups has no record there and is closed), and the guard lets nothing else
+    /// out to those ports.
+    Namespace,
+    /// Only processes in selected cgroups: the guard marks their connections' packets for
+    /// the policy rule; the rest of the namespace (a pod's sidecars) goes out directly.
+    Cgroups,
+}
+
+impl ContainerSelection {
+    fn guard_value(self) -> u8 {
+        match self {
+            Self::Namespace => appliance_common::GUARD_WHOLE_NAMESPACE,
+            Self::Cgroups => appliance_common::GUARD_SELECTED_CGROUPS,
+        }
     }
 }
 
@@ -450,21 +474,22 @@ impl Capture {
     }
 
     /// Attaches the guard to the ingress of host interface `interface` (index `ifindex`, a
-    /// served container's veth; adopting a link an earlier daemon pinned) and lets `allowed`
-    /// send TCP to intercepted ports through it. Everything else it sends to those ports is
-    /// dropped, whatever socket wrote it.
+    /// served container's veth; adopting a link an earlier daemon pinned) and treats what
+    /// `sources` send to intercepted ports through it as `selection` says. Whatever any
+    /// other source sends to those ports is dropped, whatever socket wrote it.
     pub fn guard(
         &mut self,
         interface: &str,
         ifindex: u32,
-        allowed: &[CoveredTraffic],
+        sources: &[CoveredTraffic],
+        selection: ContainerSelection,
     ) -> Result<(), CaptureError> {
         let name = map_names::GUARDED_SOURCES;
-        let mut sources: HashMap<_, CoveredSource, u8> =
+        let mut guarded: HashMap<_, CoveredSource, u8> =
             HashMap::try_from(self.map_by_name(name)?).map_err(map_error(name))?;
-        for traffic in allowed {
-            sources
-                .insert(traffic.key(), 1, 0)
+        for traffic in sources {
+            guarded
+                .insert(traffic.key(), selection.guard_value(), 0)
                 .map_err(map_error(name))?;
         }
         let pin = self.layout.guard_link(ifindex);
@@ -554,7 +579,7 @@ impl Capture {
             },
             container_ip6: crate::addr::to_kernel_words(settings.container_v6.into()),
             container_ip4: u32::from_ne_bytes(settings.container_v4.octets()),
-            reserved: 0,
+            container_mark: settings.container_mark,
         };
         let config_map = self
             .ebpf
