@@ -290,6 +290,32 @@ fn a_restarted_daemon_adopts_its_pinned_links() {
 }
 
 #[test]
+fn an_upgraded_daemon_replaces_pinned_maps_of_an_older_layout() {
+    require_root();
+    let slot = 31;
+    let upstream = Upstream::start(upstream_ip(slot).into(), 443);
+    let mut daemon = Daemon::start(slot, &[]);
+    daemon.stop();
+    // What an older daemon pinned: ORIG_DST keyed by the client's address alone (20 bytes).
+    let pin = daemon.bpffs_dir.join("maps/ORIG_DST");
+    std::fs::remove_file(&pin).unwrap();
+    let pin_text = pin.to_str().unwrap();
+    bpftool(&[
+        "map", "create", pin_text, "type", "lru_hash", "key", "20", "value", "40", "entries",
+        "65536", "name", "ORIG_DST",
+    ]);
+
+    daemon.spawn();
+    let replaced = daemon.lines_with("map", "ORIG_DST");
+    assert_eq!(replaced.len(), 1, "{}", daemon.log_text());
+    let shown = bpftool(&["map", "show", "pinned", pin_text]);
+    assert_eq!(shown["bytes_key"].as_u64(), Some(40), "{shown}");
+    let host = upstream.addr.ip().to_string();
+    let probe = python_json(daemon.exec_python("agent"), &python_probe(&host, "AF_INET"));
+    assert_proxied(&probe);
+}
+
+#[test]
 fn ten_thousand_short_connections_leave_the_maps_empty() {
     require_root();
     let slot = 7;

@@ -109,6 +109,9 @@ pub enum CaptureError {
         #[source]
         source: MapError,
     },
+    /// The embedded eBPF object could not be read.
+    #[error("reading the embedded eBPF object failed")]
+    Object(#[source] aya_obj::ParseError),
     /// The eBPF log reader could not start.
     #[error("starting the eBPF log reader failed")]
     Log(#[source] aya_log::Error),
@@ -312,6 +315,7 @@ impl Capture {
         };
         ensure_bpffs_dir(&layout.maps())?;
         ensure_bpffs_dir(&layout.links())?;
+        remove_outdated_pins(&layout.maps())?;
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(layout.maps())
             .override_global("AYA_LOG_LEVEL", &settings.ebpf_log_level, false)
@@ -694,6 +698,41 @@ impl Capture {
     pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, CaptureError> {
         aya_log::EbpfLogger::init(&mut self.ebpf).map_err(CaptureError::Log)
     }
+}
+
+/// Removes pinned maps an earlier daemon left whose layout (key size, value size, capacity)
+/// differs from this build's: the kernel would let the new programs use them with the wrong
+/// layout. The programs then get fresh maps; the records of connections open across the
+/// upgrade are lost, so those connections are closed.
+fn remove_outdated_pins(maps_dir: &Path) -> Result<(), CaptureError> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT).map_err(CaptureError::Object)?;
+    for (name, definition) in &object.maps {
+        let pin = maps_dir.join(name);
+        if !pin.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&pin).map_err(|error| CaptureError::Io {
+            action: "inspecting the pinned map",
+            path: pin.clone(),
+            source: io::Error::other(error),
+        })?;
+        let pinned = (info.key_size(), info.value_size(), info.max_entries());
+        let wanted = (
+            definition.key_size(),
+            definition.value_size(),
+            definition.max_entries(),
+        );
+        if pinned != wanted {
+            tracing::warn!(
+                map = %name,
+                ?pinned,
+                ?wanted,
+                "replacing a pinned map of an older layout (key, value, capacity); connections open across the upgrade are closed"
+            );
+            fs::remove_file(&pin).map_err(io_error("removing", &pin))?;
+        }
+    }
+    Ok(())
 }
 
 /// Makes the link pinned at `pin`, if there is one, run `program`, and says whether it did. A
