@@ -258,6 +258,28 @@ impl Setup {
     }
 }
 
+/// Python (ssl and http.client) that calls `https://api.openai.com/v1/models` at `external`
+/// with a placeholder key, trusting `ca_file`, and prints the status and its socket's peer
+/// as JSON.
+fn python_https_probe(ca_file: &Path, external: IpAddr) -> String {
+    format!(
+        r#"
+import http.client, json, socket, ssl
+context = ssl.create_default_context(cafile="{ca}")
+raw = socket.create_connection(("{ip}", 443), timeout=10)
+peer = raw.getpeername()
+connection = http.client.HTTPSConnection("{HOST}", context=context)
+connection.sock = context.wrap_socket(raw, server_hostname="{HOST}")
+connection.request("GET", "/v1/models", headers={{"Authorization": "Bearer placeholder"}})
+status = connection.getresponse().status
+host = peer[0] if ":" not in peer[0] else "[" + peer[0] + "]"
+print(json.dumps({{"status": status, "peer": "%s:%d" % (host, peer[1])}}))
+"#,
+        ca = ca_file.display(),
+        ip = external,
+    )
+}
+
 /// The audit events of requests that carried the secret.
 fn injected_events(setup: &Setup) -> Vec<Value> {
     setup
@@ -295,9 +317,28 @@ fn containers_on_a_bridge_and_a_routed_veth_get_their_secrets_by_tproxy() {
             "A's request to {external}"
         );
     }
+    // A Python client too, which sees the original destination as its peer.
+    for external in [network.external_v4, network.external_v6] {
+        let before = setup.authorizations(external).len();
+        let answer = python_json(
+            network.a.command(&setup.selected, "/usr/bin/python3"),
+            &python_https_probe(&setup.trusted, external),
+        );
+        assert_eq!(answer["status"].as_u64(), Some(200), "{answer}");
+        assert_eq!(
+            answer["peer"].as_str(),
+            Some(SocketAddr::new(external, 443).to_string().as_str()),
+            "{answer}"
+        );
+        assert_eq!(
+            setup.authorizations(external)[before..],
+            [Some(format!("Bearer {REAL}"))],
+            "A's Python request to {external}"
+        );
+    }
     let a_cookie = network.a.netns_cookie();
     let events = injected_events(&setup);
-    assert_eq!(events.len(), 2, "{events:#?}");
+    assert_eq!(events.len(), 4, "{events:#?}");
     for event in &events {
         assert_eq!(event["netns_cookie"].as_u64(), Some(a_cookie), "{event}");
         assert_eq!(event["cgroup_id"].as_u64(), Some(cgroup_id), "{event}");
