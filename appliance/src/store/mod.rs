@@ -189,7 +189,7 @@ fn key_opens_a_copy(path: &Path, sealer: &Sealer) -> Result<bool, StoreError> {
         })
         .and_then(|()| {
             let read = || -> Result<_, sled::Error> {
-                sled::open(&copy)?.open_tree("meta")?.get(KEY_CHECK)
+                open_database(&copy)?.open_tree("meta")?.get(KEY_CHECK)
             };
             read().map_err(|source| StoreError::Database {
                 path: path.into(),
@@ -198,6 +198,30 @@ fn key_opens_a_copy(path: &Path, sealer: &Sealer) -> Result<bool, StoreError> {
         });
     let _ = std::fs::remove_dir_all(&copy);
     Ok(sealed?.is_none_or(|sealed| key_check::opens(sealer, &sealed)))
+}
+
+/// How long opening waits for a lock that this process may still hold: sled's background
+/// threads keep a dropped database, and its file lock, alive for a moment.
+const LOCK_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens the sled database at `path`. Without sled's periodic flusher (every write here is
+/// flushed before it returns anyway), and waiting up to [`LOCK_RELEASE_WAIT`] for the file
+/// lock: a store closed and opened again at once in one process (`key rotate`) was refused
+/// as in use while sled's threads let go of it. Another process's lock (a running daemon)
+/// is still refused after the wait.
+fn open_database(path: &Path) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + LOCK_RELEASE_WAIT;
+    loop {
+        match sled::Config::new().path(path).flush_every_ms(None).open() {
+            Err(sled::Error::Io(error))
+                if error.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            opened => return opened,
+        }
+    }
 }
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
@@ -229,7 +253,7 @@ impl Store {
             }
             None => {}
         }
-        let db = sled::open(path).map_err(database)?;
+        let db = open_database(path).map_err(database)?;
         let meta = db.open_tree("meta").map_err(database)?;
         match meta.get(KEY_CHECK).map_err(database)? {
             Some(sealed) => {
