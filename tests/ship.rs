@@ -191,3 +191,57 @@ fn readiness_and_reload_are_reported_to_systemd() {
     drop(daemon);
     let _ = std::fs::remove_file(&notify);
 }
+
+/// The daemon's text log as a file and as the journal receive it: `--detach-all` logs one
+/// line and exits, which is enough to see the line's shape.
+fn text_log_line(journal: bool) -> String {
+    require_root();
+    let dir = std::env::temp_dir().join(unique(32, if journal { "journal" } else { "file" }));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("stderr");
+    let stderr = std::fs::File::create(&log).unwrap();
+    let mut command = test_command(APPLIANCE);
+    if journal {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = stderr.metadata().unwrap();
+        command.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+    }
+    // Routing table and preference no rule here has: nothing to remove.
+    std::fs::write(
+        dir.join("config.toml"),
+        "[capture]\nrouting_table = 1722\nrule_preference = 1722\n",
+    )
+    .unwrap();
+    let status = command
+        .args(["daemon", "--detach-all", "--log-format", "text", "--config"])
+        .arg(dir.join("config.toml"))
+        .arg("--bpffs-dir")
+        .arg(Path::new("/sys/fs/bpf").join(unique(32, "no-pins")))
+        .env_remove("NO_COLOR")
+        .stderr(stderr)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    text
+}
+
+#[test]
+fn text_logs_carry_no_colour_off_a_terminal_and_journal_priorities_under_systemd() {
+    let file = text_log_line(false);
+    assert!(file.contains("detached everything"), "{file}");
+    assert!(!file.contains('\u{1b}'), "escape codes in a file: {file:?}");
+    assert!(
+        file.starts_with("20"),
+        "a file's lines start with a timestamp: {file}"
+    );
+
+    let journal = text_log_line(true);
+    assert!(journal.starts_with("<6> INFO "), "{journal}");
+    assert!(journal.contains("detached everything"), "{journal}");
+    assert!(
+        !journal.contains('\u{1b}'),
+        "escape codes in the journal: {journal:?}"
+    );
+}
