@@ -63,9 +63,15 @@ impl EventLog {
         }
     }
 
-    /// Records `event` and writes it as a log line.
+    /// Records `event`, writes it as a log line and counts it in the metrics.
     pub fn record(&self, event: AuditEvent) {
         let secrets: Vec<&str> = event.secrets.iter().map(|s| &*s.name).collect();
+        crate::metrics::count_request(
+            event.agent.as_deref().unwrap_or(""),
+            &event.host,
+            &secrets,
+            event.outcome,
+        );
         tracing::info!(
             target: "appliance::audit",
             event = "request",

@@ -269,6 +269,26 @@ impl Default for LogConfig {
     }
 }
 
+/// Prometheus metrics on a TCP address (the admin socket serves them at `/v1/metrics`
+/// whatever this says).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `GET /metrics` on `listen`.
+    pub enabled: bool,
+    /// Address for scrapers; loopback unless the operator chooses otherwise.
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, 9464)),
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -287,6 +307,8 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// `[log]`
     pub log: LogConfig,
+    /// `[metrics]`
+    pub metrics: MetricsConfig,
 }
 
 impl Config {

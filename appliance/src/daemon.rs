@@ -54,6 +54,8 @@ pub struct DaemonSettings {
     pub cgroups: Vec<PathBuf>,
     /// How long open connections may finish after a stop signal.
     pub drain: Duration,
+    /// Where to serve Prometheus metrics over TCP, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -140,9 +142,19 @@ pub async fn run(
     info!(secrets, rules, intercepted, "state loaded");
 
     let admin_api = api::bind(settings.api.clone()).context("starting the admin API")?;
+    let metrics_listener =
+        match settings.metrics_listen {
+            Some(address) => Some(tokio::net::TcpListener::bind(address).await.with_context(
+                || format!("listening for metrics scrapers on {address} (metrics.listen)"),
+            )?),
+            None => None,
+        };
     let (stop_tx, stop_rx) = watch::channel(false);
     let api_task = tokio::spawn(admin_api.serve(Arc::clone(&state), stop_rx.clone()));
     let served = tokio::spawn(engine.serve(stop_rx.clone(), settings.drain));
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(serve_metrics(listener, Arc::clone(&state), stop_rx.clone()));
+    }
     if let Some(containers) = &settings.containers {
         tokio::spawn(follow_containers(
             Arc::clone(&state),
@@ -176,8 +188,14 @@ pub async fn run(
             _ = hangup.recv() => {
                 notify("RELOADING=1");
                 match reload().and_then(|fresh| apply_reload(&settings, &fresh, &proxy, &state)) {
-                    Ok(()) => info!(event = "reloaded", "configuration reloaded"),
-                    Err(error) => warn!(error = %format!("{error:#}"), "reload failed; keeping the running configuration"),
+                    Ok(()) => {
+                        info!(event = "reloaded", "configuration reloaded");
+                        crate::metrics::count(&crate::metrics::METRICS.reloads, &["ok"]);
+                    }
+                    Err(error) => {
+                        warn!(error = %format!("{error:#}"), "reload failed; keeping the running configuration");
+                        crate::metrics::count(&crate::metrics::METRICS.reloads, &["failed"]);
+                    }
                 }
                 notify("READY=1\nSTATUS=intercepting");
             }
@@ -250,6 +268,54 @@ async fn follow_containers(
     }
 }
 
+/// Serves `GET /metrics` to scrapers until `stop`.
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    state: Arc<ApiState>,
+    mut stop: watch::Receiver<bool>,
+) {
+    use http_body_util::Full;
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let state = Arc::clone(&state);
+        let service =
+            hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                let state = Arc::clone(&state);
+                async move {
+                    let response = if request.method() == http::Method::GET
+                        && request.uri().path() == "/metrics"
+                    {
+                        let text = tokio::task::spawn_blocking(move || state.metrics())
+                            .await
+                            .unwrap_or_default();
+                        http::Response::builder()
+                            .header(http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)
+                            .body(Full::new(bytes::Bytes::from(text)))
+                    } else {
+                        http::Response::builder()
+                            .status(http::StatusCode::NOT_FOUND)
+                            .body(Full::new(bytes::Bytes::from_static(
+                                b"metrics are at /metrics\n",
+                            )))
+                    };
+                    response
+                }
+            });
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
 /// Applies what a reload may change without dropping connections: upstream trust and proxy
 /// settings (for new connections), and secrets, rules and agents re-read from the store.
 /// Settings that need a restart are named in a warning and left as they are.
@@ -269,6 +335,7 @@ fn apply_reload(
         ("capture.cgroups", running.cgroups != fresh.cgroups),
         ("state.dir", running.state_dir != fresh.state_dir),
         ("api", running.api != fresh.api),
+        ("metrics", running.metrics_listen != fresh.metrics_listen),
     ];
     for (key, _) in restart_only.iter().filter(|(_, changed)| *changed) {
         warn!(

@@ -13,6 +13,7 @@ use tracing::{info, warn, Instrument as _};
 
 use crate::addr::{ClientAddr, EngineAddr};
 use crate::capture::OriginalDestinations;
+use crate::metrics::{self, METRICS};
 use crate::proxy::{stop_requested, Proxy};
 
 /// Errors that stop the engine from starting.
@@ -162,10 +163,12 @@ async fn handle(
         Ok(Some(redirect)) => redirect,
         Ok(None) => {
             warn!("connection was not redirected by capture (no original destination); closing");
+            metrics::count(&METRICS.refused_connections, &["no_record"]);
             return;
         }
         Err(error) => {
             warn!(error = %error, "original destination lookup failed; closing");
+            metrics::count(&METRICS.refused_connections, &["lookup_failed"]);
             return;
         }
     };

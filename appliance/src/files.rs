@@ -25,3 +25,22 @@ pub(crate) fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> io::R
     fs::set_permissions(&temporary, fs::Permissions::from_mode(mode))?;
     fs::rename(&temporary, path)
 }
+
+/// Bytes the files under `path` take (their lengths, summed recursively); what cannot be
+/// read counts as nothing.
+pub(crate) fn size_on_disk(path: &Path) -> u64 {
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|entry| size_on_disk(&entry.path()))
+                .sum()
+        })
+        .unwrap_or(0)
+}

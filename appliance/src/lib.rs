@@ -6,7 +6,8 @@
 //! - [`engine`]: accepts redirected connections and hands them to the [`proxy`], which passes
 //!   them through or terminates TLS ([`tls`]) and forwards HTTP through [`injection`];
 //! - [`request_path`]: the one normalized path a request is decided and forwarded with;
-//! - [`daemon`]: wires the layers together; [`exec`]: runs a command in an intercepted cgroup.
+//! - [`daemon`]: wires the layers together; [`exec`]: runs a command in an intercepted cgroup;
+//! - [`metrics`]: what the layers count, for Prometheus.
 
 pub mod addr;
 pub mod api;
@@ -21,6 +22,7 @@ mod files;
 pub mod injection;
 pub mod install;
 pub mod logging;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod request_path;

@@ -356,6 +356,7 @@ fn settings(config: &Config) -> DaemonSettings {
         agents_cgroup: config.capture.agents_cgroup.clone(),
         cgroups: config.capture.cgroups.clone(),
         drain: Duration::from_secs(config.proxy.drain_seconds),
+        metrics_listen: config.metrics.enabled.then_some(config.metrics.listen),
     }
 }
 

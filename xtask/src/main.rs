@@ -66,6 +66,9 @@ const TOOLS: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     // Checks the systemd unit.
     ("systemd-analyze", "systemd"),
+    // Scrapes the daemon's metrics and checks their exposition.
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
 ];
 
 #[derive(Parser)]

@@ -327,6 +327,14 @@ async fn handle(
             *response.status_mut() = StatusCode::NO_CONTENT;
             response
         }
+        Ok(routes::Reply::Metrics(text)) => {
+            let mut response = Response::new(Full::new(Bytes::from(text)));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            response
+        }
         Ok(routes::Reply::Pem(pem)) => {
             let mut response = Response::new(Full::new(Bytes::from(pem)));
             response.headers_mut().insert(

@@ -31,6 +31,8 @@ pub enum Handler {
     CaRotate,
     /// Recent audit events.
     Events,
+    /// Prometheus metrics.
+    Metrics,
     /// List secrets.
     SecretList,
     /// Create a secret.
@@ -96,6 +98,7 @@ pub const ROUTES: &[Route] = &[
     route("GET", "/v1/ca", false, Handler::CaGet),
     route("POST", "/v1/ca/rotate", false, Handler::CaRotate),
     route("GET", "/v1/events", false, Handler::Events),
+    route("GET", "/v1/metrics", false, Handler::Metrics),
     route("GET", "/v1/secrets", false, Handler::SecretList),
     route("POST", "/v1/secrets", true, Handler::SecretCreate),
     route("GET", "/v1/secrets/{id}", false, Handler::SecretGet),
@@ -186,10 +189,33 @@ pub fn agent_cgroups(spec: &AgentSpec) -> Result<Vec<Cgroup>, ValidationError> {
 }
 
 impl ApiState {
+    /// Every metric, with the gauges read at scrape time (store size, capture maps) fresh.
+    pub fn metrics(&self) -> String {
+        let metrics = &crate::metrics::METRICS;
+        metrics
+            .store_bytes
+            .set(i64::try_from(crate::files::size_on_disk(self.store.path())).unwrap_or(i64::MAX));
+        let entries = self
+            .capture
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .map_entries();
+        for (map, count) in entries {
+            metrics
+                .capture_map_entries
+                .with_label_values(&[map])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        metrics.render()
+    }
+
     /// Rebuilds the injection index from the store.
     pub fn reload_secrets(&self) -> Result<usize, ApiError> {
         let secrets = self.store.load_all()?;
         let count = secrets.len();
+        crate::metrics::METRICS
+            .secrets
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
         self.injector.replace(SecretIndex::new(secrets));
         Ok(count)
     }
@@ -248,6 +274,8 @@ pub enum Reply {
     Empty,
     /// A PEM document.
     Pem(String),
+    /// Metrics in the Prometheus text format.
+    Metrics(String),
 }
 
 fn describe(injection: &Injection) -> Value {
@@ -349,6 +377,7 @@ pub async fn dispatch(
             }))
         }
         Handler::CaGet => Ok(Reply::Pem(state.leaves.ca().certificate_pem().to_owned())),
+        Handler::Metrics => Ok(Reply::Metrics(blocking(|| state.metrics()))),
         Handler::CaRotate => {
             let ca = blocking(|| CertificateAuthority::rotate(&state.ca_dir))
                 .map_err(|error| ApiError::internal(&error))?;

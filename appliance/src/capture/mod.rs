@@ -894,6 +894,34 @@ impl CaptureControl {
         self.current.len()
     }
 
+    /// Entries in the capture's hash maps (records of connections, served namespaces and
+    /// their sources), by map name; a map that cannot be read is left out.
+    pub fn map_entries(&self) -> Vec<(&'static str, usize)> {
+        use std::mem::size_of;
+        [
+            (map_names::SOCKETS, size_of::<u64>()),
+            (
+                map_names::ORIGINAL_DESTINATIONS,
+                size_of::<appliance_common::ConnectionKey>(),
+            ),
+            (
+                map_names::CLOSED_CONNECTIONS,
+                size_of::<appliance_common::ConnectionKey>(),
+            ),
+            (map_names::FOREIGN_NAMESPACES, size_of::<u64>()),
+            (map_names::COVERED_SOURCES, size_of::<CoveredSource>()),
+            (map_names::GUARDED_SOURCES, size_of::<CoveredSource>()),
+        ]
+        .into_iter()
+        .filter_map(|(name, key_size)| {
+            let pin = self.capture.layout.maps().join(name);
+            sys::count_keys(&pin, key_size)
+                .map(|count| (name, count))
+                .ok()
+        })
+        .collect()
+    }
+
     /// Directories of the selected cgroups.
     pub fn selected_paths(&self) -> Vec<PathBuf> {
         self.current

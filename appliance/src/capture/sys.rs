@@ -7,6 +7,7 @@ use std::os::fd::{AsFd, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::Path;
 
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_UPDATE: libc::c_long = 29;
@@ -24,6 +25,16 @@ struct ObjGetAttr {
     /// The kernel refuses the call unless every byte past `path_fd` is zero; implicit padding
     /// would hold whatever the stack held.
     zero: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapNextKeyAttr {
+    map_fd: u32,
+    /// Keeps `key` at its 8-byte aligned offset, zero as the kernel requires.
+    padding: u32,
+    key: u64,
+    next_key: u64,
 }
 
 #[repr(C)]
@@ -77,6 +88,34 @@ pub fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
     let fd = bpf(BPF_OBJ_GET, &mut attr)?;
     // SAFETY: BPF_OBJ_GET returned a new file descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Number of keys in the hash map pinned at `pin` whose keys are `key_size` bytes, walked
+/// with `BPF_MAP_GET_NEXT_KEY`; entries added or removed meanwhile may or may not count.
+pub fn count_keys(pin: &Path, key_size: usize) -> io::Result<usize> {
+    let map = open_pinned(pin)?;
+    let mut current = vec![0u8; key_size];
+    let mut next = vec![0u8; key_size];
+    let mut count = 0;
+    let mut first = true;
+    loop {
+        let mut attr = MapNextKeyAttr {
+            map_fd: map.as_raw_fd() as u32,
+            // A null key asks for the first one.
+            key: if first { 0 } else { current.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {
+                count += 1;
+                first = false;
+                std::mem::swap(&mut current, &mut next);
+            }
+            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => return Ok(count),
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 /// Replaces the program a link runs, atomically: the hook is never without a program.

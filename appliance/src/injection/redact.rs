@@ -227,6 +227,10 @@ impl Redactor {
         for range in &ranges {
             data[range.clone()].fill(MASK);
         }
+        // Counted per match found; a form seen both raw and decoded counts twice.
+        crate::metrics::METRICS
+            .redactions
+            .inc_by(ranges.len() as u64);
         !ranges.is_empty()
     }
 

@@ -26,6 +26,7 @@ use crate::addr::UpstreamAddr;
 use crate::audit::EventLog;
 use crate::capture::Redirect;
 use crate::injection::{Injector, Workload};
+use crate::metrics::{self, OpenConnection, METRICS};
 use crate::swap::Swappable;
 use crate::tls::{LeafCache, TlsConfigError, UpstreamTls};
 use request::ConnectionContext;
@@ -209,6 +210,8 @@ impl Proxy {
         match (accepted, server_name) {
             (Some(accepted), Some(name)) if self.injector.intercepts(&name, &workload) => {
                 info!(event = "intercepted", server_name = %name, "terminating TLS");
+                metrics::count(&METRICS.connections, &["intercepted"]);
+                let _open = OpenConnection::of("intercepted");
                 let connection = Connection {
                     server_name: name,
                     upstream,
@@ -222,10 +225,13 @@ impl Proxy {
             (_, name) => match runtime.settings.unintercepted {
                 Unintercepted::PassThrough => {
                     debug!(server_name = ?name, "passing through");
+                    metrics::count(&METRICS.connections, &["pass_through"]);
+                    let _open = OpenConnection::of("pass_through");
                     pass_through(&runtime, stream, &seen, upstream).await;
                 }
                 Unintercepted::Refuse => {
                     info!(event = "refused", server_name = ?name, "no secret for this host; refusing by policy");
+                    metrics::count(&METRICS.connections, &["refused"]);
                 }
             },
         }
@@ -288,10 +294,13 @@ impl Proxy {
             Ok(Err(error)) => {
                 // Typically a client that does not trust the appliance CA.
                 warn!(%server_name, %error, "client TLS handshake failed; does the client trust the appliance CA?");
+                let reason = client_handshake_failure(&error);
+                metrics::count(&METRICS.handshake_failures, &["client", reason]);
                 return;
             }
             Err(_) => {
                 debug!(%server_name, "client TLS handshake timed out");
+                metrics::count(&METRICS.handshake_failures, &["client", "timeout"]);
                 return;
             }
         };
@@ -339,6 +348,24 @@ impl Proxy {
         if let Err(error) = result {
             debug!(%error, "client HTTP connection ended with an error");
         }
+    }
+}
+
+/// Why a client's handshake failed, as a bounded metric label: the client refused our leaf
+/// (it does not trust the appliance CA), the client spoke bad TLS, or the connection broke.
+fn client_handshake_failure(error: &io::Error) -> &'static str {
+    match error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::UnknownCA
+            | rustls::AlertDescription::BadCertificate
+            | rustls::AlertDescription::CertificateUnknown
+            | rustls::AlertDescription::UnsupportedCertificate,
+        )) => "certificate_rejected",
+        Some(_) => "protocol",
+        None => "io",
     }
 }
 

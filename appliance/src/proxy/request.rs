@@ -21,6 +21,7 @@ use crate::injection::{
     decode, redact_headers, redact_reason_phrase, DecodeError, FrameRedactor, Injector,
     RedactingBody, Redactor, Verdict, Workload,
 };
+use crate::metrics::METRICS;
 use crate::request_path::{self, PathError};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -107,9 +108,20 @@ fn plain(status: StatusCode, message: &str) -> Response<ProxyBody> {
 /// Serves one request. Never fails: problems become error responses.
 pub async fn serve(
     context: Arc<ConnectionContext>,
+    request: Request<Incoming>,
+) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+    let started = std::time::Instant::now();
+    let response = respond(&context, request).await;
+    METRICS
+        .request_duration
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn respond(
+    context: &ConnectionContext,
     mut request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
-    let context = &*context;
     // CONNECT would turn the connection into a tunnel the proxy cannot inspect, and TRACE
     // echoes the request, injected credentials included: neither has a place here.
     if matches!(
@@ -217,7 +229,11 @@ pub async fn serve(
     let result = async {
         let mut sender = context.pool.checkout(&key).await?;
         let request = upstream_request(parts, body, &sender, context)?;
+        let sent = std::time::Instant::now();
         let response = upstream::send(&mut sender, request).await?;
+        METRICS
+            .upstream_latency
+            .observe(sent.elapsed().as_secs_f64());
         if let Sender::Http1(sender) = sender {
             if !upgrade {
                 context.pool.recycle(key, sender);

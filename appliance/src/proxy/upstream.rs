@@ -16,6 +16,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 
 use crate::addr::UpstreamAddr;
+use crate::metrics::{self, OpenConnection, METRICS};
 use crate::tls::{UpstreamTls, ALPN_H2};
 
 /// Why an upstream request failed.
@@ -215,7 +216,19 @@ impl UpstreamPool {
                 .map_err(|source| classify_tls_error(upstream, &key.server_name, source))
         })
         .await
-        .map_err(|_| UpstreamError::Timeout { upstream })??;
+        .map_err(|_| UpstreamError::Timeout { upstream })
+        .and_then(|connected| connected)
+        .inspect_err(|error| {
+            let reason = match error {
+                UpstreamError::Connect { .. } => "connect",
+                UpstreamError::Timeout { .. } => "timeout",
+                UpstreamError::Certificate { .. } => "certificate",
+                _ => "protocol",
+            };
+            metrics::count(&METRICS.handshake_failures, &["upstream", reason]);
+        })?;
+        // Counted open until its connection task ends.
+        let open = OpenConnection::upstream();
         let http2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
         let io = TokioIo::new(tls);
         if http2 {
@@ -225,6 +238,7 @@ impl UpstreamPool {
                 .handshake(io)
                 .await?;
             tokio::spawn(async move {
+                let _open = open;
                 if let Err(error) = connection.await {
                     tracing::debug!(%error, "upstream HTTP/2 connection ended");
                 }
@@ -237,6 +251,7 @@ impl UpstreamPool {
         } else {
             let (sender, connection) = http1::handshake(io).await?;
             tokio::spawn(async move {
+                let _open = open;
                 if let Err(error) = connection.with_upgrades().await {
                     tracing::debug!(%error, "upstream HTTP/1.1 connection ended");
                 }

@@ -291,6 +291,11 @@ impl Store {
         })
     }
 
+    /// The store's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     fn database(&self, source: sled::Error) -> StoreError {
         StoreError::Database {
             path: self.path.clone(),

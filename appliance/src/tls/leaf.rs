@@ -1,6 +1,7 @@
 //! Leaf certificates per SNI name: minted on first use, cached (bounded), renewed before they
 //! expire. Concurrent first connections to one host wait for a single minting.
 
+use crate::metrics::{self, METRICS};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -81,8 +82,12 @@ impl LeafCache {
         let slot = {
             let mut slots = self.lock_slots();
             match slots.get(&host) {
-                Some(slot) if slot.usable() => Arc::clone(slot),
+                Some(slot) if slot.usable() => {
+                    metrics::count(&METRICS.leaf_cache, &["hit"]);
+                    Arc::clone(slot)
+                }
                 _ => {
+                    metrics::count(&METRICS.leaf_cache, &["miss"]);
                     if slots.len() >= self.capacity {
                         evict_oldest(&mut slots);
                     }

@@ -1,0 +1,177 @@
+//! Metrics, end to end: a real Prometheus scrapes the daemon while an agent's requests get
+//! their secret injected, and promtool checks the exposition.
+
+mod common;
+mod https;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use https::{Ca, Upstream};
+use serde_json::Value;
+
+const HOST: &str = "api.openai.com";
+
+fn curl_exec(daemon: &Daemon, ca: &Path, upstream: SocketAddr) -> Output {
+    test_command(APPLIANCE)
+        .arg("exec")
+        .arg("--agents-cgroup")
+        .arg(&daemon.agents_cgroup)
+        .args(["--", "curl", "-sS", "--max-time", "20", "--cacert"])
+        .arg(ca)
+        .arg("--resolve")
+        .arg(format!("{HOST}:443:{}", upstream.ip()))
+        .args(["-H", "Authorization: Bearer placeholder"])
+        .arg(format!("https://{HOST}/v1/models"))
+        .output()
+        .unwrap()
+}
+
+/// The first sample of a Prometheus instant query, as a number.
+fn query(prometheus: SocketAddr, expression: &str) -> Option<f64> {
+    let output = test_command("curl")
+        .args(["-sS", "--max-time", "5", "--get", "--data-urlencode"])
+        .arg(format!("query={expression}"))
+        .arg(format!("http://{prometheus}/api/v1/query"))
+        .output()
+        .unwrap();
+    let answer: Value = serde_json::from_slice(&output.stdout).ok()?;
+    answer["data"]["result"][0]["value"][1]
+        .as_str()?
+        .parse()
+        .ok()
+}
+
+/// Waits until `expression` evaluates to `expected` in Prometheus.
+fn wait_for(prometheus: SocketAddr, expression: &str, expected: f64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = None;
+    while Instant::now() < deadline {
+        last = query(prometheus, expression);
+        if last == Some(expected) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    panic!("{expression} is {last:?} in Prometheus, not {expected}");
+}
+
+#[test]
+fn prometheus_scrapes_the_requests_and_injections_an_agent_made() {
+    require_root();
+    let slot = 33;
+    let dir = std::env::temp_dir().join(unique(slot, "files"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let test_ca = Ca::new("test upstream CA");
+    let upstream_ca = dir.join("upstream-ca.pem");
+    test_ca.write(&upstream_ca);
+    let upstream = Upstream::start_in_background(
+        SocketAddr::new(upstream_ip(slot).into(), 443),
+        &[(HOST, &test_ca)],
+    );
+    let metrics: SocketAddr = format!("127.0.0.1:{}", 19000 + u16::from(slot))
+        .parse()
+        .unwrap();
+    let config = format!("[metrics]\nenabled = true\nlisten = \"{metrics}\"\n");
+    let daemon = Daemon::start_configured(
+        slot,
+        &config,
+        &["--upstream-ca", upstream_ca.to_str().unwrap()],
+        None,
+        &[],
+    );
+    create_secret(
+        &daemon,
+        &["openai", "--type", "openai"],
+        "sk-proj-REAL-METRICS",
+    );
+    let appliance_ca = dir.join("appliance-ca.pem");
+    let exported = cli(&daemon, &["ca", "export"], None);
+    assert!(exported.status.success(), "{exported:?}");
+    std::fs::write(&appliance_ca, &exported.stdout).unwrap();
+    for _ in 0..3 {
+        let output = curl_exec(&daemon, &appliance_ca, upstream.addr);
+        assert!(output.status.success(), "{output:?}");
+    }
+
+    // The exposition passes promtool's checks.
+    let exposition = test_command("curl")
+        .args(["-sS", "--max-time", "5"])
+        .arg(format!("http://{metrics}/metrics"))
+        .output()
+        .unwrap();
+    assert!(exposition.status.success(), "{exposition:?}");
+    let text = String::from_utf8(exposition.stdout.clone()).unwrap();
+    assert!(
+        !text.contains("sk-proj-REAL-METRICS"),
+        "a value in the metrics"
+    );
+    let mut check = test_command("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&exposition.stdout)
+        .unwrap();
+    let checked = check.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
+    // A real Prometheus scrapes the daemon.
+    let prometheus: SocketAddr = format!("127.0.0.1:{}", 19100 + u16::from(slot))
+        .parse()
+        .unwrap();
+    let prometheus_config = dir.join("prometheus.yml");
+    std::fs::write(
+        &prometheus_config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: appliance\n    static_configs:\n      - targets: ['{metrics}']\n"
+        ),
+    )
+    .unwrap();
+    let _prometheus = Running::spawn(
+        test_command("prometheus")
+            .arg(format!("--config.file={}", prometheus_config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address={prometheus}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    wait_for(prometheus, "up{job=\"appliance\"}", 1.0);
+    wait_for(
+        prometheus,
+        "sum(appliance_requests_total{host=\"api.openai.com\",secret=\"openai\",outcome=\"forwarded\"})",
+        3.0,
+    );
+    wait_for(
+        prometheus,
+        "sum(appliance_injections_total{secret=\"openai\"})",
+        3.0,
+    );
+    wait_for(
+        prometheus,
+        "sum(appliance_connections_total{kind=\"intercepted\"})",
+        3.0,
+    );
+    wait_for(prometheus, "appliance_secrets", 1.0);
+    wait_for(prometheus, "appliance_request_duration_seconds_count", 3.0);
+    drop(_prometheus);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
