@@ -1,5 +1,6 @@
-//! Metrics, end to end: a real Prometheus scrapes the daemon while an agent's requests get
-//! their secret injected, and promtool checks the exposition.
+//! What happened, for ops, end to end: a real Prometheus scrapes the daemon while an agent's
+//! requests get their secret injected, promtool checks the exposition, and the audit log and
+//! every secret's `lastUsedAt` survive restarts and a SIGKILL.
 
 mod common;
 mod https;
@@ -173,5 +174,109 @@ fn prometheus_scrapes_the_requests_and_injections_an_agent_made() {
     wait_for(prometheus, "appliance_secrets", 1.0);
     wait_for(prometheus, "appliance_request_duration_seconds_count", 3.0);
     drop(_prometheus);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `appliance --json events ARGS`, one event per line.
+fn events(daemon: &Daemon, args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["--json", "events"];
+    all.extend_from_slice(args);
+    let output = cli(daemon, &all, None);
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+fn last_used(daemon: &Daemon) -> Value {
+    let output = cli(daemon, &["--json", "secret", "list"], None);
+    assert!(output.status.success(), "{output:?}");
+    let listed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let secrets = listed
+        .as_array()
+        .or(listed["secrets"].as_array())
+        .unwrap()
+        .clone();
+    secrets
+        .iter()
+        .find(|secret| secret["name"] == "openai")
+        .map(|secret| secret["lastUsedAt"].clone())
+        .unwrap()
+}
+
+#[test]
+fn events_and_last_used_survive_a_restart_and_a_kill_leaves_whole_lines() {
+    require_root();
+    let slot = 34;
+    let dir = std::env::temp_dir().join(unique(slot, "files"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let test_ca = Ca::new("test upstream CA");
+    let upstream_ca = dir.join("upstream-ca.pem");
+    test_ca.write(&upstream_ca);
+    let upstream = Upstream::start_in_background(
+        SocketAddr::new(upstream_ip(slot).into(), 443),
+        &[(HOST, &test_ca), ("other.example.com", &test_ca)],
+    );
+    let mut daemon = Daemon::start(slot, &["--upstream-ca", upstream_ca.to_str().unwrap()]);
+    create_secret(
+        &daemon,
+        &["openai", "--type", "openai"],
+        "sk-proj-REAL-AUDIT",
+    );
+    let appliance_ca = dir.join("appliance-ca.pem");
+    let exported = cli(&daemon, &["ca", "export"], None);
+    std::fs::write(&appliance_ca, &exported.stdout).unwrap();
+    for _ in 0..3 {
+        let output = curl_exec(&daemon, &appliance_ca, upstream.addr);
+        assert!(output.status.success(), "{output:?}");
+    }
+    let before = events(&daemon, &[]);
+    assert_eq!(before.len(), 3, "{before:#?}");
+    let used = last_used(&daemon);
+    assert!(used.is_string(), "{used}");
+
+    // A clean restart: the same events, the same lastUsedAt, and numbering goes on.
+    daemon.stop();
+    daemon.spawn();
+    assert_eq!(events(&daemon, &[]), before);
+    assert_eq!(last_used(&daemon), used);
+    let output = curl_exec(&daemon, &appliance_ca, upstream.addr);
+    assert!(output.status.success(), "{output:?}");
+    let after = events(&daemon, &[]);
+    assert_eq!(after.len(), 4);
+    assert_eq!(after[3]["seq"].as_u64(), Some(4));
+
+    // Filters.
+    assert_eq!(events(&daemon, &["--secret", "openai"]).len(), 4);
+    assert_eq!(events(&daemon, &["--host", "other.example.com"]).len(), 0);
+    assert_eq!(events(&daemon, &["--since", "1h"]).len(), 4);
+    assert_eq!(
+        events(&daemon, &["--since", "2099-01-01T00:00:00Z"]).len(),
+        0
+    );
+    let refused = cli(&daemon, &["events", "--since", "yesterday"], None);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("RFC 3339"),
+        "{refused:?}"
+    );
+
+    // SIGKILL: the log holds every event written before it, each a whole line.
+    daemon.kill_hard();
+    let log = std::fs::read_to_string(daemon.state_dir.join("audit/events.jsonl")).unwrap();
+    assert!(log.ends_with('\n'), "a torn last line");
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|error| panic!("{error}: {line}")))
+        .collect();
+    assert_eq!(lines, after);
+    assert!(
+        !log.contains("sk-proj-REAL-AUDIT"),
+        "a value in the audit log"
+    );
+    daemon.spawn();
+    assert_eq!(events(&daemon, &[]), after);
     std::fs::remove_dir_all(&dir).unwrap();
 }

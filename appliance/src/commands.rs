@@ -236,6 +236,55 @@ pub struct EventsArgs {
     /// Keep printing new events as they happen.
     #[arg(long)]
     follow: bool,
+    /// Only events at or after this time: RFC 3339 (2026-12-01T10:00:00Z) or an age such as
+    /// 90s, 15m, 2h or 7d.
+    #[arg(long, value_parser = parse_since)]
+    since: Option<String>,
+    /// Only events of this agent.
+    #[arg(long)]
+    agent: Option<String>,
+    /// Only events that injected this secret (name or id).
+    #[arg(long)]
+    secret: Option<String>,
+    /// Only events for this host (TLS server name).
+    #[arg(long)]
+    host: Option<String>,
+}
+
+/// `--since` as an RFC 3339 time: given as one, or as an age counted back from now.
+fn parse_since(text: &str) -> Result<String, String> {
+    use time::format_description::well_known::Rfc3339;
+    if time::OffsetDateTime::parse(text, &Rfc3339).is_ok() {
+        return Ok(text.to_owned());
+    }
+    let unit_at = text.len().saturating_sub(1);
+    let (number, unit) = text.split_at(unit_at);
+    let seconds: i64 = match (number.parse::<i64>(), unit) {
+        (Ok(n), "s") => n,
+        (Ok(n), "m") => n * 60,
+        (Ok(n), "h") => n * 3600,
+        (Ok(n), "d") => n * 86_400,
+        _ => {
+            return Err(format!(
+                "{text:?} is neither an RFC 3339 time (2026-12-01T10:00:00Z) nor an age such as 15m, 2h or 7d"
+            ))
+        }
+    };
+    (time::OffsetDateTime::now_utc() - time::Duration::seconds(seconds))
+        .format(&Rfc3339)
+        .map_err(|error| error.to_string())
+}
+
+/// `text` percent-encoded for a query string: everything but unreserved characters.
+fn query_encoded(text: &str) -> String {
+    text.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(byte).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
 }
 
 /// A failure with its exit code.
@@ -506,17 +555,35 @@ async fn execute(client: &Client, output: Output, command: ClientCommand) -> Res
             eprintln!("appliance: CA rotated; clients must trust the new certificate below");
             print!("{}", text(&pem));
         }
-        ClientCommand::Events(EventsArgs { follow }) => {
+        ClientCommand::Events(EventsArgs {
+            follow,
+            since,
+            agent,
+            secret,
+            host,
+        }) => {
+            let filters: String = [
+                ("since", since),
+                ("agent", agent),
+                ("secret", secret),
+                ("host", host),
+            ]
+            .into_iter()
+            .filter_map(|(key, value)| Some(format!("&{key}={}", query_encoded(&value?))))
+            .collect();
             let mut after = 0;
             loop {
                 let wait = if follow { 30 } else { 0 };
-                let path = format!("/v1/events?after={after}&wait={wait}");
+                let path = format!("/v1/events?after={after}&wait={wait}{filters}");
                 let answer = answer_json(client.call(Method::GET, &path, None).await?);
                 let events = answer["events"].as_array().cloned().unwrap_or_default();
                 print_events(output, &events);
-                if let Some(last) = events.last().and_then(|event| event["seq"].as_u64()) {
-                    after = last;
-                }
+                // Past what the filters left out too, so a follower does not ask again.
+                let last = events.last().and_then(|event| event["seq"].as_u64());
+                after = last
+                    .max(answer["latest"].as_u64())
+                    .unwrap_or(after)
+                    .max(after);
                 if !follow {
                     break;
                 }

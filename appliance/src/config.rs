@@ -269,6 +269,25 @@ impl Default for LogConfig {
     }
 }
 
+/// The durable audit log under `state.dir/audit`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Size at which `events.jsonl` is rotated, bytes.
+    pub max_file_bytes: u64,
+    /// Rotated files kept besides the current one.
+    pub keep_files: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: 64 * 1024 * 1024,
+            keep_files: 10,
+        }
+    }
+}
+
 /// Prometheus metrics on a TCP address (the admin socket serves them at `/v1/metrics`
 /// whatever this says).
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -309,6 +328,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `[metrics]`
     pub metrics: MetricsConfig,
+    /// `[audit]`
+    pub audit: AuditConfig,
 }
 
 impl Config {
@@ -413,6 +434,15 @@ impl Config {
                 format!(
                     "is {}, a table the kernel reserves; choose an unused table such as 1500",
                     self.capture.routing_table
+                ),
+            ));
+        }
+        if self.audit.max_file_bytes < 4096 {
+            return Err(invalid(
+                "audit.max_file_bytes",
+                format!(
+                    "is {}; give at least 4096 so a file holds more than a few events",
+                    self.audit.max_file_bytes
                 ),
             ));
         }
@@ -592,6 +622,10 @@ mod tests {
             (
                 "[capture]\ncontainer_selection = \"pod\"",
                 "unknown variant `pod`, expected `namespace` or `cgroup`",
+            ),
+            (
+                "[audit]\nmax_file_bytes = 10",
+                "audit.max_file_bytes: is 10; give at least 4096",
             ),
             (
                 "[capture]\nrouting_table = 254",

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::api::{self, ApiSettings, ApiState};
-use crate::audit::EventLog;
+use crate::audit::{AuditFileSettings, EventLog};
 use crate::capture::changes::ChangeEvents;
 use crate::capture::containers::ContainerSettings;
 use crate::capture::{self, Capture, CaptureControl, CaptureSettings, Cgroup, Delivery};
@@ -56,6 +56,8 @@ pub struct DaemonSettings {
     pub drain: Duration,
     /// Where to serve Prometheus metrics over TCP, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The durable audit log.
+    pub audit: AuditFileSettings,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -80,7 +82,9 @@ pub async fn run(
         Store::open(&settings.state_dir.join("store"), &key).context("opening the store")?;
     drop(key);
     let injector = Arc::new(SecretInjector::default());
-    let events = Arc::new(EventLog::new(10_000));
+    let events = Arc::new(
+        EventLog::open(RECENT_EVENTS, settings.audit.clone()).context("opening the audit log")?,
+    );
 
     let mut capture = Capture::load(&settings.capture).context("starting capture")?;
     spawn_ebpf_log_reader(&mut capture)?;
@@ -207,9 +211,14 @@ pub async fn run(
     let _ = stop_tx.send(true);
     served.await.context("engine task failed")?;
     api_task.await.context("admin API task failed")?;
+    // Every event of the drained connections is on disk before the daemon exits.
+    state.events.close();
     info!("appliance stopped");
     Ok(())
 }
+
+/// Events kept in memory for `/v1/events` (and read back from the audit log at start).
+const RECENT_EVENTS: usize = 10_000;
 
 /// How long the follower lets a burst of events settle before it reconciles: a runtime
 /// starting one container announces several links, addresses and cgroup changes.
@@ -336,6 +345,7 @@ fn apply_reload(
         ("state.dir", running.state_dir != fresh.state_dir),
         ("api", running.api != fresh.api),
         ("metrics", running.metrics_listen != fresh.metrics_listen),
+        ("audit", running.audit != fresh.audit),
     ];
     for (key, _) in restart_only.iter().filter(|(_, changed)| *changed) {
         warn!(

@@ -357,6 +357,11 @@ fn settings(config: &Config) -> DaemonSettings {
         cgroups: config.capture.cgroups.clone(),
         drain: Duration::from_secs(config.proxy.drain_seconds),
         metrics_listen: config.metrics.enabled.then_some(config.metrics.listen),
+        audit: appliance::audit::AuditFileSettings {
+            dir: config.state.dir.join("audit"),
+            max_file_bytes: config.audit.max_file_bytes,
+            keep_files: config.audit.keep_files,
+        },
     }
 }
 

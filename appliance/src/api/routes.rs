@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use super::ApiError;
 use std::sync::Mutex;
 
-use crate::audit::EventLog;
+use crate::audit::{EventFilter, EventLog};
 use crate::capture::{CaptureControl, CaptureError, Cgroup};
 use crate::injection::{AgentDirectory, SecretIndex, SecretInjector};
 use crate::policy::{AccessPolicy, AgentSpec};
@@ -329,6 +329,45 @@ fn secret_view(record: &SecretRecord, events: &EventLog) -> Value {
     })
 }
 
+/// The percent-decoded value of `key` in `query`, if present.
+fn query_value(query: &str, key: &str) -> Result<Option<String>, ApiError> {
+    let Some((_, raw)) = query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(name, _)| *name == key)
+    else {
+        return Ok(None);
+    };
+    let invalid = || {
+        ApiError::from(crate::secret::ValidationError {
+            field: key.into(),
+            message: "is not valid percent-encoded UTF-8".into(),
+        })
+    };
+    let bytes = raw.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        match bytes[index] {
+            b'%' => {
+                let hex = bytes.get(index + 1..index + 3).ok_or_else(invalid)?;
+                let hex = std::str::from_utf8(hex).map_err(|_| invalid())?;
+                decoded.push(u8::from_str_radix(hex, 16).map_err(|_| invalid())?);
+                index += 3;
+            }
+            b'+' => {
+                decoded.push(b' ');
+                index += 1;
+            }
+            byte => {
+                decoded.push(byte);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8(decoded).map(Some).map_err(|_| invalid())
+}
+
 fn query_number(query: &str, key: &str) -> Result<u64, ApiError> {
     match query
         .split('&')
@@ -389,12 +428,38 @@ pub async fn dispatch(
         Handler::Events => {
             let after = query_number(query, "after")?;
             let wait = query_number(query, "wait")?.min(60);
-            if wait > 0 && state.events.since(after).is_empty() {
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(wait), state.events.wait_after(after))
-                        .await;
+            let filter = EventFilter {
+                since: query_value(query, "since")?
+                    .map(|since| {
+                        time::OffsetDateTime::parse(
+                            &since,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .map_err(|_| {
+                            ApiError::from(crate::secret::ValidationError {
+                                field: "since".into(),
+                                message: "must be an RFC 3339 time such as 2026-12-01T10:00:00Z"
+                                    .into(),
+                            })
+                        })
+                    })
+                    .transpose()?,
+                agent: query_value(query, "agent")?,
+                secret: query_value(query, "secret")?,
+                host: query_value(query, "host")?,
+            };
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+            loop {
+                // Read before looking, so an event recorded in between still wakes the wait.
+                let seen = state.events.latest();
+                let events = state.events.matching(after, &filter);
+                let now = tokio::time::Instant::now();
+                if !events.is_empty() || now >= deadline {
+                    // `latest` lets a follower skip what the filter left out.
+                    return ok(json!({"events": events, "latest": seen.max(after)}));
+                }
+                let _ = tokio::time::timeout(deadline - now, state.events.wait_after(seen)).await;
             }
-            ok(json!({"events": state.events.since(after)}))
         }
         Handler::SecretList => {
             let records = blocking(|| state.store.list_secrets())?;

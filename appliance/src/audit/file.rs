@@ -1,0 +1,307 @@
+//! The durable audit log: every event appended as one JSON line to `events.jsonl` under the
+//! audit directory, by a thread of its own so the request path never waits on the disk.
+//! Files rotate by size (`events.jsonl.1` is the newest old one) and the oldest beyond the
+//! retention are deleted. Beside them, `last-used.json` keeps when each secret was last
+//! injected, written at most once a minute and when the log closes.
+//!
+//! A line is written with a single `write` on a file opened for appending, so a killed
+//! daemon leaves whole lines; a torn last line (a crash of the machine) is skipped when read.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The file events are appended to.
+const CURRENT: &str = "events.jsonl";
+/// When each secret was last used, by id.
+const LAST_USED: &str = "last-used.json";
+/// How often `last-used.json` is rewritten at most while events come in.
+const LAST_USED_EVERY: Duration = Duration::from_secs(60);
+
+/// Where and how much the audit log keeps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditFileSettings {
+    /// Directory of the log files.
+    pub dir: PathBuf,
+    /// Size at which `events.jsonl` is rotated.
+    pub max_file_bytes: u64,
+    /// Rotated files kept besides the current one.
+    pub keep_files: usize,
+}
+
+/// When each secret was last used, shared by the log and its writer.
+#[derive(Default)]
+pub(super) struct LastUsed {
+    times: Mutex<HashMap<String, String>>,
+    changed: AtomicBool,
+}
+
+impl LastUsed {
+    pub(super) fn set(&self, id: &str, time: &str) {
+        self.times
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(id.to_owned(), time.to_owned());
+        self.changed.store(true, Ordering::Relaxed);
+    }
+
+    pub(super) fn get(&self, id: &str) -> Option<String> {
+        self.times
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    fn load(dir: &Path) -> Self {
+        let times = fs::read(dir.join(LAST_USED))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        Self {
+            times: Mutex::new(times),
+            changed: AtomicBool::new(false),
+        }
+    }
+
+    /// Writes the times when they changed since the last save.
+    fn save(&self, dir: &Path) {
+        if !self.changed.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let text = {
+            let times = self
+                .times
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            serde_json::to_vec(&*times).unwrap_or_default()
+        };
+        if let Err(error) = crate::files::write_atomically(&dir.join(LAST_USED), &text, 0o600) {
+            tracing::warn!(%error, dir = %dir.display(), "cannot save when secrets were last used");
+            self.changed.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The writer thread and the way to it.
+pub(super) struct Writer {
+    lines: mpsc::Sender<String>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Writer {
+    /// Hands a line (without its newline) to the writer.
+    pub(super) fn append(&self, line: String) {
+        // The thread only ends when the sender is dropped.
+        let _ = self.lines.send(line);
+    }
+
+    /// Writes everything handed over so far, saves the last-used times and stops.
+    pub(super) fn close(self) {
+        drop(self.lines);
+        let _ = self.thread.join();
+    }
+}
+
+/// Opens the log in `settings.dir` (created 0700) and starts its writer.
+pub(super) fn open(settings: AuditFileSettings) -> io::Result<(Writer, Arc<LastUsed>, Vec<Value>)> {
+    fs::create_dir_all(&settings.dir)?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(&settings.dir, fs::Permissions::from_mode(0o700))?;
+    }
+    let last_used = Arc::new(LastUsed::load(&settings.dir));
+    let recent = read_recent(&settings);
+    let mut file = Appender::open(settings.clone())?;
+    let (lines, incoming) = mpsc::channel::<String>();
+    let shared = Arc::clone(&last_used);
+    let thread = std::thread::Builder::new()
+        .name("audit-log".into())
+        .spawn(move || {
+            let mut saved = Instant::now();
+            loop {
+                match incoming.recv_timeout(LAST_USED_EVERY) {
+                    Ok(line) => file.append(&line),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+                if saved.elapsed() >= LAST_USED_EVERY {
+                    shared.save(&file.settings.dir);
+                    saved = Instant::now();
+                }
+            }
+            shared.save(&file.settings.dir);
+        })?;
+    Ok((Writer { lines, thread }, last_used, recent))
+}
+
+/// The current file, rotated by size.
+struct Appender {
+    settings: AuditFileSettings,
+    file: File,
+    size: u64,
+}
+
+impl Appender {
+    fn open(settings: AuditFileSettings) -> io::Result<Self> {
+        let path = settings.dir.join(CURRENT);
+        let mut file = open_for_append(&path)?;
+        let mut size = file.metadata()?.len();
+        // A torn last line must stay a line of its own, not the start of the next one.
+        let mut last = [0u8];
+        if size > 0 && {
+            use std::os::unix::fs::FileExt as _;
+            File::open(&path)?.read_exact_at(&mut last, size - 1)?;
+            last != *b"\n"
+        } {
+            file.write_all(b"\n")?;
+            size += 1;
+        }
+        Ok(Self {
+            settings,
+            file,
+            size,
+        })
+    }
+
+    fn append(&mut self, line: &str) {
+        let mut bytes = Vec::with_capacity(line.len() + 1);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.push(b'\n');
+        if self.size > 0 && self.size + bytes.len() as u64 > self.settings.max_file_bytes {
+            if let Err(error) = self.rotate() {
+                tracing::warn!(%error, dir = %self.settings.dir.display(), "cannot rotate the audit log; appending to the current file");
+            }
+        }
+        match self.file.write_all(&bytes) {
+            Ok(()) => self.size += bytes.len() as u64,
+            Err(error) => {
+                tracing::warn!(%error, dir = %self.settings.dir.display(), "cannot append to the audit log")
+            }
+        }
+    }
+
+    /// `events.jsonl` becomes `.1`, `.1` becomes `.2`, … and what is past the retention goes.
+    fn rotate(&mut self) -> io::Result<()> {
+        let path = |index: usize| match index {
+            0 => self.settings.dir.join(CURRENT),
+            _ => self.settings.dir.join(format!("{CURRENT}.{index}")),
+        };
+        let _ = fs::remove_file(path(self.settings.keep_files));
+        for index in (0..self.settings.keep_files).rev() {
+            match fs::rename(path(index), path(index + 1)) {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => return Err(error),
+            }
+        }
+        if self.settings.keep_files == 0 {
+            let _ = fs::remove_file(path(0));
+        }
+        self.file = open_for_append(&path(0))?;
+        self.size = 0;
+        Ok(())
+    }
+}
+
+fn open_for_append(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Every whole event line of the log, oldest first: the rotated files from the oldest, then
+/// the current one. Lines that do not parse (a torn last line) are skipped.
+fn read_recent(settings: &AuditFileSettings) -> Vec<Value> {
+    let mut files: Vec<PathBuf> = (1..=settings.keep_files)
+        .rev()
+        .map(|index| settings.dir.join(format!("{CURRENT}.{index}")))
+        .collect();
+    files.push(settings.dir.join(CURRENT));
+    files
+        .iter()
+        .filter_map(|path| File::open(path).ok())
+        .flat_map(|file| BufReader::new(file).lines().map_while(Result::ok))
+        .filter_map(|line| serde_json::from_str::<Value>(&line).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::temp_dir;
+
+    fn settings(name: &str, max_file_bytes: u64, keep_files: usize) -> AuditFileSettings {
+        AuditFileSettings {
+            dir: temp_dir(name).join("audit"),
+            max_file_bytes,
+            keep_files,
+        }
+    }
+
+    #[test]
+    fn lines_survive_reopening_and_rotate_within_the_retention() {
+        let settings = settings("audit-rotate", 64, 2);
+        let (writer, _, recent) = open(settings.clone()).unwrap();
+        assert!(recent.is_empty());
+        for seq in 1..=10 {
+            writer.append(format!(r#"{{"seq":{seq},"pad":"................"}}"#));
+        }
+        writer.close();
+        let (writer, _, recent) = open(settings.clone()).unwrap();
+        writer.close();
+        let seqs: Vec<u64> = recent
+            .iter()
+            .filter_map(|line| line["seq"].as_u64())
+            .collect();
+        // 64-byte files hold one line each: the current file and two rotated ones remain.
+        assert_eq!(seqs, [8, 9, 10]);
+        assert!(!settings.dir.join(format!("{CURRENT}.3")).exists());
+    }
+
+    #[test]
+    fn a_torn_last_line_is_skipped() {
+        let settings = settings("audit-torn", 1 << 20, 1);
+        fs::create_dir_all(&settings.dir).unwrap();
+        fs::write(
+            settings.dir.join(CURRENT),
+            "{\"seq\":1}\n{\"seq\":2}\n{\"se",
+        )
+        .unwrap();
+        let (writer, _, recent) = open(settings.clone()).unwrap();
+        assert_eq!(recent.len(), 2);
+        writer.append(r#"{"seq":3}"#.into());
+        writer.close();
+        let (writer, _, recent) = open(settings).unwrap();
+        writer.close();
+        let seqs: Vec<u64> = recent
+            .iter()
+            .filter_map(|line| line["seq"].as_u64())
+            .collect();
+        assert_eq!(seqs, [1, 2, 3]);
+    }
+
+    #[test]
+    fn last_used_times_are_saved_when_the_log_closes() {
+        let settings = settings("audit-last-used", 1 << 20, 1);
+        let (writer, last_used, _) = open(settings.clone()).unwrap();
+        last_used.set("sec_1", "2026-12-01T00:00:00Z");
+        writer.close();
+        let (writer, last_used, _) = open(settings).unwrap();
+        writer.close();
+        assert_eq!(
+            last_used.get("sec_1").as_deref(),
+            Some("2026-12-01T00:00:00Z")
+        );
+    }
+}

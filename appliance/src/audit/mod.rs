@@ -1,0 +1,307 @@
+//! Audit events: one per intercepted request (which workload, which secrets by id and name,
+//! host, method, path, status, time; never values). Written as structured log lines, kept
+//! in a bounded in-memory log for `/v1/events`, and, for the daemon, appended to a durable
+//! log on disk ([`file`]) that the in-memory log is filled from again at start, so events and
+//! every secret's `lastUsedAt` survive restarts.
+
+mod file;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+pub use file::AuditFileSettings;
+
+use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+/// A secret used for a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretUse {
+    /// Its id.
+    pub id: Arc<str>,
+    /// Its name.
+    pub name: Arc<str>,
+}
+
+/// One audited request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// The agent the workload belongs to, if any.
+    pub agent: Option<Arc<str>>,
+    /// cgroup v2 id of the workload.
+    pub cgroup_id: u64,
+    /// Its pid.
+    pub pid: u32,
+    /// Cookie of its network namespace.
+    pub netns_cookie: u64,
+    /// Its container's unit (`docker-<id>.scope`, …), when it runs in one.
+    pub container: Option<Arc<str>>,
+    /// Secrets injected.
+    pub secrets: Vec<SecretUse>,
+    /// TLS server name.
+    pub host: Arc<str>,
+    /// HTTP method.
+    pub method: http::Method,
+    /// Request path (no query: it may hold a credential).
+    pub path: String,
+    /// Response status sent to the client.
+    pub status: u16,
+    /// `forwarded`, `blocked`, `misdirected` or `failed`.
+    pub outcome: &'static str,
+}
+
+/// Which events a reader wants; every field that is set must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    /// At or after this time.
+    pub since: Option<OffsetDateTime>,
+    /// Of this agent.
+    pub agent: Option<String>,
+    /// Injecting this secret (by name or id).
+    pub secret: Option<String>,
+    /// For this host (TLS server name).
+    pub host: Option<String>,
+}
+
+impl EventFilter {
+    fn matches(&self, time: OffsetDateTime, event: &Value) -> bool {
+        let field_is = |field: &str, wanted: &Option<String>| {
+            wanted
+                .as_deref()
+                .is_none_or(|wanted| event[field].as_str() == Some(wanted))
+        };
+        self.since.is_none_or(|since| time >= since)
+            && field_is("agent", &self.agent)
+            && field_is("host", &self.host)
+            && self.secret.as_deref().is_none_or(|wanted| {
+                event["secrets"].as_array().is_some_and(|secrets| {
+                    secrets.iter().any(|secret| {
+                        secret["name"].as_str() == Some(wanted)
+                            || secret["id"].as_str() == Some(wanted)
+                    })
+                })
+            })
+    }
+}
+
+/// A bounded log of recent events with increasing sequence numbers, each kept as the JSON
+/// that `/v1/events` and the durable log show.
+pub struct EventLog {
+    capacity: usize,
+    entries: Mutex<VecDeque<(u64, OffsetDateTime, Value)>>,
+    latest: watch::Sender<u64>,
+    last_used: Arc<file::LastUsed>,
+    durable: Mutex<Option<file::Writer>>,
+}
+
+/// The durable log could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("opening the audit log in {} failed; check that the state directory is writable", dir.display())]
+pub struct AuditLogError {
+    dir: std::path::PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+impl EventLog {
+    /// A log keeping the last `capacity` events in memory only.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            entries: Mutex::new(VecDeque::new()),
+            latest: watch::Sender::new(0),
+            last_used: Arc::default(),
+            durable: Mutex::new(None),
+        }
+    }
+
+    /// A log that also appends every event to the durable log in `settings.dir`, starting
+    /// with the last `capacity` events found there (sequence numbers continue after them)
+    /// and the secrets' last-used times.
+    pub fn open(capacity: usize, settings: AuditFileSettings) -> Result<Self, AuditLogError> {
+        let dir = settings.dir.clone();
+        let (writer, last_used, recent) =
+            file::open(settings).map_err(|source| AuditLogError { dir, source })?;
+        let log = Self {
+            last_used,
+            durable: Mutex::new(Some(writer)),
+            ..Self::new(capacity)
+        };
+        let mut entries = log.lock();
+        let skip = recent.len().saturating_sub(log.capacity);
+        for event in recent.into_iter().skip(skip) {
+            let (Some(sequence), Some(time)) = (
+                event["seq"].as_u64(),
+                event["time"]
+                    .as_str()
+                    .and_then(|time| OffsetDateTime::parse(time, &Rfc3339).ok()),
+            ) else {
+                continue;
+            };
+            entries.push_back((sequence, time, event));
+        }
+        let latest = entries.back().map_or(0, |(sequence, _, _)| *sequence);
+        drop(entries);
+        log.latest.send_replace(latest);
+        Ok(log)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, OffsetDateTime, Value)>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Writes out what the durable log was handed and stops it; later events stay in memory.
+    /// The daemon calls it on a clean stop, so no recorded event is lost.
+    pub fn close(&self) {
+        let writer = self
+            .durable
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(writer) = writer {
+            writer.close();
+        }
+    }
+
+    /// The sequence number of the newest event (0 before the first).
+    pub fn latest(&self) -> u64 {
+        *self.latest.borrow()
+    }
+
+    /// Records `event`, writes it as a log line and counts it in the metrics.
+    pub fn record(&self, event: AuditEvent) {
+        let secrets: Vec<&str> = event.secrets.iter().map(|s| &*s.name).collect();
+        crate::metrics::count_request(
+            event.agent.as_deref().unwrap_or(""),
+            &event.host,
+            &secrets,
+            event.outcome,
+        );
+        tracing::info!(
+            target: "appliance::audit",
+            event = "request",
+            outcome = event.outcome,
+            agent = event.agent.as_deref().unwrap_or(""),
+            cgroup_id = event.cgroup_id,
+            pid = event.pid,
+            netns_cookie = event.netns_cookie,
+            container = event.container.as_deref().unwrap_or(""),
+            host = %event.host,
+            method = %event.method,
+            path = %event.path,
+            status = event.status,
+            secrets = ?secrets,
+            "audit"
+        );
+        let time = OffsetDateTime::now_utc();
+        let stamp = rfc3339(time);
+        for secret in &event.secrets {
+            self.last_used.set(&secret.id, &stamp);
+        }
+        let mut entries = self.lock();
+        let sequence = entries
+            .back()
+            .map_or_else(|| self.latest(), |(last, _, _)| *last)
+            + 1;
+        let json = json!({
+            "seq": sequence,
+            "time": stamp,
+            "agent": event.agent.as_deref(),
+            "cgroupId": event.cgroup_id,
+            "pid": event.pid,
+            "netnsCookie": event.netns_cookie,
+            "container": event.container.as_deref(),
+            "secrets": event.secrets.iter().map(|s| json!({"id": &*s.id, "name": &*s.name})).collect::<Vec<_>>(),
+            "host": &*event.host,
+            "method": event.method.as_str(),
+            "path": event.path,
+            "status": event.status,
+            "outcome": event.outcome,
+        });
+        // Under the entries' lock, so the durable log gets the events in sequence order.
+        if let Some(writer) = &*self
+            .durable
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        {
+            writer.append(json.to_string());
+        }
+        entries.push_back((sequence, time, json));
+        while entries.len() > self.capacity {
+            entries.pop_front();
+        }
+        self.latest.send_replace(sequence);
+    }
+
+    /// Events with a sequence number above `after`, oldest first, as JSON.
+    pub fn since(&self, after: u64) -> Vec<Value> {
+        self.matching(after, &EventFilter::default())
+    }
+
+    /// Events with a sequence number above `after` that `filter` lets through, oldest
+    /// first, as JSON.
+    pub fn matching(&self, after: u64, filter: &EventFilter) -> Vec<Value> {
+        self.lock()
+            .iter()
+            .filter(|(sequence, time, event)| *sequence > after && filter.matches(*time, event))
+            .map(|(_, _, event)| event.clone())
+            .collect()
+    }
+
+    /// When the secret with `id` was last injected (kept across restarts by the durable log).
+    pub fn last_used(&self, id: &str) -> Option<String> {
+        self.last_used.get(id)
+    }
+
+    /// Waits until an event newer than `after` exists (or the log is dropped).
+    pub async fn wait_after(&self, after: u64) {
+        let mut latest = self.latest.subscribe();
+        let _ = latest.wait_for(|latest| *latest > after).await;
+    }
+}
+
+fn rfc3339(time: OffsetDateTime) -> String {
+    time.format(&Rfc3339).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(path: &str) -> AuditEvent {
+        AuditEvent {
+            agent: None,
+            cgroup_id: 1,
+            pid: 2,
+            netns_cookie: 3,
+            container: None,
+            secrets: vec![SecretUse {
+                id: "sec_1".into(),
+                name: "a".into(),
+            }],
+            host: "api.example.com".into(),
+            method: http::Method::GET,
+            path: path.into(),
+            status: 200,
+            outcome: "forwarded",
+        }
+    }
+
+    #[test]
+    fn keeps_the_most_recent_events_in_order() {
+        let log = EventLog::new(2);
+        for path in ["/1", "/2", "/3"] {
+            log.record(event(path));
+        }
+        let all = log.since(0);
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0]["path"], "/2");
+        assert_eq!(all[1]["seq"], 3);
+        assert_eq!(log.since(2).len(), 1);
+        assert_eq!(all[0]["secrets"][0]["name"], "a");
+    }
+}
