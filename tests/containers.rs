@@ -222,6 +222,36 @@ fn assert_status(output: &Output, status: &str) {
 }
 
 impl Setup {
+    /// `count` connections one after the other from `container`'s selected cgroup to port
+    /// 443 of `external`, each sending a byte and closing, none failing (the engine's
+    /// TIME_WAIT sockets are reused on the way).
+    fn assert_sequential_connections(&self, container: &Container, external: IpAddr, count: u32) {
+        let program = format!(
+            r#"
+import socket
+failures = 0
+for i in range({count}):
+    try:
+        s = socket.create_connection(("{external}", 443), timeout=5)
+        s.sendall(b"x")
+        s.close()
+    except OSError:
+        failures += 1
+print(failures)
+"#
+        );
+        let output = container
+            .command(&self.selected, "/usr/bin/python3")
+            .args(["-c", &program])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout).trim(),
+            "0",
+            "failed connections out of {count}: {output:?}"
+        );
+    }
+
     /// How many of the packets `send` sends to `external` reach the upstream namespace. A
     /// marker datagram from B, which is not selected, follows them on the same bridge and
     /// uplink; once it is counted, anything of theirs that got through has been too.
@@ -398,33 +428,7 @@ fn containers_on_a_bridge_and_a_routed_veth_get_their_secrets_by_tproxy() {
 
     // 3,000 sequential connections from A (TIME_WAIT reuse on the engine's side), then no
     // record is left in the capture maps.
-    let program = format!(
-        r#"
-import socket
-failures = 0
-for i in range(3000):
-    try:
-        s = socket.create_connection(("{}", 443), timeout=5)
-        s.sendall(b"x")
-        s.close()
-    except OSError as error:
-        failures += 1
-        last = error
-print(failures)
-"#,
-        network.external_v4
-    );
-    let output = network
-        .a
-        .command(&setup.selected, "/usr/bin/python3")
-        .args(["-c", &program])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&output.stdout).trim(),
-        "0",
-        "failed connections out of 3,000: {output:?}"
-    );
+    setup.assert_sequential_connections(&network.a, network.external_v4, 3000);
     let maps = setup.daemon.bpffs_dir.join("maps");
     let deadline = Instant::now() + Duration::from_secs(10);
     while map_entries(&maps.join("SOCKETS")) + map_entries(&maps.join("ORIG_DST")) > 0 {
@@ -596,31 +600,7 @@ fn selecting_one_cgroup_of_a_shared_namespace_leaves_its_sidecars_direct() {
     }
     // 500 connections one after the other: each handshake, data and close goes to the
     // engine (TIME_WAIT reuse included).
-    let program = format!(
-        r#"
-import socket
-failures = 0
-for i in range(500):
-    try:
-        s = socket.create_connection(("{}", 443), timeout=5)
-        s.sendall(b"x")
-        s.close()
-    except OSError:
-        failures += 1
-print(failures)
-"#,
-        network.external_v4
-    );
-    let output = a
-        .command(&setup.selected, "/usr/bin/python3")
-        .args(["-c", &program])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&output.stdout).trim(),
-        "0",
-        "{output:?}"
-    );
+    setup.assert_sequential_connections(a, network.external_v4, 500);
     assert_eq!(
         from_a_or_c.packets(),
         0,
