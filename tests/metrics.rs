@@ -60,43 +60,72 @@ fn wait_for(prometheus: SocketAddr, expression: &str, expected: f64) {
     panic!("{expression} is {last:?} in Prometheus, not {expected}");
 }
 
+/// A daemon configured with `config`, an upstream for [`HOST`] on the slot's loopback
+/// address, a secret `openai` for it, and the appliance CA in a file; removed on drop.
+struct Fixture {
+    daemon: Daemon,
+    upstream: Upstream,
+    appliance_ca: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl Fixture {
+    fn start(slot: u8, config: &str, value: &str) -> Self {
+        require_root();
+        let dir = std::env::temp_dir().join(unique(slot, "files"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let test_ca = Ca::new("test upstream CA");
+        let upstream_ca = dir.join("upstream-ca.pem");
+        test_ca.write(&upstream_ca);
+        let upstream = Upstream::start_in_background(
+            SocketAddr::new(upstream_ip(slot).into(), 443),
+            &[(HOST, &test_ca)],
+        );
+        let daemon = Daemon::start_configured(
+            slot,
+            config,
+            &["--upstream-ca", upstream_ca.to_str().unwrap()],
+            None,
+            &[],
+        );
+        create_secret(&daemon, &["openai", "--type", "openai"], value);
+        let appliance_ca = dir.join("appliance-ca.pem");
+        let exported = cli(&daemon, &["ca", "export"], None);
+        assert!(exported.status.success(), "{exported:?}");
+        std::fs::write(&appliance_ca, &exported.stdout).unwrap();
+        Self {
+            daemon,
+            upstream,
+            appliance_ca,
+            dir,
+        }
+    }
+
+    /// An agent's request with a placeholder key, which must succeed.
+    fn request(&self) {
+        let output = curl_exec(&self.daemon, &self.appliance_ca, self.upstream.addr);
+        assert!(output.status.success(), "{output:?}");
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[test]
 fn prometheus_scrapes_the_requests_and_injections_an_agent_made() {
-    require_root();
     let slot = 33;
-    let dir = std::env::temp_dir().join(unique(slot, "files"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let test_ca = Ca::new("test upstream CA");
-    let upstream_ca = dir.join("upstream-ca.pem");
-    test_ca.write(&upstream_ca);
-    let upstream = Upstream::start_in_background(
-        SocketAddr::new(upstream_ip(slot).into(), 443),
-        &[(HOST, &test_ca)],
-    );
     let metrics: SocketAddr = format!("127.0.0.1:{}", 19000 + u16::from(slot))
         .parse()
         .unwrap();
     let config = format!("[metrics]\nenabled = true\nlisten = \"{metrics}\"\n");
-    let daemon = Daemon::start_configured(
-        slot,
-        &config,
-        &["--upstream-ca", upstream_ca.to_str().unwrap()],
-        None,
-        &[],
-    );
-    create_secret(
-        &daemon,
-        &["openai", "--type", "openai"],
-        "sk-proj-REAL-METRICS",
-    );
-    let appliance_ca = dir.join("appliance-ca.pem");
-    let exported = cli(&daemon, &["ca", "export"], None);
-    assert!(exported.status.success(), "{exported:?}");
-    std::fs::write(&appliance_ca, &exported.stdout).unwrap();
+    let fixture = Fixture::start(slot, &config, "sk-proj-REAL-METRICS");
     for _ in 0..3 {
-        let output = curl_exec(&daemon, &appliance_ca, upstream.addr);
-        assert!(output.status.success(), "{output:?}");
+        fixture.request();
     }
+    let dir = &fixture.dir;
 
     // The exposition passes promtool's checks.
     let exposition = test_command("curl")
@@ -173,8 +202,6 @@ fn prometheus_scrapes_the_requests_and_injections_an_agent_made() {
     );
     wait_for(prometheus, "appliance_secrets", 1.0);
     wait_for(prometheus, "appliance_request_duration_seconds_count", 3.0);
-    drop(_prometheus);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// `appliance --json events ARGS`, one event per line.
@@ -208,55 +235,36 @@ fn last_used(daemon: &Daemon) -> Value {
 
 #[test]
 fn events_and_last_used_survive_a_restart_and_a_kill_leaves_whole_lines() {
-    require_root();
-    let slot = 34;
-    let dir = std::env::temp_dir().join(unique(slot, "files"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let test_ca = Ca::new("test upstream CA");
-    let upstream_ca = dir.join("upstream-ca.pem");
-    test_ca.write(&upstream_ca);
-    let upstream = Upstream::start_in_background(
-        SocketAddr::new(upstream_ip(slot).into(), 443),
-        &[(HOST, &test_ca), ("other.example.com", &test_ca)],
-    );
-    let mut daemon = Daemon::start(slot, &["--upstream-ca", upstream_ca.to_str().unwrap()]);
-    create_secret(
-        &daemon,
-        &["openai", "--type", "openai"],
-        "sk-proj-REAL-AUDIT",
-    );
-    let appliance_ca = dir.join("appliance-ca.pem");
-    let exported = cli(&daemon, &["ca", "export"], None);
-    std::fs::write(&appliance_ca, &exported.stdout).unwrap();
+    let mut fixture = Fixture::start(34, "", "sk-proj-REAL-AUDIT");
     for _ in 0..3 {
-        let output = curl_exec(&daemon, &appliance_ca, upstream.addr);
-        assert!(output.status.success(), "{output:?}");
+        fixture.request();
     }
-    let before = events(&daemon, &[]);
+    let daemon = &mut fixture.daemon;
+    let before = events(daemon, &[]);
     assert_eq!(before.len(), 3, "{before:#?}");
-    let used = last_used(&daemon);
+    let used = last_used(daemon);
     assert!(used.is_string(), "{used}");
 
     // A clean restart: the same events, the same lastUsedAt, and numbering goes on.
     daemon.stop();
     daemon.spawn();
-    assert_eq!(events(&daemon, &[]), before);
-    assert_eq!(last_used(&daemon), used);
-    let output = curl_exec(&daemon, &appliance_ca, upstream.addr);
-    assert!(output.status.success(), "{output:?}");
-    let after = events(&daemon, &[]);
+    assert_eq!(events(daemon, &[]), before);
+    assert_eq!(last_used(daemon), used);
+    fixture.request();
+    let daemon = &mut fixture.daemon;
+    let after = events(daemon, &[]);
     assert_eq!(after.len(), 4);
     assert_eq!(after[3]["seq"].as_u64(), Some(4));
 
     // Filters.
-    assert_eq!(events(&daemon, &["--secret", "openai"]).len(), 4);
-    assert_eq!(events(&daemon, &["--host", "other.example.com"]).len(), 0);
-    assert_eq!(events(&daemon, &["--since", "1h"]).len(), 4);
+    assert_eq!(events(daemon, &["--secret", "openai"]).len(), 4);
+    assert_eq!(events(daemon, &["--host", "other.example.com"]).len(), 0);
+    assert_eq!(events(daemon, &["--since", "1h"]).len(), 4);
     assert_eq!(
-        events(&daemon, &["--since", "2099-01-01T00:00:00Z"]).len(),
+        events(daemon, &["--since", "2099-01-01T00:00:00Z"]).len(),
         0
     );
-    let refused = cli(&daemon, &["events", "--since", "yesterday"], None);
+    let refused = cli(daemon, &["events", "--since", "yesterday"], None);
     assert!(!refused.status.success());
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("RFC 3339"),
@@ -277,6 +285,5 @@ fn events_and_last_used_survive_a_restart_and_a_kill_leaves_whole_lines() {
         "a value in the audit log"
     );
     daemon.spawn();
-    assert_eq!(events(&daemon, &[]), after);
-    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(events(daemon, &[]), after);
 }
