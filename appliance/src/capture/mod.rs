@@ -405,11 +405,7 @@ impl Capture {
                 .take_link(id)
                 .map_err(program_error(STEERING_PROGRAM))?,
         );
-        link.pin(&pin).map_err(|error| CaptureError::Io {
-            action: "pinning link at",
-            path: pin.clone(),
-            source: io::Error::other(error),
-        })?;
+        pin_link(link, &pin)?;
         Ok(())
     }
 
@@ -520,11 +516,7 @@ impl Capture {
                 path: PathBuf::from(interface),
                 source: io::Error::other(error),
             })?;
-        link.pin(&pin).map_err(|error| CaptureError::Io {
-            action: "pinning link at",
-            path: pin.clone(),
-            source: io::Error::other(error),
-        })?;
+        pin_link(link, &pin)?;
         Ok(())
     }
 
@@ -654,11 +646,7 @@ impl Capture {
             }
             outcome = Attachment::Attached;
             let link = attach_link(program, &cgroup_dir).map_err(program_error(name))?;
-            link.pin(&pin).map_err(|error| CaptureError::Io {
-                action: "pinning link at",
-                path: pin.clone(),
-                source: io::Error::other(error),
-            })?;
+            pin_link(link, &pin)?;
         }
         Ok(outcome)
     }
@@ -733,6 +721,15 @@ fn remove_outdated_pins(maps_dir: &Path) -> Result<(), CaptureError> {
         }
     }
     Ok(())
+}
+
+/// Pins `link` at `pin`, so it outlives the daemon.
+fn pin_link(link: FdLink, pin: &Path) -> Result<(), CaptureError> {
+    link.pin(pin).map(drop).map_err(|error| CaptureError::Io {
+        action: "pinning link at",
+        path: pin.to_path_buf(),
+        source: io::Error::other(error),
+    })
 }
 
 /// Makes the link pinned at `pin`, if there is one, run `program`, and says whether it did. A
