@@ -227,11 +227,14 @@ impl Redactor {
         for range in &ranges {
             data[range.clone()].fill(MASK);
         }
+        if ranges.is_empty() {
+            return false;
+        }
         // Counted per match found; a form seen both raw and decoded counts twice.
         crate::metrics::METRICS
             .redactions
             .inc_by(ranges.len() as u64);
-        !ranges.is_empty()
+        true
     }
 
     /// The start of the longest suffix of `bytes` that is a proper beginning of a form.
