@@ -127,6 +127,24 @@ fn prometheus_scrapes_the_requests_and_injections_an_agent_made() {
     }
     let dir = &fixture.dir;
 
+    // UDP to an intercepted port is refused in the kernel, and counted there.
+    let udp = test_command(APPLIANCE)
+        .arg("exec")
+        .arg("--agents-cgroup")
+        .arg(&fixture.daemon.agents_cgroup)
+        .args(["--", "python3", "-c"])
+        .arg(format!(
+            "import socket\ntry:\n    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'q', ('{}', 443))\nexcept PermissionError:\n    print('refused')",
+            upstream_ip(slot)
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&udp.stdout).trim(),
+        "refused",
+        "{udp:?}"
+    );
+
     // The exposition passes promtool's checks.
     let exposition = test_command("curl")
         .args(["-sS", "--max-time", "5"])
@@ -135,6 +153,11 @@ fn prometheus_scrapes_the_requests_and_injections_an_agent_made() {
         .unwrap();
     assert!(exposition.status.success(), "{exposition:?}");
     let text = String::from_utf8(exposition.stdout.clone()).unwrap();
+    let udp_refusals = text
+        .lines()
+        .find_map(|line| line.strip_prefix("appliance_capture_refusals_total{reason=\"udp\"} "))
+        .and_then(|count| count.parse::<u64>().ok());
+    assert!(udp_refusals >= Some(1), "{text}");
     assert!(
         !text.contains("sk-proj-REAL-METRICS"),
         "a value in the metrics"

@@ -26,6 +26,8 @@ pub mod map_names {
     /// client socket closed recently, whose late packets the guard still carries to the
     /// engine.
     pub const CLOSED_CONNECTIONS: &str = "CLOSED";
+    /// Per-CPU counters of what the programs refused, indexed by [`refusals`](crate::refusals).
+    pub const REFUSED: &str = "REFUSED";
     /// SOCKMAP of the engine's listeners: [`ENGINE_LISTENER_V4`](crate::ENGINE_LISTENER_V4)
     /// and [`ENGINE_LISTENER_V6`](crate::ENGINE_LISTENER_V6).
     pub const ENGINE_LISTENERS: &str = "ENGINE";
@@ -83,6 +85,20 @@ pub const PROGRAM_NAMES: [&str; 7] = [
 /// Capacity of the per-socket maps. They are LRU maps, so a burst beyond this evicts the
 /// oldest entries instead of failing new connections.
 pub const TRACKED_SOCKETS_CAPACITY: u32 = 65_536;
+
+/// Indices of the `REFUSED` per-CPU counters: what the programs refused or dropped.
+pub mod refusals {
+    /// Connects from a foreign network namespace the daemon has not served.
+    pub const FOREIGN_NAMESPACE: u32 = 0;
+    /// UDP to an intercepted port (connect or datagram).
+    pub const UDP: u32 = 1;
+    /// Connects refused because their record could not be stored.
+    pub const UNRECORDED: u32 = 2;
+    /// Packets the guard dropped on a served container's veth.
+    pub const GUARD: u32 = 3;
+    /// How many there are.
+    pub const COUNT: u32 = 4;
+}
 
 /// Capacity of `CLOSED`, an LRU map: it only has to outlive a closed socket's last answers.
 pub const CLOSED_CONNECTIONS_CAPACITY: u32 = 16_384;

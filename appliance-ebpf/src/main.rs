@@ -23,8 +23,8 @@
 #![no_main]
 
 use appliance_common::{
-    ipv4_mapped, is_ipv4_mapped, CaptureConfig, ConnectionKey, CoveredSource, Redirection,
-    CLOSED_CONNECTIONS_CAPACITY, DELIVERY_LOCAL, DELIVERY_REDIRECT, DELIVERY_TPROXY,
+    ipv4_mapped, is_ipv4_mapped, refusals, CaptureConfig, ConnectionKey, CoveredSource,
+    Redirection, CLOSED_CONNECTIONS_CAPACITY, DELIVERY_LOCAL, DELIVERY_REDIRECT, DELIVERY_TPROXY,
     ENGINE_LISTENER_V4, ENGINE_LISTENER_V6, FLAG_REFUSE_FOREIGN_NETNS, GUARD_SELECTED_CGROUPS,
     GUARD_WHOLE_NAMESPACE, MAX_COVERED_NAMESPACES, MAX_GUARDED_SOURCES, MAX_INTERCEPTED_PORTS,
     TRACKED_SOCKETS_CAPACITY,
@@ -40,7 +40,7 @@ use aya_ebpf::{
         bpf_get_socket_cookie, bpf_sk_release, bpf_skc_lookup_tcp,
     },
     macros::{cgroup_sock_addr, classifier, map, sk_lookup, sock_ops},
-    maps::{Array, HashMap, LruHashMap, SockMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext, TcContext},
     EbpfContext,
 };
@@ -85,6 +85,17 @@ static ENGINE: SockMap = SockMap::pinned(2, 0);
 
 #[map(name = "CLOSED")]
 static CLOSED: LruHashMap<ConnectionKey, u8> = LruHashMap::pinned(CLOSED_CONNECTIONS_CAPACITY, 0);
+
+#[map(name = "REFUSED")]
+static REFUSED: PerCpuArray<u64> = PerCpuArray::pinned(refusals::COUNT, 0);
+
+/// Counts one refusal of kind `reason` (a `refusals` index) for the daemon's metrics.
+fn count_refusal(reason: u32) {
+    if let Some(counter) = REFUSED.get_ptr_mut(reason) {
+        // SAFETY: this CPU's slot of a per-CPU array; nothing else writes it meanwhile.
+        unsafe { *counter += 1 };
+    }
+}
 
 #[map(name = "GUARDED")]
 static GUARDED: HashMap<CoveredSource, u8> = HashMap::pinned(MAX_GUARDED_SOURCES, 0);
@@ -191,6 +202,7 @@ fn decide(ctx: &SockAddrContext) -> Verdict {
                     ctx,
                     "refused port {} from a foreign network namespace", port
                 );
+                count_refusal(refusals::FOREIGN_NAMESPACE);
                 return Verdict::Refuse;
             }
             _ => return Verdict::Ignore,
@@ -200,6 +212,7 @@ fn decide(ctx: &SockAddrContext) -> Verdict {
         SOCK_STREAM => verdict,
         SOCK_DGRAM => {
             info!(ctx, "refused UDP to intercepted port {}", port);
+            count_refusal(refusals::UDP);
             Verdict::Refuse
         }
         _ => Verdict::Ignore,
@@ -226,6 +239,7 @@ fn record(ctx: &SockAddrContext, ip6: [u32; 4], delivery: u16) -> bool {
     };
     if SOCKETS.insert(&cookie, &redirection, 0).is_err() {
         warn!(ctx, "cannot record a redirected connection; refusing it");
+        count_refusal(refusals::UNRECORDED);
         return false;
     }
     debug!(
@@ -583,7 +597,15 @@ fn transport(ctx: &TcContext) -> Result<Option<Transport>, ()> {
 /// containers' host-side veths, so it sees exactly what those containers send.
 #[classifier]
 pub fn guard(ctx: TcContext) -> i32 {
-    let packet = match transport(&ctx) {
+    let verdict = guard_verdict(&ctx);
+    if verdict == TC_ACT_SHOT {
+        count_refusal(refusals::GUARD);
+    }
+    verdict
+}
+
+fn guard_verdict(ctx: &TcContext) -> i32 {
+    let packet = match transport(ctx) {
         Ok(Some(packet)) => packet,
         Ok(None) => return TC_ACT_OK,
         Err(()) => return TC_ACT_SHOT,
@@ -629,8 +651,7 @@ pub fn guard(ctx: TcContext) -> i32 {
         // Only selected cgroups are captured: their connections are marked for the policy
         // rule, everything else in the namespace (sidecars) goes its own way.
         Some(GUARD_SELECTED_CGROUPS) => {
-            if packet.protocol == IPPROTO_TCP
-                && is_captured(&ctx, &packet, source_port, port, opens)
+            if packet.protocol == IPPROTO_TCP && is_captured(ctx, &packet, source_port, port, opens)
             {
                 if let Some(config) = CONFIG.get(0) {
                     // SAFETY: as above.

@@ -56,6 +56,10 @@ pub struct Metrics {
     pub store_bytes: IntGauge,
     /// Entries in the capture maps, by map.
     pub capture_map_entries: IntGaugeVec,
+    /// What the eBPF programs refused in the kernel, by reason.
+    pub capture_refusals: IntCounterVec,
+    /// The kernel counters' totals when last read, to count only what was added since.
+    kernel_totals: Mutex<std::collections::HashMap<&'static str, u64>>,
 }
 
 /// Buckets for request durations and upstream latency, seconds: 1 ms to 30 s.
@@ -174,6 +178,12 @@ impl Metrics {
                 "Entries in the eBPF capture maps, by map.",
                 &["map"],
             ),
+            capture_refusals: counter(
+                "appliance_capture_refusals_total",
+                "Connects, datagrams and packets the eBPF programs refused in the kernel, by reason.",
+                &["reason"],
+            ),
+            kernel_totals: Mutex::default(),
             registry,
             hosts: Mutex::new(HashSet::new()),
         }
@@ -194,6 +204,21 @@ impl Metrics {
             return host.to_owned();
         }
         "other".to_owned()
+    }
+
+    /// Brings `capture_refusals` up to the kernel's `total` for `reason`. The kernel keeps
+    /// its own counters (pinned, so they outlive a daemon): only the growth since the last
+    /// read is added; a smaller total means the counters were created afresh.
+    pub fn observe_refusals(&self, reason: &'static str, total: u64) {
+        let mut totals = self
+            .kernel_totals
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let last = totals.insert(reason, total).unwrap_or(0);
+        let added = if total >= last { total - last } else { total };
+        self.capture_refusals
+            .with_label_values(&[reason])
+            .inc_by(added);
     }
 
     /// Every metric in the text exposition format.

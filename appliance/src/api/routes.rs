@@ -195,11 +195,16 @@ impl ApiState {
         metrics
             .store_bytes
             .set(i64::try_from(crate::files::size_on_disk(self.store.path())).unwrap_or(i64::MAX));
-        let entries = self
+        let capture = self
             .capture
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .map_entries();
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let entries = capture.map_entries();
+        let refusals = capture.refusals();
+        drop(capture);
+        for (reason, total) in refusals {
+            metrics.observe_refusals(reason, total);
+        }
         for (map, count) in entries {
             metrics
                 .capture_map_entries

@@ -891,6 +891,33 @@ impl CaptureControl {
         self.current.len()
     }
 
+    /// What the eBPF programs refused or dropped since their maps were created, by reason
+    /// (summed over CPUs); empty when the counters cannot be read.
+    pub fn refusals(&self) -> Vec<(&'static str, u64)> {
+        use appliance_common::refusals;
+        let pin = self.capture.layout.maps().join(map_names::REFUSED);
+        let Ok(data) = aya::maps::MapData::from_pin(&pin) else {
+            return Vec::new();
+        };
+        let Ok(counters) =
+            aya::maps::PerCpuArray::<_, u64>::try_from(aya::maps::Map::PerCpuArray(data))
+        else {
+            return Vec::new();
+        };
+        [
+            ("foreign_namespace", refusals::FOREIGN_NAMESPACE),
+            ("udp", refusals::UDP),
+            ("unrecorded", refusals::UNRECORDED),
+            ("guard", refusals::GUARD),
+        ]
+        .into_iter()
+        .filter_map(|(reason, index)| {
+            let per_cpu = counters.get(&index, 0).ok()?;
+            Some((reason, per_cpu.iter().sum()))
+        })
+        .collect()
+    }
+
     /// Entries in the capture's hash maps (records of connections, served namespaces and
     /// their sources), by map name; a map that cannot be read is left out.
     pub fn map_entries(&self) -> Vec<(&'static str, usize)> {
