@@ -9,7 +9,7 @@
 //! workload choose the name. No label ever holds a path, a query or a value.
 
 use std::collections::HashSet;
-use std::sync::{LazyLock, Mutex};
+use std::sync::{LazyLock, Mutex, RwLock};
 
 use prometheus::{
     Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -25,7 +25,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 /// Every metric the daemon exports, registered in one registry.
 pub struct Metrics {
     registry: Registry,
-    hosts: Mutex<HashSet<String>>,
+    hosts: RwLock<HashSet<String>>,
     /// Intercepted requests by agent, host, secrets injected and outcome.
     pub requests: IntCounterVec,
     /// Secrets injected, by agent, host and secret.
@@ -185,25 +185,30 @@ impl Metrics {
             ),
             kernel_totals: Mutex::default(),
             registry,
-            hosts: Mutex::new(HashSet::new()),
+            hosts: RwLock::new(HashSet::new()),
         }
     }
 
     /// `host` as a label value: itself while fewer than [`MAX_HOSTS`] names were seen,
-    /// `other` after that.
-    pub fn host_label(&self, host: &str) -> String {
+    /// `other` after that. Known names only take a read lock: this runs for every request.
+    pub fn host_label<'a>(&self, host: &'a str) -> &'a str {
+        let known = self
+            .hosts
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(host);
+        if known {
+            return host;
+        }
         let mut hosts = self
             .hosts
-            .lock()
+            .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if hosts.contains(host) {
-            return host.to_owned();
-        }
         if hosts.len() < MAX_HOSTS {
             hosts.insert(host.to_owned());
-            return host.to_owned();
+            return host;
         }
-        "other".to_owned()
+        "other"
     }
 
     /// Brings `capture_refusals` up to the kernel's `total` for `reason`. The kernel keeps
@@ -261,15 +266,24 @@ impl Drop for OpenConnection {
 /// Counts a finished request for `requests` and, per secret, `injections`.
 pub fn count_request(agent: &str, host: &str, secrets: &[&str], outcome: &str) {
     let host = METRICS.host_label(host);
-    let secret_label = secrets.join(",");
+    // One secret (the usual case) is its own label; only several are joined.
+    let joined;
+    let secret_label = match secrets {
+        [] => "",
+        [one] => one,
+        several => {
+            joined = several.join(",");
+            &joined
+        }
+    };
     METRICS
         .requests
-        .with_label_values(&[agent, &host, &secret_label, outcome])
+        .with_label_values(&[agent, host, secret_label, outcome])
         .inc();
     for secret in secrets {
         METRICS
             .injections
-            .with_label_values(&[agent, &host, secret])
+            .with_label_values(&[agent, host, secret])
             .inc();
     }
 }
@@ -299,12 +313,12 @@ mod tests {
         assert_eq!(
             value(
                 &METRICS.requests,
-                &["research", &label, "openai", "forwarded"]
+                &["research", label, "openai", "forwarded"]
             ),
             2
         );
         assert_eq!(
-            value(&METRICS.injections, &["research", &label, "openai"]),
+            value(&METRICS.injections, &["research", label, "openai"]),
             2
         );
         let text = METRICS.render();
@@ -325,7 +339,7 @@ mod tests {
             METRICS.host_label(&format!("h{index}.bound-test.example"));
         }
         assert_eq!(METRICS.host_label("one-more.bound-test.example"), "other");
-        let seen = METRICS.hosts.lock().unwrap().len();
+        let seen = METRICS.hosts.read().unwrap().len();
         assert!(seen <= MAX_HOSTS, "{seen}");
     }
 

@@ -17,6 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::Recorded;
 
 /// The file events are appended to.
 const CURRENT: &str = "events.jsonl";
@@ -39,32 +43,39 @@ pub struct AuditFileSettings {
 /// When each secret was last used, shared by the log and its writer.
 #[derive(Default)]
 pub(super) struct LastUsed {
-    times: Mutex<HashMap<String, String>>,
+    times: Mutex<HashMap<Arc<str>, OffsetDateTime>>,
     changed: AtomicBool,
 }
 
 impl LastUsed {
-    pub(super) fn set(&self, id: &str, time: &str) {
-        self.times
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(id.to_owned(), time.to_owned());
+    pub(super) fn set(&self, id: &Arc<str>, time: OffsetDateTime) {
+        self.lock().insert(Arc::clone(id), time);
         self.changed.store(true, Ordering::Relaxed);
     }
 
+    /// When `id` was last used, RFC 3339.
     pub(super) fn get(&self, id: &str) -> Option<String> {
+        self.lock().get(id).map(|time| super::rfc3339(*time))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, OffsetDateTime>> {
         self.times
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(id)
-            .cloned()
     }
 
     fn load(dir: &Path) -> Self {
-        let times = fs::read(dir.join(LAST_USED))
+        let saved: HashMap<String, String> = fs::read(dir.join(LAST_USED))
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default();
+        let times = saved
+            .into_iter()
+            .filter_map(|(id, time)| {
+                let time = OffsetDateTime::parse(&time, &Rfc3339).ok()?;
+                Some((Arc::from(id), time))
+            })
+            .collect();
         Self {
             times: Mutex::new(times),
             changed: AtomicBool::new(false),
@@ -77,11 +88,12 @@ impl LastUsed {
             return;
         }
         let text = {
-            let times = self
-                .times
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            serde_json::to_vec(&*times).unwrap_or_default()
+            let times = self.lock();
+            let saved: HashMap<&str, String> = times
+                .iter()
+                .map(|(id, time)| (&**id, super::rfc3339(*time)))
+                .collect();
+            serde_json::to_vec(&saved).unwrap_or_default()
         };
         if let Err(error) = crate::files::write_atomically(&dir.join(LAST_USED), &text, 0o600) {
             tracing::warn!(%error, dir = %dir.display(), "cannot save when secrets were last used");
@@ -92,15 +104,15 @@ impl LastUsed {
 
 /// The writer thread and the way to it.
 pub(super) struct Writer {
-    lines: mpsc::Sender<String>,
+    lines: mpsc::Sender<Arc<Recorded>>,
     thread: std::thread::JoinHandle<()>,
 }
 
 impl Writer {
-    /// Hands a line (without its newline) to the writer.
-    pub(super) fn append(&self, line: String) {
+    /// Hands an event to the writer, which renders it as a line of its own.
+    pub(super) fn append(&self, recorded: Arc<Recorded>) {
         // The thread only ends when the sender is dropped.
-        let _ = self.lines.send(line);
+        let _ = self.lines.send(recorded);
     }
 
     /// Writes everything handed over so far, saves the last-used times and stops.
@@ -120,7 +132,7 @@ pub(super) fn open(settings: AuditFileSettings) -> io::Result<(Writer, Arc<LastU
     let last_used = Arc::new(LastUsed::load(&settings.dir));
     let recent = read_recent(&settings);
     let mut file = Appender::open(settings.clone())?;
-    let (lines, incoming) = mpsc::channel::<String>();
+    let (lines, incoming) = mpsc::channel::<Arc<Recorded>>();
     let shared = Arc::clone(&last_used);
     let thread = std::thread::Builder::new()
         .name("audit-log".into())
@@ -128,7 +140,7 @@ pub(super) fn open(settings: AuditFileSettings) -> io::Result<(Writer, Arc<LastU
             let mut saved = Instant::now();
             loop {
                 match incoming.recv_timeout(LAST_USED_EVERY) {
-                    Ok(line) => file.append(&line),
+                    Ok(recorded) => file.append(&recorded.to_json().to_string()),
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
@@ -241,6 +253,26 @@ mod tests {
     use super::*;
     use crate::test_support::temp_dir;
 
+    fn recorded(sequence: u64) -> Arc<Recorded> {
+        Arc::new(Recorded {
+            sequence,
+            time: OffsetDateTime::now_utc(),
+            event: super::super::AuditEvent {
+                agent: None,
+                cgroup_id: 1,
+                pid: 2,
+                netns_cookie: 3,
+                container: None,
+                secrets: Vec::new(),
+                host: "api.example.com".into(),
+                method: http::Method::GET,
+                path: "/".into(),
+                status: 200,
+                outcome: "forwarded",
+            },
+        })
+    }
+
     fn settings(name: &str, max_file_bytes: u64, keep_files: usize) -> AuditFileSettings {
         AuditFileSettings {
             dir: temp_dir(name).join("audit"),
@@ -255,7 +287,7 @@ mod tests {
         let (writer, _, recent) = open(settings.clone()).unwrap();
         assert!(recent.is_empty());
         for seq in 1..=10 {
-            writer.append(format!(r#"{{"seq":{seq},"pad":"................"}}"#));
+            writer.append(recorded(seq));
         }
         writer.close();
         let (writer, _, recent) = open(settings.clone()).unwrap();
@@ -264,7 +296,8 @@ mod tests {
             .iter()
             .filter_map(|line| line["seq"].as_u64())
             .collect();
-        // 64-byte files hold one line each: the current file and two rotated ones remain.
+        // An event's line is longer than 64 bytes, so each file holds one: the current file
+        // and two rotated ones remain.
         assert_eq!(seqs, [8, 9, 10]);
         assert!(!settings.dir.join(format!("{CURRENT}.3")).exists());
     }
@@ -280,7 +313,7 @@ mod tests {
         .unwrap();
         let (writer, _, recent) = open(settings.clone()).unwrap();
         assert_eq!(recent.len(), 2);
-        writer.append(r#"{"seq":3}"#.into());
+        writer.append(recorded(3));
         writer.close();
         let (writer, _, recent) = open(settings).unwrap();
         writer.close();
@@ -295,7 +328,8 @@ mod tests {
     fn last_used_times_are_saved_when_the_log_closes() {
         let settings = settings("audit-last-used", 1 << 20, 1);
         let (writer, last_used, _) = open(settings.clone()).unwrap();
-        last_used.set("sec_1", "2026-12-01T00:00:00Z");
+        let time = OffsetDateTime::parse("2026-12-01T00:00:00Z", &Rfc3339).unwrap();
+        last_used.set(&Arc::from("sec_1"), time);
         writer.close();
         let (writer, last_used, _) = open(settings).unwrap();
         writer.close();

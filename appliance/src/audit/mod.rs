@@ -66,31 +66,97 @@ pub struct EventFilter {
 }
 
 impl EventFilter {
-    fn matches(&self, time: OffsetDateTime, event: &Value) -> bool {
-        let field_is = |field: &str, wanted: &Option<String>| {
-            wanted
+    fn matches(&self, recorded: &Recorded) -> bool {
+        let event = &recorded.event;
+        self.since.is_none_or(|since| recorded.time >= since)
+            && self
+                .agent
                 .as_deref()
-                .is_none_or(|wanted| event[field].as_str() == Some(wanted))
-        };
-        self.since.is_none_or(|since| time >= since)
-            && field_is("agent", &self.agent)
-            && field_is("host", &self.host)
+                .is_none_or(|wanted| event.agent.as_deref() == Some(wanted))
+            && self
+                .host
+                .as_deref()
+                .is_none_or(|wanted| *event.host == *wanted)
             && self.secret.as_deref().is_none_or(|wanted| {
-                event["secrets"].as_array().is_some_and(|secrets| {
-                    secrets.iter().any(|secret| {
-                        secret["name"].as_str() == Some(wanted)
-                            || secret["id"].as_str() == Some(wanted)
-                    })
-                })
+                event
+                    .secrets
+                    .iter()
+                    .any(|secret| *secret.name == *wanted || *secret.id == *wanted)
             })
     }
 }
 
-/// A bounded log of recent events with increasing sequence numbers, each kept as the JSON
-/// that `/v1/events` and the durable log show.
+/// The outcomes an event can have, for reading events back from the durable log.
+const OUTCOMES: [&str; 5] = ["forwarded", "blocked", "misdirected", "rejected", "failed"];
+
+/// An event with its place in the log.
+pub(crate) struct Recorded {
+    sequence: u64,
+    time: OffsetDateTime,
+    event: AuditEvent,
+}
+
+impl Recorded {
+    /// The event as `/v1/events` and the durable log show it.
+    fn to_json(&self) -> Value {
+        let event = &self.event;
+        json!({
+            "seq": self.sequence,
+            "time": rfc3339(self.time),
+            "agent": event.agent.as_deref(),
+            "cgroupId": event.cgroup_id,
+            "pid": event.pid,
+            "netnsCookie": event.netns_cookie,
+            "container": event.container.as_deref(),
+            "secrets": event.secrets.iter().map(|s| json!({"id": &*s.id, "name": &*s.name})).collect::<Vec<_>>(),
+            "host": &*event.host,
+            "method": event.method.as_str(),
+            "path": event.path,
+            "status": event.status,
+            "outcome": event.outcome,
+        })
+    }
+
+    /// Reads back what [`Recorded::to_json`] wrote; `None` for anything else.
+    fn from_json(json: &Value) -> Option<Self> {
+        let text = |field: &str| json[field].as_str().map(Arc::from);
+        let number = |field: &str| json[field].as_u64();
+        let secrets = json["secrets"]
+            .as_array()?
+            .iter()
+            .map(|secret| {
+                Some(SecretUse {
+                    id: secret["id"].as_str()?.into(),
+                    name: secret["name"].as_str()?.into(),
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let outcome = json["outcome"].as_str()?;
+        Some(Self {
+            sequence: number("seq")?,
+            time: OffsetDateTime::parse(json["time"].as_str()?, &Rfc3339).ok()?,
+            event: AuditEvent {
+                agent: text("agent"),
+                cgroup_id: number("cgroupId")?,
+                pid: u32::try_from(number("pid")?).ok()?,
+                netns_cookie: number("netnsCookie")?,
+                container: text("container"),
+                secrets,
+                host: text("host")?,
+                method: json["method"].as_str()?.parse().ok()?,
+                path: json["path"].as_str()?.to_owned(),
+                status: u16::try_from(number("status")?).ok()?,
+                outcome: OUTCOMES.into_iter().find(|known| *known == outcome)?,
+            },
+        })
+    }
+}
+
+/// A bounded log of recent events with increasing sequence numbers. Events are rendered as
+/// JSON only when read, or by the durable log's own thread: recording one stays cheap.
 pub struct EventLog {
     capacity: usize,
-    entries: Mutex<VecDeque<(u64, OffsetDateTime, Value)>>,
+    entries: Mutex<VecDeque<Arc<Recorded>>>,
     latest: watch::Sender<u64>,
     last_used: Arc<file::LastUsed>,
     durable: Mutex<Option<file::Writer>>,
@@ -131,24 +197,20 @@ impl EventLog {
         };
         let mut entries = log.lock();
         let skip = recent.len().saturating_sub(log.capacity);
-        for event in recent.into_iter().skip(skip) {
-            let (Some(sequence), Some(time)) = (
-                event["seq"].as_u64(),
-                event["time"]
-                    .as_str()
-                    .and_then(|time| OffsetDateTime::parse(time, &Rfc3339).ok()),
-            ) else {
-                continue;
-            };
-            entries.push_back((sequence, time, event));
-        }
-        let latest = entries.back().map_or(0, |(sequence, _, _)| *sequence);
+        entries.extend(
+            recent
+                .iter()
+                .skip(skip)
+                .filter_map(Recorded::from_json)
+                .map(Arc::new),
+        );
+        let latest = entries.back().map_or(0, |recorded| recorded.sequence);
         drop(entries);
         log.latest.send_replace(latest);
         Ok(log)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, OffsetDateTime, Value)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Recorded>>> {
         self.entries
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -198,29 +260,18 @@ impl EventLog {
             "audit"
         );
         let time = OffsetDateTime::now_utc();
-        let stamp = rfc3339(time);
         for secret in &event.secrets {
-            self.last_used.set(&secret.id, &stamp);
+            self.last_used.set(&secret.id, time);
         }
         let mut entries = self.lock();
         let sequence = entries
             .back()
-            .map_or_else(|| self.latest(), |(last, _, _)| *last)
+            .map_or_else(|| self.latest(), |last| last.sequence)
             + 1;
-        let json = json!({
-            "seq": sequence,
-            "time": stamp,
-            "agent": event.agent.as_deref(),
-            "cgroupId": event.cgroup_id,
-            "pid": event.pid,
-            "netnsCookie": event.netns_cookie,
-            "container": event.container.as_deref(),
-            "secrets": event.secrets.iter().map(|s| json!({"id": &*s.id, "name": &*s.name})).collect::<Vec<_>>(),
-            "host": &*event.host,
-            "method": event.method.as_str(),
-            "path": event.path,
-            "status": event.status,
-            "outcome": event.outcome,
+        let recorded = Arc::new(Recorded {
+            sequence,
+            time,
+            event,
         });
         // Under the entries' lock, so the durable log gets the events in sequence order.
         if let Some(writer) = &*self
@@ -228,9 +279,9 @@ impl EventLog {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
         {
-            writer.append(json.to_string());
+            writer.append(Arc::clone(&recorded));
         }
-        entries.push_back((sequence, time, json));
+        entries.push_back(recorded);
         while entries.len() > self.capacity {
             entries.pop_front();
         }
@@ -247,8 +298,8 @@ impl EventLog {
     pub fn matching(&self, after: u64, filter: &EventFilter) -> Vec<Value> {
         self.lock()
             .iter()
-            .filter(|(sequence, time, event)| *sequence > after && filter.matches(*time, event))
-            .map(|(_, _, event)| event.clone())
+            .filter(|recorded| recorded.sequence > after && filter.matches(recorded))
+            .map(|recorded| recorded.to_json())
             .collect()
     }
 
@@ -289,6 +340,25 @@ mod tests {
             status: 200,
             outcome: "forwarded",
         }
+    }
+
+    #[test]
+    fn an_event_reads_back_as_it_was_written() {
+        let recorded = Recorded {
+            sequence: 7,
+            time: OffsetDateTime::parse("2026-12-01T10:00:00.5Z", &Rfc3339).unwrap(),
+            event: AuditEvent {
+                agent: Some("research".into()),
+                container: Some("libpod-1.scope".into()),
+                ..event("/v1/models")
+            },
+        };
+        let json = recorded.to_json();
+        let read = Recorded::from_json(&json).unwrap();
+        assert_eq!(read.sequence, 7);
+        assert_eq!(read.time, recorded.time);
+        assert_eq!(read.event, recorded.event);
+        assert!(Recorded::from_json(&json!({"seq": 1})).is_none());
     }
 
     #[test]
