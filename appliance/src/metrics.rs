@@ -71,46 +71,27 @@ impl Metrics {
     fn new() -> Self {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let metric = IntCounterVec::new(Opts::new(name, help), labels)
-                .expect("metric names and labels are valid");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("each metric is registered once");
-            metric
+            registered(&registry, IntCounterVec::new(Opts::new(name, help), labels))
         };
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-            let metric = IntGaugeVec::new(Opts::new(name, help), labels)
-                .expect("metric names and labels are valid");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("each metric is registered once");
-            metric
+            registered(&registry, IntGaugeVec::new(Opts::new(name, help), labels))
         };
-        let gauge = |name: &str, help: &str| {
-            let metric = IntGauge::new(name, help).expect("metric names are valid");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("each metric is registered once");
-            metric
-        };
+        let gauge = |name: &str, help: &str| registered(&registry, IntGauge::new(name, help));
         let histogram = |name: &str, help: &str| {
-            let metric = Histogram::with_opts(
-                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+            registered(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                ),
             )
-            .expect("metric names are valid");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("each metric is registered once");
-            metric
         };
-        let redactions = IntCounter::new(
-            "appliance_redactions_total",
-            "Occurrences of a secret, in any of its forms, masked in responses.",
-        )
-        .expect("metric names are valid");
-        registry
-            .register(Box::new(redactions.clone()))
-            .expect("each metric is registered once");
+        let redactions = registered(
+            &registry,
+            IntCounter::new(
+                "appliance_redactions_total",
+                "Occurrences of a secret, in any of its forms, masked in responses.",
+            ),
+        );
         Self {
             requests: counter(
                 "appliance_requests_total",
@@ -233,6 +214,19 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut text);
         String::from_utf8(text).unwrap_or_default()
     }
+}
+
+/// `metric`, registered in `registry`. Names, labels and registrations are fixed in this
+/// file, so a failure is a bug here, found by the first test that touches [`METRICS`].
+fn registered<M>(registry: &Registry, metric: prometheus::Result<M>) -> M
+where
+    M: prometheus::core::Collector + Clone + 'static,
+{
+    let metric = metric.expect("metric names and labels are valid");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("each metric is registered once");
+    metric
 }
 
 /// The `Content-Type` of [`Metrics::render`]'s output.
