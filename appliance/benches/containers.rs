@@ -152,7 +152,8 @@ fn measure(setup: &Setup, path: Path) -> f64 {
 fn run_client(spec: &str) {
     let fields: Vec<&str> = spec.split(' ').collect();
     let target: SocketAddr = fields[0].parse().unwrap();
-    let config = Arc::new(client_config(std::path::Path::new(fields[1])));
+    let roots = std::fs::read(fields[1]).unwrap();
+    let config = Arc::new(https::full_handshake_client_config(&roots));
     let deadline = Instant::now() + Duration::from_secs(fields[2].parse().unwrap());
     let workers: usize = fields[3].parse().unwrap();
     let (completed, failed) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -176,25 +177,6 @@ fn run_client(spec: &str) {
         completed.load(Ordering::Relaxed),
         failed.load(Ordering::Relaxed)
     );
-}
-
-fn client_config(ca_file: &std::path::Path) -> rustls::ClientConfig {
-    use rustls_pki_types::pem::PemObject as _;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca_file).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    // Full handshakes: a resumed session would flatter every path alike.
-    config.resumption = rustls::client::Resumption::disabled();
-    config
 }
 
 /// One connection: handshake, one request, its whole answer, close.

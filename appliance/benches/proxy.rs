@@ -27,7 +27,6 @@ use appliance::tls::{CertificateAuthority, LeafCache, UpstreamTls};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::TokioIo;
-use rustls::RootCertStore;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -61,22 +60,9 @@ impl OriginalDestinations for AllTo {
 }
 
 fn connector(ca_pem: &str) -> TlsConnector {
-    use rustls_pki_types::pem::PemObject as _;
-    let mut roots = RootCertStore::empty();
-    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    // Measure full handshakes: a resumed session would flatter every mode alike.
-    config.resumption = rustls::client::Resumption::disabled();
-    TlsConnector::from(Arc::new(config))
+    TlsConnector::from(Arc::new(https::full_handshake_client_config(
+        ca_pem.as_bytes(),
+    )))
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;

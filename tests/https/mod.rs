@@ -22,6 +22,26 @@ use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::json;
 use tokio::sync::Notify;
 
+/// A client configuration trusting the certificates in `roots_pem`, speaking HTTP/1.1, with
+/// resumption off: benchmarks measure full handshakes, which a resumed session would flatter.
+pub fn full_handshake_client_config(roots_pem: &[u8]) -> rustls::ClientConfig {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(roots_pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    config
+}
+
 /// Size of the `/big` body.
 pub const BIG_BODY: usize = 100 * 1024 * 1024;
 
