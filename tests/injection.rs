@@ -55,9 +55,7 @@ fn setup(slot: u8, extra: &[&str]) -> Setup {
     args.extend_from_slice(extra);
     let daemon = Daemon::start(slot, &args);
     let appliance_ca = dir.join("appliance-ca.pem");
-    let exported = cli(&daemon, &["ca", "export"], None);
-    assert!(exported.status.success(), "{exported:?}");
-    std::fs::write(&appliance_ca, &exported.stdout).unwrap();
+    std::fs::write(&appliance_ca, appliance_ca_pem(&daemon)).unwrap();
     Setup {
         daemon,
         upstream,
@@ -1400,7 +1398,7 @@ fn git_clone_and_push_over_https_with_the_github_shortcut() {
     let daemon = Daemon::start(slot, &["--upstream-ca", upstream_ca.to_str().unwrap()]);
     create_secret(&daemon, &["github", "--type", "github"], token);
     let appliance_ca = dir.join("appliance-ca.pem");
-    std::fs::write(&appliance_ca, cli(&daemon, &["ca", "export"], None).stdout).unwrap();
+    std::fs::write(&appliance_ca, appliance_ca_pem(&daemon)).unwrap();
 
     // The agent: plain git, no credentials at all, inside an intercepted cgroup.
     // The agent resolves github.com to the stand-in through a private /etc/hosts (its own

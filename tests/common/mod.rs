@@ -425,6 +425,13 @@ pub fn cli(daemon: &Daemon, args: &[&str], stdin: Option<&str>) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// The daemon's CA certificate (PEM), as `appliance ca export` prints it.
+pub fn appliance_ca_pem(daemon: &Daemon) -> Vec<u8> {
+    let exported = cli(daemon, &["ca", "export"], None);
+    assert!(exported.status.success(), "{exported:?}");
+    exported.stdout
+}
+
 pub fn create_secret(daemon: &Daemon, args: &[&str], value: &str) {
     let mut full = vec!["secret", "create"];
     full.extend_from_slice(args);

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::common::{
-    cli, command_in_cgroup, create_secret, make_cgroup, remove_cgroup_tree, require_root,
-    test_command, unique, Daemon, Running,
+    appliance_ca_pem, command_in_cgroup, create_secret, make_cgroup, remove_cgroup_tree,
+    require_root, test_command, unique, Daemon, Running,
 };
 use crate::https::{Ca, Upstream};
 
@@ -565,9 +565,7 @@ pub fn setup_with(slot: u8, mode: &str, capture_settings: &str) -> Setup {
     );
     // Containers trust the appliance CA, and the test CA for what goes out directly.
     let trusted = dir.join("trusted.pem");
-    let exported = cli(&daemon, &["ca", "export"], None);
-    assert!(exported.status.success(), "{exported:?}");
-    let mut bundle = exported.stdout;
+    let mut bundle = appliance_ca_pem(&daemon);
     bundle.extend(fs::read(&upstream_ca).unwrap());
     fs::write(&trusted, bundle).unwrap();
     create_secret(&daemon, &["openai", "--type", "openai"], REAL);
