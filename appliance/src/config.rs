@@ -121,7 +121,7 @@ pub struct CaptureConfig {
     /// Preference of the policy rules that `tproxy` delivery adds (before `main`, 32766).
     pub rule_preference: u32,
     /// Seconds between looks at the selected cgroups' container namespaces besides those
-    /// that link, address and cgroup events trigger.
+    /// that link and cgroup events trigger.
     pub container_rescan_seconds: u64,
     /// Whole container namespaces, or only their selected cgroups.
     pub container_selection: ContainerSelectionConfig,

@@ -221,10 +221,10 @@ pub async fn run(
 const RECENT_EVENTS: usize = 10_000;
 
 /// How long the follower lets a burst of events settle before it reconciles: a runtime
-/// starting one container announces several links, addresses and cgroup changes.
+/// starting one container announces several link and cgroup changes.
 const EVENT_SETTLE: Duration = Duration::from_millis(20);
 
-/// Serves container namespaces as they come and go: at once when a link, address or cgroup
+/// Serves container namespaces as they come and go: at once when a link or cgroup
 /// event says something changed, and every `rescan` for what no event announces. Until a
 /// new namespace is set up its connections are refused, so the delay bounds how long a new
 /// container waits, never what escapes.
@@ -263,10 +263,10 @@ async fn follow_containers(
         .await;
         match refreshed {
             Ok(Ok(selected)) => {
+                // Events that arrived while reconciling stay pending: they may be news the
+                // reconcile already missed, and cost one more look at most.
                 if let Some(events) = &events {
                     events.watch_cgroups(&selected);
-                    // What the reconcile itself announced (its own lookups) is no news.
-                    events.drain();
                 }
             }
             Ok(Err(error)) => {
@@ -298,9 +298,7 @@ async fn serve_metrics(
             hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 let state = Arc::clone(&state);
                 async move {
-                    let response = if request.method() == http::Method::GET
-                        && request.uri().path() == "/metrics"
-                    {
+                    if request.method() == http::Method::GET && request.uri().path() == "/metrics" {
                         let text = tokio::task::spawn_blocking(move || state.metrics())
                             .await
                             .unwrap_or_default();
@@ -313,8 +311,7 @@ async fn serve_metrics(
                             .body(Full::new(bytes::Bytes::from_static(
                                 b"metrics are at /metrics\n",
                             )))
-                    };
-                    response
+                    }
                 }
             });
         tokio::spawn(async move {

@@ -1,5 +1,5 @@
-//! What tells the daemon to look at containers again: rtnetlink announcements of links and
-//! addresses (a runtime adding or removing a container's veth), and inotify on the selected
+//! What tells the daemon to look at containers again: rtnetlink announcements of links (a
+//! runtime adding or removing a container's veth), and inotify on the selected
 //! cgroup trees (a container's cgroup appearing, going away, or becoming populated, which
 //! `cgroup.events` reports). The events carry no state of their own: each one only means
 //! "reconcile now", and reconciling reads the state afresh, so a lost or merged event costs
@@ -17,10 +17,11 @@ use nix::sys::socket::{
     bind, recv, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
 };
 
-/// rtnetlink multicast groups (`RTMGRP_*` in `linux/rtnetlink.h`).
+/// The rtnetlink multicast group of link announcements (`RTMGRP_LINK`). Address groups are
+/// left out: a container's addresses live in its own namespace, where this socket hears
+/// nothing, while the host's own addresses are announced again and again (`RTM_NEWADDR`
+/// arrived several times a second on an idle test machine), each of which cost a reconcile.
 const RTMGRP_LINK: u32 = 0x1;
-const RTMGRP_IPV4_IFADDR: u32 = 0x10;
-const RTMGRP_IPV6_IFADDR: u32 = 0x100;
 
 /// The two event sources, non-blocking and registered with tokio.
 pub struct ChangeEvents {
@@ -39,7 +40,7 @@ impl std::os::fd::AsRawFd for Watches {
 }
 
 impl ChangeEvents {
-    /// Subscribes to link and address announcements of the daemon's network namespace and
+    /// Subscribes to link announcements of the daemon's network namespace and
     /// opens an inotify instance with no watches yet (see [`ChangeEvents::watch_cgroups`]).
     /// Needs a tokio runtime.
     pub fn open() -> io::Result<Self> {
@@ -49,10 +50,7 @@ impl ChangeEvents {
             SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
             SockProtocol::NetlinkRoute,
         )?;
-        bind(
-            netlink.as_raw_fd(),
-            &NetlinkAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR),
-        )?;
+        bind(netlink.as_raw_fd(), &NetlinkAddr::new(0, RTMGRP_LINK))?;
         let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)?;
         // SAFETY: each AsyncFd owns its descriptor, which therefore stays open, and the same,
         // for as long as it is registered.
@@ -93,7 +91,7 @@ impl ChangeEvents {
     }
 
     /// Reads everything pending on both sources and says whether there was anything.
-    pub fn drain(&self) -> bool {
+    fn drain(&self) -> bool {
         let mut any = false;
         let mut buffer = [0u8; 8192];
         loop {

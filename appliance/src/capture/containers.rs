@@ -92,7 +92,7 @@ pub struct ContainerSettings {
     /// Intercepted destination ports.
     pub ports: Vec<u16>,
     /// How often the daemon looks at the selected cgroups' namespaces without being told
-    /// (link, address and cgroup events make it look at once): for what no event announces,
+    /// (link and cgroup events make it look at once): for what no event announces,
     /// such as a process joining an already populated cgroup.
     pub rescan: std::time::Duration,
 }
