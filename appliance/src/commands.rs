@@ -275,18 +275,6 @@ fn parse_since(text: &str) -> Result<String, String> {
         .map_err(|error| error.to_string())
 }
 
-/// `text` percent-encoded for a query string: everything but unreserved characters.
-fn query_encoded(text: &str) -> String {
-    text.bytes()
-        .map(|byte| match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                char::from(byte).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect()
-}
-
 /// A failure with its exit code.
 struct Failure {
     code: u8,
@@ -472,6 +460,8 @@ fn answer_json(answer: Answer) -> Value {
     }
 }
 
+/// `segment` percent-encoded but for unreserved characters: safe as a path segment and as a
+/// query value.
 fn percent_encode_segment(segment: &str) -> String {
     segment
         .bytes()
@@ -569,7 +559,7 @@ async fn execute(client: &Client, output: Output, command: ClientCommand) -> Res
                 ("host", host),
             ]
             .into_iter()
-            .filter_map(|(key, value)| Some(format!("&{key}={}", query_encoded(&value?))))
+            .filter_map(|(key, value)| Some(format!("&{key}={}", percent_encode_segment(&value?))))
             .collect();
             let mut after = 0;
             loop {
