@@ -4,8 +4,8 @@
 //! Everything the kernel side holds is pinned under one bpffs directory:
 //!
 //! ```text
-//! <bpffs_dir>/maps/<MAP>                 CONFIG, PORTS, SOCKETS, ORIG_DST, FOREIGN, COVERED,
-//!                                        ENGINE, GUARDED
+//! <bpffs_dir>/maps/<MAP>                 CONFIG, PORTS, SOCKETS, ORIG_DST, CLOSED, FOREIGN,
+//!                                        COVERED, ENGINE, GUARDED, REFUSED
 //! <bpffs_dir>/links/<cgroup id>/<prog>   one link per program and selected cgroup
 //! <bpffs_dir>/links/netns/steer          the sk_lookup link in the engine's namespace
 //! <bpffs_dir>/links/guard/<ifindex>      the guard's tcx link on a served container's veth
