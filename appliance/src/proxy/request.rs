@@ -50,46 +50,83 @@ pub struct ConnectionContext {
     pub events: Arc<EventLog>,
 }
 
+/// How a request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Disposition {
+    /// Sent upstream and answered.
+    Forwarded,
+    /// Refused before any decision: a method or path the proxy does not forward.
+    Rejected,
+    /// For another host than the TLS session's.
+    Misdirected,
+    /// Blocked by an access rule, or a secret that could not be injected.
+    Blocked,
+    /// The upstream failed, or its answer was refused.
+    Failed,
+}
+
+impl Disposition {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Forwarded => "forwarded",
+            Self::Rejected => "rejected",
+            Self::Misdirected => "misdirected",
+            Self::Blocked => "blocked",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// What a request's audit event says besides its method and status: every way out of
+/// [`respond`] gives one, and [`serve`] records it, once.
+struct Outcome {
+    disposition: Disposition,
+    /// The path decided on (the normalized one, once there is one).
+    path: String,
+    /// The secrets injected into the request.
+    secrets: Vec<SecretUse>,
+}
+
+impl Outcome {
+    fn new(disposition: Disposition, path: &str, secrets: Vec<SecretUse>) -> Self {
+        Self {
+            disposition,
+            path: path.to_owned(),
+            secrets,
+        }
+    }
+}
+
 impl ConnectionContext {
-    fn audit(
-        &self,
-        method: &http::Method,
-        path: &str,
-        secrets: Vec<SecretUse>,
-        status: StatusCode,
-        outcome: &'static str,
-    ) {
+    fn audit(&self, method: http::Method, status: StatusCode, outcome: Outcome) {
         self.events.record(AuditEvent {
             agent: self.agent.clone(),
             cgroup_id: self.workload.cgroup_id.0,
             pid: self.workload.pid,
             netns_cookie: self.netns_cookie,
             container: self.container.clone(),
-            secrets,
+            secrets: outcome.secrets,
             host: Arc::clone(&self.server_name),
-            method: method.clone(),
-            path: path.to_owned(),
+            method,
+            path: outcome.path,
             status: status.as_u16(),
-            outcome,
+            outcome: outcome.disposition.as_str(),
         });
     }
 }
 
-impl ConnectionContext {
-    /// Refuses an upstream's answer the agent must not get: a 502 saying why, audited as
-    /// failed.
-    fn refuse_answer(
-        &self,
-        method: &http::Method,
-        path: &str,
-        injected: Vec<SecretUse>,
-        reason: &str,
-    ) -> Response<ProxyBody> {
-        warn!(%method, %path, %reason, "refused the upstream's answer");
-        let response = plain(StatusCode::BAD_GATEWAY, reason);
-        self.audit(method, path, injected, response.status(), "failed");
-        response
-    }
+/// Refuses an upstream's answer the agent must not get: a 502 saying why.
+fn refuse_answer(
+    method: &http::Method,
+    path: &str,
+    injected: Vec<SecretUse>,
+    reason: &str,
+) -> (Response<ProxyBody>, Outcome) {
+    warn!(%method, %path, %reason, "refused the upstream's answer");
+    (
+        plain(StatusCode::BAD_GATEWAY, reason),
+        Outcome::new(Disposition::Failed, path, injected),
+    )
 }
 
 fn plain(status: StatusCode, message: &str) -> Response<ProxyBody> {
@@ -111,17 +148,19 @@ pub async fn serve(
     request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
     let started = std::time::Instant::now();
-    let response = respond(&context, request).await;
+    let method = request.method().clone();
+    let (response, outcome) = respond(&context, request).await;
     METRICS
         .request_duration
         .observe(started.elapsed().as_secs_f64());
-    response
+    context.audit(method, response.status(), outcome);
+    Ok(response)
 }
 
 async fn respond(
     context: &ConnectionContext,
     mut request: Request<Incoming>,
-) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+) -> (Response<ProxyBody>, Outcome) {
     // CONNECT would turn the connection into a tunnel the proxy cannot inspect, and TRACE
     // echoes the request, injected credentials included: neither has a place here.
     if matches!(
@@ -129,13 +168,6 @@ async fn respond(
         http::Method::CONNECT | http::Method::TRACE
     ) {
         warn!(method = %request.method(), "refused a method that is not forwarded on intercepted connections");
-        context.audit(
-            request.method(),
-            request.uri().path(),
-            Vec::new(),
-            StatusCode::METHOD_NOT_ALLOWED,
-            "rejected",
-        );
         let mut response = plain(
             StatusCode::METHOD_NOT_ALLOWED,
             "CONNECT and TRACE are not forwarded on intercepted connections",
@@ -144,7 +176,8 @@ async fn respond(
             header::ALLOW,
             HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
         );
-        return Ok(response);
+        let outcome = Outcome::new(Disposition::Rejected, request.uri().path(), Vec::new());
+        return (response, outcome);
     }
     // A request for another host than the TLS session was made for must not get that host's
     // credentials (RFC 9110 §7.4, 421 Misdirected Request).
@@ -154,17 +187,13 @@ async fn respond(
             if host == *context.server_name && port.unwrap_or(default_port) == default_port => {}
         _ => {
             warn!(server_name = %context.server_name, uri = %request.uri(), "request for another host than the TLS server name");
-            context.audit(
-                request.method(),
-                request.uri().path(),
-                Vec::new(),
-                StatusCode::MISDIRECTED_REQUEST,
-                "misdirected",
+            return (
+                plain(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "this connection only serves the host named in its TLS handshake",
+                ),
+                Outcome::new(Disposition::Misdirected, request.uri().path(), Vec::new()),
             );
-            return Ok(plain(
-                StatusCode::MISDIRECTED_REQUEST,
-                "this connection only serves the host named in its TLS handshake",
-            ));
         }
     }
     let version = request.version();
@@ -178,14 +207,10 @@ async fn respond(
         Ok(path) => path,
         Err(error) => {
             info!(%method, uri = %parts.uri, %error, "request refused: its path cannot be normalized");
-            context.audit(
-                &method,
-                parts.uri.path(),
-                Vec::new(),
-                StatusCode::BAD_REQUEST,
-                "rejected",
+            return (
+                plain(StatusCode::BAD_REQUEST, &error.to_string()),
+                Outcome::new(Disposition::Rejected, parts.uri.path(), Vec::new()),
             );
-            return Ok(plain(StatusCode::BAD_REQUEST, &error.to_string()));
         }
     };
     let (injected, redactors) =
@@ -199,8 +224,10 @@ async fn respond(
             } => (injected, redactors),
             Verdict::Block { reason } => {
                 info!(%method, %path, %reason, "request blocked");
-                context.audit(&method, &path, Vec::new(), StatusCode::FORBIDDEN, "blocked");
-                return Ok(plain(StatusCode::FORBIDDEN, &reason));
+                return (
+                    plain(StatusCode::FORBIDDEN, &reason),
+                    Outcome::new(Disposition::Blocked, &path, Vec::new()),
+                );
             }
         };
     strip_hop_by_hop(&mut parts.headers, upgrade);
@@ -245,19 +272,20 @@ async fn respond(
     let mut response = match result {
         Ok(response) => response,
         Err(error) => {
-            let response = upstream_failure(&error);
-            context.audit(&method, &path, injected, response.status(), "failed");
-            return Ok(response);
+            return (
+                upstream_failure(&error),
+                Outcome::new(Disposition::Failed, &path, injected),
+            );
         }
     };
     let status = response.status();
     if status == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_none() {
-        return Ok(context.refuse_answer(
+        return refuse_answer(
             &method,
             &path,
             injected,
             "the upstream switched protocols without being asked to",
-        ));
+        );
     }
     if status == StatusCode::SWITCHING_PROTOCOLS {
         // The appliance removed the offer, so that messages stay readable.
@@ -266,12 +294,12 @@ async fn respond(
                 .headers()
                 .contains_key(header::SEC_WEBSOCKET_EXTENSIONS)
         {
-            return Ok(context.refuse_answer(
+            return refuse_answer(
                 &method,
                 &path,
                 injected,
                 "the upstream chose a WebSocket extension that was not offered",
-            ));
+            );
         }
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
@@ -297,17 +325,19 @@ async fn respond(
         match inspected_body(body, &mut parts.headers, redactors) {
             Ok(body) => body,
             Err(coding) => {
-                return Ok(context.refuse_answer(
+                return refuse_answer(
                     &method,
                     &path,
                     injected,
                     &format!("the upstream answered in content-coding {coding:?}, which cannot be inspected for echoed secrets"),
-                ))
+                )
             }
         }
     };
-    context.audit(&method, &path, injected, status, "forwarded");
-    Ok(Response::from_parts(parts, body))
+    (
+        Response::from_parts(parts, body),
+        Outcome::new(Disposition::Forwarded, &path, injected),
+    )
 }
 
 /// The body of an answer to a request that carried secrets, with their echoes masked. An
