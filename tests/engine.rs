@@ -43,7 +43,11 @@ impl OriginalDestinations for AllTo {
 struct TestInjector;
 
 impl Injector for TestInjector {
-    fn intercepts(&self, host: &str, _workload: &Workload) -> bool {
+    fn agent(&self, _workload: &Workload) -> Option<Arc<str>> {
+        Some("tester".into())
+    }
+
+    fn intercepts(&self, host: &str, _agent: Option<&str>) -> bool {
         host == "api.test" || host == "bad.test"
     }
 
@@ -68,10 +72,6 @@ impl Injector for TestInjector {
             }],
             redactors: Vec::new(),
         }
-    }
-
-    fn agent(&self, _workload: &Workload) -> Option<String> {
-        Some("tester".into())
     }
 }
 

@@ -20,9 +20,9 @@ use appliance::addr::{ClientAddr, EngineAddr, OrigDstAddr};
 use appliance::audit::EventLog;
 use appliance::capture::{CgroupId, LookupError, OriginalDestinations, Redirect};
 use appliance::engine::Engine;
-use appliance::injection::{LoadedSecret, SecretIndex, SecretInjector};
+use appliance::injection::{HostTable, LoadedSecret, SecretInjector};
+use appliance::model::SecretSpec;
 use appliance::proxy::{Proxy, ProxySettings, Unintercepted};
-use appliance::secret::SecretSpec;
 use appliance::tls::{CertificateAuthority, LeafCache, UpstreamTls};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
@@ -236,11 +236,14 @@ async fn run(placement: Placement, appliance_runtime: Option<tokio::runtime::Han
         "injection": {"headerName": "authorization", "valueFormat": "Bearer {value}"}
     }))
     .unwrap();
-    injector.replace(SecretIndex::new(vec![LoadedSecret {
-        id: "sec_bench".into(),
-        spec,
-        value: value.unwrap(),
-    }]));
+    injector.replace(HostTable::new(
+        vec![LoadedSecret {
+            id: "sec_bench".into(),
+            spec,
+            value: value.unwrap(),
+        }],
+        Vec::new(),
+    ));
     let settings = ProxySettings {
         own_mark: 0,
         connect_timeout: Duration::from_secs(5),

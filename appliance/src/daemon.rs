@@ -3,7 +3,7 @@
 
 use std::os::fd::AsRawFd as _;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -12,11 +12,12 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::api::{self, ApiSettings, ApiState};
+use crate::api::{self, ApiSettings};
 use crate::audit::{AuditFileSettings, EventLog};
 use crate::capture::changes::ChangeEvents;
 use crate::capture::containers::ContainerSettings;
 use crate::capture::{self, Capture, CaptureControl, CaptureSettings, Cgroup, Delivery};
+use crate::control::Control;
 use crate::engine::Engine;
 use crate::injection::SecretInjector;
 use crate::proxy::{Proxy, ProxySettings};
@@ -128,22 +129,25 @@ pub async fn run(
     }
     warn_if_self_selected(&base);
 
-    let state = Arc::new(ApiState {
+    let capture = CaptureControl::new(capture, base, settings.containers.clone())
+        .context("taking over the host side of container delivery")?;
+    let control = Arc::new(Control::new(
         store,
         injector,
-        leaves: api_leaves,
+        api_leaves,
         ca_dir,
-        events,
-        capture: Mutex::new(
-            CaptureControl::new(capture, base, settings.containers.clone())
-                .context("taking over the host side of container delivery")?,
-        ),
-    });
-    let loaded = |error: crate::api::ApiError| anyhow::anyhow!(error.message);
-    let secrets = state.reload_secrets().map_err(loaded)?;
-    let rules = state.reload_rules().map_err(loaded)?;
-    let intercepted = state.reconcile_agents().map_err(loaded)?;
-    info!(secrets, rules, intercepted, "state loaded");
+        Arc::clone(&events),
+        Box::new(capture),
+    ));
+    let loaded = control
+        .reload()
+        .context("loading the secrets, access rules and agents of the store")?;
+    info!(
+        secrets = loaded.secrets,
+        rules = loaded.rules,
+        intercepted = loaded.intercepted,
+        "state loaded"
+    );
 
     let admin_api = api::bind(settings.api.clone()).context("starting the admin API")?;
     let metrics_listener =
@@ -154,14 +158,18 @@ pub async fn run(
             None => None,
         };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let api_task = tokio::spawn(admin_api.serve(Arc::clone(&state), stop_rx.clone()));
+    let api_task = tokio::spawn(admin_api.serve(Arc::clone(&control), stop_rx.clone()));
     let served = tokio::spawn(engine.serve(stop_rx.clone(), settings.drain));
     if let Some(listener) = metrics_listener {
-        tokio::spawn(serve_metrics(listener, Arc::clone(&state), stop_rx.clone()));
+        tokio::spawn(serve_metrics(
+            listener,
+            Arc::clone(&control),
+            stop_rx.clone(),
+        ));
     }
     if let Some(containers) = &settings.containers {
         tokio::spawn(follow_containers(
-            Arc::clone(&state),
+            Arc::clone(&control),
             containers.rescan,
             stop_rx,
         ));
@@ -191,7 +199,7 @@ pub async fn run(
             }
             _ = hangup.recv() => {
                 notify("RELOADING=1");
-                match reload().and_then(|fresh| apply_reload(&settings, &fresh, &proxy, &state)) {
+                match reload().and_then(|fresh| apply_reload(&settings, &fresh, &proxy, &control)) {
                     Ok(()) => {
                         info!(event = "reloaded", "configuration reloaded");
                         crate::metrics::count(&crate::metrics::METRICS.reloads, &["ok"]);
@@ -212,7 +220,7 @@ pub async fn run(
     served.await.context("engine task failed")?;
     api_task.await.context("admin API task failed")?;
     // Every event of the drained connections is on disk before the daemon exits.
-    state.events.close();
+    events.close();
     info!("appliance stopped");
     Ok(())
 }
@@ -229,7 +237,7 @@ const EVENT_SETTLE: Duration = Duration::from_millis(20);
 /// new namespace is set up its connections are refused, so the delay bounds how long a new
 /// container waits, never what escapes.
 async fn follow_containers(
-    state: Arc<ApiState>,
+    control: Arc<Control>,
     rescan: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -250,17 +258,8 @@ async fn follow_containers(
             _ = ticks.tick() => {}
             () = changed => {}
         }
-        let state_for_refresh = Arc::clone(&state);
-        let refreshed = tokio::task::spawn_blocking(move || {
-            let mut capture = state_for_refresh
-                .capture
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            capture
-                .refresh_containers()
-                .map(|()| capture.selected_paths())
-        })
-        .await;
+        let refreshing = Arc::clone(&control);
+        let refreshed = tokio::task::spawn_blocking(move || refreshing.refresh_containers()).await;
         match refreshed {
             Ok(Ok(selected)) => {
                 // Events that arrived while reconciling stay pending: they may be news the
@@ -280,7 +279,7 @@ async fn follow_containers(
 /// Serves `GET /metrics` to scrapers until `stop`.
 async fn serve_metrics(
     listener: tokio::net::TcpListener,
-    state: Arc<ApiState>,
+    control: Arc<Control>,
     mut stop: watch::Receiver<bool>,
 ) {
     use http_body_util::Full;
@@ -293,13 +292,13 @@ async fn serve_metrics(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let state = Arc::clone(&state);
+        let control = Arc::clone(&control);
         let service =
             hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                let state = Arc::clone(&state);
+                let control = Arc::clone(&control);
                 async move {
                     if request.method() == http::Method::GET && request.uri().path() == "/metrics" {
-                        let text = tokio::task::spawn_blocking(move || state.metrics())
+                        let text = tokio::task::spawn_blocking(move || control.metrics())
                             .await
                             .unwrap_or_default();
                         http::Response::builder()
@@ -329,7 +328,7 @@ fn apply_reload(
     running: &DaemonSettings,
     fresh: &DaemonSettings,
     proxy: &Proxy,
-    state: &ApiState,
+    control: &Control,
 ) -> anyhow::Result<()> {
     let restart_only = [
         ("listen", running.listen != fresh.listen),
@@ -353,10 +352,9 @@ fn apply_reload(
     let upstream_tls = UpstreamTls::new(&fresh.upstream_ca_files)
         .context("loading trusted upstream certificates")?;
     proxy.reconfigure(upstream_tls, fresh.proxy.clone());
-    let reloaded = |error: crate::api::ApiError| anyhow::anyhow!(error.message);
-    state.reload_secrets().map_err(reloaded)?;
-    state.reload_rules().map_err(reloaded)?;
-    state.reconcile_agents().map_err(reloaded)?;
+    control
+        .reload()
+        .context("reloading the secrets, access rules and agents of the store")?;
     Ok(())
 }
 

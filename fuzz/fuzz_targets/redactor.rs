@@ -4,7 +4,7 @@
 #![no_main]
 
 use appliance::injection::Redactor;
-use appliance::secret::SecretValue;
+use appliance::model::SecretValue;
 use libfuzzer_sys::fuzz_target;
 
 fn base64(data: &[u8], url_safe: bool) -> String {

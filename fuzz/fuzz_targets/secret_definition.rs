@@ -3,8 +3,8 @@
 //! secret's value can be injected where its rules put it.
 #![no_main]
 
-use appliance::policy::{AccessRule, AgentSpec};
-use appliance::secret::SecretSpec;
+use appliance::model::{AccessRule, AgentSpec};
+use appliance::model::SecretSpec;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -6,7 +6,7 @@
 use std::sync::{Arc, OnceLock};
 
 use appliance::injection::{FrameRedactor, Redactor};
-use appliance::secret::SecretValue;
+use appliance::model::SecretValue;
 use libfuzzer_sys::fuzz_target;
 
 const VALUE: &[u8] = b"sk-live-0123456789";

@@ -4,8 +4,8 @@
 use http::StatusCode;
 use serde_json::{json, Value};
 
-use crate::secret::ValidationError;
-use crate::store::StoreError;
+use crate::control::ControlError;
+use crate::model::ValidationError;
 
 /// An API failure with its HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,9 +36,16 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
-    /// 500: details go to the log, not to the client.
-    pub fn internal(error: &dyn std::error::Error) -> Self {
-        tracing::error!(error = %error, "admin API request failed");
+    /// 500: details, with every cause, go to the log, not to the client.
+    pub fn internal(error: &(dyn std::error::Error + 'static)) -> Self {
+        let mut causes = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            causes.push_str(": ");
+            causes.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        tracing::error!(error = %causes, "admin API request failed");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -63,12 +70,12 @@ impl From<ValidationError> for ApiError {
     }
 }
 
-impl From<StoreError> for ApiError {
-    fn from(error: StoreError) -> Self {
+impl From<ControlError> for ApiError {
+    fn from(error: ControlError) -> Self {
         match error {
-            StoreError::Invalid(error) => error.into(),
-            StoreError::NotFound { .. } => Self::not_found(error.to_string()),
-            StoreError::Duplicate { .. } => {
+            ControlError::Invalid(error) => error.into(),
+            ControlError::NotFound { .. } => Self::not_found(error.to_string()),
+            ControlError::Duplicate { .. } => {
                 let mut conflict = Self::new(StatusCode::CONFLICT, "conflict", error.to_string());
                 conflict.field = Some("name".into());
                 conflict

@@ -3,9 +3,18 @@
 //! Only root, the daemon's own user and members of the admin group may use it: the socket is
 //! 0660 with that group, and each connection's SO_PEERCRED is checked as well (a socket file
 //! opened by other means, or a group change, does not bypass it). Refusals are audited.
+//!
+//! The API is thin: [`routes`] maps each endpoint to a handler in the file of its resource,
+//! which reads the input as the model's type and calls the [control layer](crate::control).
 
+mod agents;
+mod ca;
 mod error;
+mod events;
+mod health;
 mod routes;
+mod rules;
+mod secrets;
 
 use std::ffi::CString;
 use std::io;
@@ -26,8 +35,9 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 pub use error::ApiError;
-pub use routes::{ApiState, ROUTES};
+pub use routes::ROUTES;
 
+use crate::control::Control;
 use crate::proxy::stop_requested;
 
 /// Errors starting the API.
@@ -161,7 +171,7 @@ pub fn bind(settings: ApiSettings) -> Result<AdminApi, ApiStartError> {
 
 impl AdminApi {
     /// Serves until `shutdown`, then removes the socket.
-    pub async fn serve(self, state: Arc<ApiState>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn serve(self, control: Arc<Control>, mut shutdown: watch::Receiver<bool>) {
         let Self {
             listener,
             access,
@@ -183,16 +193,16 @@ impl AdminApi {
                 .peer_cred()
                 .map(|cred| (access.allows(cred.uid(), cred.gid()), cred))
                 .ok();
-            let state = Arc::clone(&state);
+            let control = Arc::clone(&control);
             let header_timeout = settings.request_timeout;
             let settings = Arc::clone(&settings);
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
-                    let state = Arc::clone(&state);
+                    let control = Arc::clone(&control);
                     let settings = Arc::clone(&settings);
                     async move {
                         Ok::<_, std::convert::Infallible>(match allowed {
-                            Some((true, _)) => handle(&state, &settings, request).await,
+                            Some((true, _)) => handle(&control, &settings, request).await,
                             Some((false, cred)) => {
                                 warn!(
                                     target: "appliance::audit",
@@ -291,7 +301,7 @@ async fn json_body(settings: &ApiSettings, request: Request<Incoming>) -> Result
 }
 
 async fn handle(
-    state: &ApiState,
+    control: &Control,
     settings: &ApiSettings,
     request: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
@@ -314,13 +324,18 @@ async fn handle(
     };
     let body = if route.takes_body {
         match json_body(settings, request).await {
-            Ok(body) => Some(body),
+            Ok(body) => body,
             Err(error) => return json_error(&error),
         }
     } else {
-        None
+        Value::Null
     };
-    match routes::dispatch(state, route, id.as_deref(), &query, body).await {
+    let call = routes::Call {
+        id: id.as_deref().unwrap_or_default(),
+        query: &query,
+        body,
+    };
+    match routes::dispatch(control, route, call).await {
         Ok(routes::Reply::Json(status, body)) => json_response(status, &body),
         Ok(routes::Reply::Empty) => {
             let mut response = Response::new(Full::new(Bytes::new()));

@@ -6,7 +6,7 @@ use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::uri::PathAndQuery;
 
-use crate::secret::{HeaderInjection, Injection, SecretValue, ValueFormat};
+use crate::model::{HeaderInjection, Injection, SecretValue, ValueFormat};
 
 /// Why a secret could not be injected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -192,7 +192,7 @@ pub fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secret::SecretSpec;
+    use crate::model::SecretSpec;
     use serde_json::json;
 
     fn injection(config: serde_json::Value) -> Injection {

@@ -1,11 +1,12 @@
-//! Which secrets apply to a request. Built once per change of the secrets, so a request costs
-//! two hash lookups (exact host, then the parent domain for `*.` patterns) whatever the number
-//! of secrets.
+//! Which secrets and access rules apply to a request. Both are indexed together by host,
+//! once per change, so deciding a request costs two hash lookups (exact host, then the parent
+//! domain for `*.` patterns) whatever the number of secrets and rules.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::request::Parts;
+use http::Method;
 use tracing::{debug, warn};
 
 use super::agents::AgentDirectory;
@@ -13,9 +14,8 @@ use super::apply::apply;
 use super::redact::Redactor;
 use super::{Injector, Verdict, Workload};
 use crate::audit::SecretUse;
-use crate::policy::{AccessPolicy, Action};
+use crate::model::{AccessRule, Action, HostPattern, SecretSpec, SecretValue};
 use crate::request_path;
-use crate::secret::{HostPattern, SecretSpec, SecretValue};
 use crate::swap::Swappable;
 
 /// A secret ready for injection.
@@ -28,108 +28,174 @@ pub struct LoadedSecret {
     pub value: SecretValue,
 }
 
+/// What a host leads to: one rule of a secret, or an access rule.
 #[derive(Clone, Copy, Debug)]
-struct RuleRef {
-    secret: usize,
-    rule: usize,
+enum Entry {
+    Secret { secret: usize, rule: usize },
+    Access(usize),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Candidate {
+    entry: Entry,
     exact_host: bool,
 }
 
-/// Secrets indexed by host.
+/// Secrets and access rules, indexed by host.
 #[derive(Default)]
-pub struct SecretIndex {
+pub struct HostTable {
     secrets: Vec<LoadedSecret>,
     /// One per secret, built once here rather than per request.
     redactors: Vec<Arc<Redactor>>,
     /// How each secret appears in audit events, built once rather than per request.
     uses: Vec<SecretUse>,
-    exact: HashMap<String, Vec<RuleRef>>,
-    wildcard: HashMap<String, Vec<RuleRef>>,
+    /// `(rule id, rule)`.
+    access: Vec<(String, AccessRule)>,
+    exact: HashMap<String, Vec<Entry>>,
+    wildcard: HashMap<String, Vec<Entry>>,
 }
 
-impl SecretIndex {
-    /// Indexes `secrets`.
-    pub fn new(secrets: Vec<LoadedSecret>) -> Self {
-        let mut index = Self::default();
+impl HostTable {
+    /// Indexes `secrets` and the access rules `(id, rule)`.
+    pub fn new(secrets: Vec<LoadedSecret>, access: Vec<(String, AccessRule)>) -> Self {
+        let mut table = Self::default();
         for (secret_number, secret) in secrets.iter().enumerate() {
             for (rule_number, rule) in secret.spec.rules.iter().enumerate() {
                 for host in &rule.hosts {
-                    let (map, key, exact_host) = match host {
-                        HostPattern::Exact(name) => (&mut index.exact, name, true),
-                        HostPattern::Wildcard(suffix) => (&mut index.wildcard, suffix, false),
-                    };
-                    map.entry(key.clone()).or_default().push(RuleRef {
-                        secret: secret_number,
-                        rule: rule_number,
-                        exact_host,
-                    });
+                    table.insert(
+                        host,
+                        Entry::Secret {
+                            secret: secret_number,
+                            rule: rule_number,
+                        },
+                    );
                 }
             }
         }
-        index.redactors = secrets
+        for (number, (_, rule)) in access.iter().enumerate() {
+            table.insert(&rule.host, Entry::Access(number));
+        }
+        table.redactors = secrets
             .iter()
             .map(|secret| {
                 let injections = secret.spec.rules.iter().map(|rule| &rule.injection);
                 Arc::new(Redactor::new(&secret.value, injections))
             })
             .collect();
-        index.uses = secrets
+        table.uses = secrets
             .iter()
             .map(|secret| SecretUse {
                 id: Arc::from(secret.id.as_str()),
                 name: Arc::from(secret.spec.name.as_str()),
             })
             .collect();
-        index.secrets = secrets;
-        index
+        table.secrets = secrets;
+        table.access = access;
+        table
     }
 
-    fn candidates<'a>(&'a self, host: &str) -> impl Iterator<Item = RuleRef> + 'a {
-        let exact = self.exact.get(host).into_iter().flatten();
+    fn insert(&mut self, host: &HostPattern, entry: Entry) {
+        let (map, key) = match host {
+            HostPattern::Exact(name) => (&mut self.exact, name),
+            HostPattern::Wildcard(suffix) => (&mut self.wildcard, suffix),
+        };
+        map.entry(key.clone()).or_default().push(entry);
+    }
+
+    /// What applies to `host` for a workload of `agent`: secrets bound to another agent, and
+    /// access rules limited to another, are left out.
+    fn candidates<'a>(
+        &'a self,
+        host: &str,
+        agent: Option<&'a str>,
+    ) -> impl Iterator<Item = Candidate> + 'a {
+        let exact = self
+            .exact
+            .get(host)
+            .into_iter()
+            .flatten()
+            .map(|&entry| Candidate {
+                entry,
+                exact_host: true,
+            });
         let parent = host.split_once('.').map(|(_, parent)| parent);
         let wildcard = parent
             .and_then(|parent| self.wildcard.get(parent))
             .into_iter()
-            .flatten();
-        exact.chain(wildcard).copied()
+            .flatten()
+            .map(|&entry| Candidate {
+                entry,
+                exact_host: false,
+            });
+        exact
+            .chain(wildcard)
+            .filter(move |candidate| self.in_scope(candidate.entry, agent))
     }
 
-    fn in_scope(&self, reference: RuleRef, agent: Option<&str>) -> bool {
-        match self.secrets[reference.secret].spec.agent.as_deref() {
-            None => true,
-            Some(bound) => agent == Some(bound),
-        }
+    fn in_scope(&self, entry: Entry, agent: Option<&str>) -> bool {
+        let bound = match entry {
+            Entry::Secret { secret, .. } => self.secrets[secret].spec.agent.as_deref(),
+            Entry::Access(number) => self.access[number].1.agent.as_deref(),
+        };
+        bound.is_none_or(|bound| agent == Some(bound))
     }
 
-    /// The rules that apply to `host` and `path` for a workload of `agent`, least specific
-    /// first, so that the most specific one is applied last and wins any conflict. An agent's
-    /// own secrets for a host replace the global ones. A rule's path pattern must match
-    /// `path` and, when the path has encoded slashes, its `decoded` reading too.
+    /// The deciding access rule among `candidates` for a request, if any: `(rule id,
+    /// action)`. The most specific matching rule decides.
+    fn decide(
+        &self,
+        candidates: &[Candidate],
+        path: &str,
+        method: &Method,
+    ) -> Option<(&str, Action)> {
+        candidates
+            .iter()
+            .filter_map(|candidate| match candidate.entry {
+                Entry::Access(number) => Some(&self.access[number]),
+                Entry::Secret { .. } => None,
+            })
+            .filter(|(_, rule)| {
+                rule.path
+                    .as_ref()
+                    .is_none_or(|pattern| pattern.matches(path))
+            })
+            .filter(|(_, rule)| rule.method.as_ref().is_none_or(|wanted| wanted == method))
+            .max_by_key(|(_, rule)| rule.specificity())
+            .map(|(id, rule)| (id.as_str(), rule.action))
+    }
+
+    /// The secret rules among `candidates` that apply to `path`, least specific first, so
+    /// that the most specific one is applied last and wins any conflict. An agent's own
+    /// secrets for a host replace the global ones. A rule's path pattern must match `path`
+    /// and, when the path has encoded slashes, its `decoded` reading too.
     fn matching(
         &self,
-        host: &str,
+        candidates: &[Candidate],
         path: &str,
         decoded: Option<&str>,
-        agent: Option<&str>,
-    ) -> Vec<RuleRef> {
-        let mut matched: Vec<RuleRef> = self
-            .candidates(host)
-            .filter(|reference| self.in_scope(*reference, agent))
-            .filter(|reference| {
-                let rule = &self.secrets[reference.secret].spec.rules[reference.rule];
+    ) -> Vec<(usize, usize, bool)> {
+        let mut matched: Vec<(usize, usize, bool)> = candidates
+            .iter()
+            .filter_map(|candidate| match candidate.entry {
+                Entry::Secret { secret, rule } => Some((secret, rule, candidate.exact_host)),
+                Entry::Access(_) => None,
+            })
+            .filter(|&(secret, rule, _)| {
+                let rule = &self.secrets[secret].spec.rules[rule];
                 rule.path.as_ref().is_none_or(|pattern| {
                     pattern.matches(path) && decoded.is_none_or(|decoded| pattern.matches(decoded))
                 })
             })
             .collect();
-        let agent_bound = |reference: &RuleRef| self.secrets[reference.secret].spec.agent.is_some();
+        let agent_bound =
+            |&(secret, _, _): &(usize, usize, bool)| self.secrets[secret].spec.agent.is_some();
         if matched.iter().any(agent_bound) {
             matched.retain(agent_bound);
         }
-        matched.sort_by_key(|reference| {
-            let rule = &self.secrets[reference.secret].spec.rules[reference.rule];
+        matched.sort_by_key(|&(secret, rule, exact_host)| {
+            let rule = &self.secrets[secret].spec.rules[rule];
             (
-                reference.exact_host,
+                exact_host,
                 rule.path
                     .as_ref()
                     .map_or(0, |pattern| pattern.specificity()),
@@ -139,24 +205,18 @@ impl SecretIndex {
     }
 }
 
-/// The injection layer backed by the store: secrets, access rules and agents, each swapped
+/// The injection layer backed by the store: the host table and the agents, each swapped
 /// whole when it changes.
 #[derive(Default)]
 pub struct SecretInjector {
-    index: Swappable<SecretIndex>,
-    policy: Swappable<AccessPolicy>,
+    table: Swappable<HostTable>,
     agents: Swappable<AgentDirectory>,
 }
 
 impl SecretInjector {
-    /// Replaces the secrets in use.
-    pub fn replace(&self, index: SecretIndex) {
-        self.index.store(index);
-    }
-
-    /// Replaces the access rules in use.
-    pub fn replace_policy(&self, policy: AccessPolicy) {
-        self.policy.store(policy);
+    /// Replaces the secrets and access rules in use.
+    pub fn replace(&self, table: HostTable) {
+        self.table.store(table);
     }
 
     /// Replaces the agents' cgroups.
@@ -166,14 +226,12 @@ impl SecretInjector {
 }
 
 impl Injector for SecretInjector {
-    fn intercepts(&self, host: &str, workload: &Workload) -> bool {
-        let index = self.index.load();
-        let agent = self.agents.load().resolve(workload);
-        let agent = agent.as_deref();
-        index
-            .candidates(host)
-            .any(|reference| index.in_scope(reference, agent))
-            || self.policy.load().concerns(host, agent)
+    fn agent(&self, workload: &Workload) -> Option<Arc<str>> {
+        self.agents.load().resolve(workload).map(Arc::from)
+    }
+
+    fn intercepts(&self, host: &str, agent: Option<&str>) -> bool {
+        self.table.load().candidates(host, agent).next().is_some()
     }
 
     fn prepare(&self, host: &str, agent: Option<&str>, request: &mut Parts) -> Verdict {
@@ -185,22 +243,21 @@ impl Injector for SecretInjector {
                 reason: "the path cannot be read unambiguously".into(),
             };
         };
-        let policy = self.policy.load();
+        let table = self.table.load();
+        let candidates: Vec<Candidate> = table.candidates(host, agent).collect();
         for reading in std::iter::once(path.as_str()).chain(decoded.as_deref()) {
-            if let Some((rule, Action::Block)) =
-                policy.decide(host, reading, &request.method, agent)
+            if let Some((rule, Action::Block)) = table.decide(&candidates, reading, &request.method)
             {
                 return Verdict::Block {
                     reason: format!("blocked by rule {rule}"),
                 };
             }
         }
-        let index = self.index.load();
         let mut injected = Vec::new();
         let mut redactors: Vec<Arc<Redactor>> = Vec::new();
-        for reference in index.matching(host, &path, decoded.as_deref(), agent) {
-            let secret = &index.secrets[reference.secret];
-            let rule = &secret.spec.rules[reference.rule];
+        for (number, rule, _) in table.matching(&candidates, &path, decoded.as_deref()) {
+            let secret = &table.secrets[number];
+            let rule = &secret.spec.rules[rule];
             match apply(&rule.injection, &secret.value, request) {
                 Ok(true) => {
                     debug!(secret_id = %secret.id, secret = %secret.spec.name, %host, %path, "secret injected");
@@ -208,8 +265,8 @@ impl Injector for SecretInjector {
                         .iter()
                         .any(|used: &SecretUse| *used.id == *secret.id)
                     {
-                        injected.push(index.uses[reference.secret].clone());
-                        redactors.push(Arc::clone(&index.redactors[reference.secret]));
+                        injected.push(table.uses[number].clone());
+                        redactors.push(Arc::clone(&table.redactors[number]));
                     }
                 }
                 Ok(false) => {}
@@ -225,10 +282,6 @@ impl Injector for SecretInjector {
             injected,
             redactors,
         }
-    }
-
-    fn agent(&self, workload: &Workload) -> Option<String> {
-        self.agents.load().resolve(workload)
     }
 }
 
@@ -249,8 +302,12 @@ mod tests {
 
     fn injector(secrets: Vec<LoadedSecret>) -> SecretInjector {
         let injector = SecretInjector::default();
-        injector.replace(SecretIndex::new(secrets));
+        injector.replace(HostTable::new(secrets, Vec::new()));
         injector
+    }
+
+    fn access_rule(id: &str, json: serde_json::Value) -> (String, AccessRule) {
+        (id.into(), AccessRule::from_json(&json).unwrap())
     }
 
     const WORKLOAD: Workload = Workload {
@@ -289,11 +346,11 @@ mod tests {
                 "injection": {"headerName": "x-key"}}),
             ),
         ]);
-        assert!(injector.intercepts("api.anthropic.com", &WORKLOAD));
-        assert!(injector.intercepts("git.corp.example", &WORKLOAD));
-        assert!(!injector.intercepts("corp.example", &WORKLOAD));
-        assert!(!injector.intercepts("a.git.corp.example", &WORKLOAD));
-        assert!(!injector.intercepts("example.org", &WORKLOAD));
+        assert!(injector.intercepts("api.anthropic.com", None));
+        assert!(injector.intercepts("git.corp.example", None));
+        assert!(!injector.intercepts("corp.example", None));
+        assert!(!injector.intercepts("a.git.corp.example", None));
+        assert!(!injector.intercepts("example.org", None));
         assert_eq!(
             prepared(&injector, "api.anthropic.com", "/v1/messages").headers["x-api-key"],
             "k-anthropic"
@@ -326,18 +383,18 @@ mod tests {
 
     #[test]
     fn encoded_slashes_open_no_way_around_patterns_or_block_rules() {
-        let injector = injector(vec![loaded(
-            "1",
-            json!({"name": "scoped", "hostPattern": "api.example.com", "pathPattern": "/allowed/*",
-            "value": "scoped", "injection": {"headerName": "authorization"}}),
-        )]);
-        injector.replace_policy(AccessPolicy::new(vec![(
-            "no-admin".into(),
-            crate::policy::AccessRule::from_json(
-                &json!({"host": "api.example.com", "path": "/admin/*", "action": "block"}),
-            )
-            .unwrap(),
-        )]));
+        let injector = SecretInjector::default();
+        injector.replace(HostTable::new(
+            vec![loaded(
+                "1",
+                json!({"name": "scoped", "hostPattern": "api.example.com", "pathPattern": "/allowed/*",
+                "value": "scoped", "injection": {"headerName": "authorization"}}),
+            )],
+            vec![access_rule(
+                "no-admin",
+                json!({"host": "api.example.com", "path": "/admin/*", "action": "block"}),
+            )],
+        ));
         let prepare = |target: &str| {
             let mut parts = request_to(target);
             let verdict = injector.prepare("api.example.com", None, &mut parts);
@@ -364,7 +421,7 @@ mod tests {
             "1",
             json!({"name": "bound", "type": "openai", "value": "k", "agent": "research"}),
         )]);
-        assert!(!injector.intercepts("api.openai.com", &WORKLOAD));
+        assert!(!injector.intercepts("api.openai.com", None));
         assert!(!prepared(&injector, "api.openai.com", "/v1")
             .headers
             .contains_key("authorization"));
@@ -397,8 +454,61 @@ mod tests {
                 )
             })
             .collect();
-        let index = SecretIndex::new(secrets);
-        assert_eq!(index.candidates("h4999.example.com").count(), 1);
-        assert_eq!(index.candidates("nothing.example.com").count(), 0);
+        let table = HostTable::new(secrets, Vec::new());
+        assert_eq!(table.candidates("h4999.example.com", None).count(), 1);
+        assert_eq!(table.candidates("nothing.example.com", None).count(), 0);
+    }
+
+    #[test]
+    fn the_most_specific_access_rule_decides() {
+        let table = HostTable::new(
+            Vec::new(),
+            vec![
+                access_rule("r1", json!({"host": "*.example.com", "action": "block"})),
+                access_rule(
+                    "r2",
+                    json!({"host": "api.example.com", "path": "/v1/*", "action": "allow"}),
+                ),
+                access_rule(
+                    "r3",
+                    json!({"host": "api.example.com", "path": "/v1/*", "method": "DELETE", "action": "block"}),
+                ),
+                access_rule(
+                    "r4",
+                    json!({"host": "api.example.com", "action": "allow", "agent": "trusted"}),
+                ),
+            ],
+        );
+        let decide = |host: &str, path: &str, method: &Method, agent: Option<&str>| {
+            let candidates: Vec<Candidate> = table.candidates(host, agent).collect();
+            table
+                .decide(&candidates, path, method)
+                .map(|(id, action)| (id.to_owned(), action))
+        };
+        let get = Method::GET;
+        let decided = |id: &str, action| Some((id.to_owned(), action));
+        assert_eq!(
+            decide("web.example.com", "/", &get, None),
+            decided("r1", Action::Block)
+        );
+        assert_eq!(
+            decide("api.example.com", "/v1/x", &get, None),
+            decided("r2", Action::Allow)
+        );
+        assert_eq!(
+            decide("api.example.com", "/v1/x", &Method::DELETE, None),
+            decided("r3", Action::Block)
+        );
+        assert_eq!(
+            decide("api.example.com", "/v2", &get, None),
+            decided("r1", Action::Block)
+        );
+        assert_eq!(
+            decide("api.example.com", "/v2", &get, Some("trusted")),
+            decided("r4", Action::Allow)
+        );
+        assert_eq!(decide("example.org", "/", &get, None), None);
+        assert!(table.candidates("web.example.com", None).next().is_some());
+        assert!(table.candidates("example.org", None).next().is_none());
     }
 }

@@ -13,7 +13,7 @@ mod websocket;
 pub use agents::AgentDirectory;
 pub use apply::ApplyError;
 pub use decode::{decode, DecodeError, DecodedBody};
-pub use index::{LoadedSecret, SecretIndex, SecretInjector};
+pub use index::{HostTable, LoadedSecret, SecretInjector};
 pub use redact::{redact_headers, redact_reason_phrase, RedactingBody, Redactor};
 pub use websocket::{FrameError, FrameRedactor};
 
@@ -50,20 +50,21 @@ pub enum Verdict {
 
 /// The injection layer as the proxy sees it.
 pub trait Injector: Send + Sync + 'static {
-    /// Whether TLS from `workload` to `host` (the client's SNI name) is terminated. Hosts
-    /// answered `false` are passed through byte for byte.
-    fn intercepts(&self, host: &str, workload: &Workload) -> bool;
+    /// The agent `workload` belongs to. The proxy asks once per connection and carries the
+    /// answer down: a connection keeps its agent for its interception, secrets, rules and
+    /// audit trail alike.
+    fn agent(&self, workload: &Workload) -> Option<Arc<str>>;
+
+    /// Whether TLS from a workload of `agent` (none: no agent) to `host` (the client's SNI
+    /// name) is terminated. Hosts answered `false` are passed through byte for byte.
+    fn intercepts(&self, host: &str, agent: Option<&str>) -> bool;
 
     /// Rewrites `request` (to a host [`Injector::intercepts`] accepted) from a workload of
-    /// `agent` (none: no agent) and decides its fate.
+    /// `agent` and decides its fate.
     fn prepare(
         &self,
         host: &str,
         agent: Option<&str>,
         request: &mut http::request::Parts,
     ) -> Verdict;
-
-    /// The agent `workload` belongs to. The proxy asks once per connection: a connection
-    /// keeps its agent for its secrets, rules and audit trail alike.
-    fn agent(&self, workload: &Workload) -> Option<String>;
 }

@@ -23,7 +23,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderValue};
 use hyper::body::{Body, Frame, SizeHint};
 
-use crate::secret::{Injection, SecretValue};
+use crate::model::{Injection, SecretValue};
 
 const MASK: u8 = b'*';
 /// Forms shorter than this are too likely to occur by chance to be masked.

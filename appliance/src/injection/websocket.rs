@@ -169,7 +169,7 @@ impl FrameRedactor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secret::SecretValue;
+    use crate::model::SecretValue;
 
     const VALUE: &str = "sk-live-0123456789";
 

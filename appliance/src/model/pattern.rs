@@ -1,4 +1,4 @@
-//! Host and path patterns of secrets.
+//! Host and path patterns of secrets and access rules.
 
 use std::fmt;
 

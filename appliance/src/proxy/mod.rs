@@ -207,8 +207,14 @@ impl Proxy {
             }
             Opening::Other { seen } => (None, seen, None),
         };
+        // The agent is resolved once, here, and carried down: interception, injection,
+        // access rules and the audit trail of this connection all see the same one.
+        let agent = match (&accepted, &server_name) {
+            (Some(_), Some(_)) => self.injector.agent(&workload),
+            _ => None,
+        };
         match (accepted, server_name) {
-            (Some(accepted), Some(name)) if self.injector.intercepts(&name, &workload) => {
+            (Some(accepted), Some(name)) if self.injector.intercepts(&name, agent.as_deref()) => {
                 info!(event = "intercepted", server_name = %name, "terminating TLS");
                 metrics::count(&METRICS.connections, &["intercepted"]);
                 let _open = OpenConnection::of("intercepted");
@@ -216,6 +222,7 @@ impl Proxy {
                     server_name: name,
                     upstream,
                     workload,
+                    agent,
                     netns_cookie: redirect.netns_cookie,
                     container: redirect.container,
                 };
@@ -243,6 +250,7 @@ struct Connection {
     server_name: String,
     upstream: UpstreamAddr,
     workload: Workload,
+    agent: Option<Arc<str>>,
     netns_cookie: u64,
     container: Option<Arc<str>>,
 }
@@ -284,6 +292,7 @@ impl Proxy {
             server_name,
             upstream,
             workload,
+            agent,
             netns_cookie,
             container,
         } = connection;
@@ -305,7 +314,7 @@ impl Proxy {
             }
         };
         let context = Arc::new(ConnectionContext {
-            agent: self.injector.agent(&workload).map(Arc::from),
+            agent,
             server_name: Arc::from(server_name),
             upstream,
             workload,

@@ -1,6 +1,9 @@
-//! The store: secrets in a sled database in the state directory. Definitions are kept as
-//! JSON; values only sealed with the master key, each with a fresh nonce and bound to its
-//! record id. Every write is flushed to disk before the call returns.
+//! The store: secrets, agents and access rules in a sled database in the state directory.
+//! Records are the model's, kept as versioned JSON; secret values only sealed with the master
+//! key, each with a fresh nonce and bound to its record id. The store checks what keeps the
+//! database consistent (unique names, records present); whether a definition makes sense is
+//! the model's business, checked before anything reaches the store. Every write is flushed to
+//! disk before the call returns.
 
 mod key_check;
 mod records;
@@ -9,17 +12,11 @@ pub mod seal;
 
 use std::path::{Path, PathBuf};
 
-use ring::rand::{SecureRandom as _, SystemRandom};
-use serde_json::{json, Value};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional as _;
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
 
-use crate::injection::LoadedSecret;
-use crate::policy::{AccessRule, AgentSpec};
-use crate::secret::{SecretSpec, SecretValue, ValidationError};
-use records::{merge, Collection};
+use crate::model::{AccessRuleRecord, AgentRecord, SecretRecord, SecretValue};
+use records::{Collection, Versioned};
 pub use rotate::{rotate_master_key, Rotation, RotationError};
 pub use seal::{KeyError, KeySource, MasterKey, Sealer};
 
@@ -29,9 +26,6 @@ const KEY_CHECK_PLAINTEXT: &[u8] = b"appliance store key check";
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The input is invalid.
-    #[error(transparent)]
-    Invalid(#[from] ValidationError),
     /// No record has this id or name.
     #[error("no {kind} is named or has the id {key:?}")]
     NotFound {
@@ -72,7 +66,7 @@ pub enum StoreError {
         #[source]
         source: sled::Error,
     },
-    /// A stored record is damaged.
+    /// A stored record is damaged, or written by a newer appliance.
     #[error("stored record {id} is damaged: {reason}")]
     Corrupt {
         /// The record.
@@ -80,56 +74,6 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
-}
-
-/// The read side of a secret: never its value.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SecretRecord {
-    /// Stable id.
-    pub id: String,
-    /// Unique name.
-    pub name: String,
-    /// The definition as given (without the value).
-    pub definition: Value,
-    /// RFC 3339.
-    pub created_at: String,
-    /// RFC 3339.
-    pub updated_at: String,
-    /// Masked value, e.g. `sk-pro••••789`.
-    pub preview: String,
-}
-
-impl SecretRecord {
-    fn to_json(&self) -> Value {
-        json!({
-            "id": self.id,
-            "name": self.name,
-            "definition": self.definition,
-            "createdAt": self.created_at,
-            "updatedAt": self.updated_at,
-            "preview": self.preview,
-        })
-    }
-
-    fn from_json(id: &str, value: &Value) -> Result<Self, StoreError> {
-        let text = |key: &str| {
-            value[key]
-                .as_str()
-                .map(str::to_owned)
-                .ok_or_else(|| StoreError::Corrupt {
-                    id: id.to_owned(),
-                    reason: format!("missing {key}"),
-                })
-        };
-        Ok(Self {
-            id: text("id")?,
-            name: text("name")?,
-            definition: value["definition"].clone(),
-            created_at: text("createdAt")?,
-            updated_at: text("updatedAt")?,
-            preview: text("preview")?,
-        })
-    }
 }
 
 /// The secret store.
@@ -140,24 +84,9 @@ pub struct Store {
     secrets: sled::Tree,
     names: sled::Tree,
     values: sled::Tree,
-    agents: Collection,
-    rules: Collection,
+    agents: Collection<AgentRecord>,
+    rules: Collection<AccessRuleRecord>,
     sealer: Sealer,
-}
-
-fn now() -> String {
-    OffsetDateTime::now_utc()
-        .format(&Rfc3339)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
-}
-
-fn new_id(prefix: &str) -> String {
-    let mut bytes = [0u8; 12];
-    SystemRandom::new()
-        .fill(&mut bytes)
-        .expect("the system random generator does not fail on Linux");
-    let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
-    format!("{prefix}_{hex}")
 }
 
 fn not_found(kind: &'static str, key: &str) -> StoreError {
@@ -275,16 +204,8 @@ impl Store {
             secrets: db.open_tree("secrets").map_err(database)?,
             names: db.open_tree("secret_names").map_err(database)?,
             values: db.open_tree("secret_values").map_err(database)?,
-            agents: Collection {
-                db: db.clone(),
-                tree: db.open_tree("agents").map_err(database)?,
-                kind: "agent",
-            },
-            rules: Collection {
-                db: db.clone(),
-                tree: db.open_tree("rules").map_err(database)?,
-                kind: "rule",
-            },
+            agents: Collection::new(&db, db.open_tree("agents").map_err(database)?, "agent"),
+            rules: Collection::new(&db, db.open_tree("rules").map_err(database)?, "rule"),
             path: path.into(),
             db,
             sealer,
@@ -331,41 +252,26 @@ impl Store {
         }
     }
 
-    /// Creates a secret from its API definition, which must include `value`.
-    pub fn create_secret(&self, input: &Value) -> Result<SecretRecord, StoreError> {
-        let (spec, value) = SecretSpec::from_json(input)?;
-        let value = value.ok_or_else(|| ValidationError {
-            field: "value".into(),
-            message:
-                "is required: the real credential (it is stored encrypted and never shown again)"
-                    .into(),
-        })?;
-        let mut definition = input.as_object().cloned().unwrap_or_default();
-        definition.remove("value");
-        let stamp = now();
-        let record = SecretRecord {
-            id: new_id("sec"),
-            name: spec.name.clone(),
-            definition: Value::Object(definition),
-            created_at: stamp.clone(),
-            updated_at: stamp,
-            preview: value.preview(),
-        };
+    /// Stores a new secret and its value; its name must be free.
+    pub fn create_secret(
+        &self,
+        record: &SecretRecord,
+        value: &SecretValue,
+    ) -> Result<(), StoreError> {
         let sealed = self.sealer.seal(record.id.as_bytes(), value.expose());
-        let serialized = record.to_json().to_string();
+        let serialized = Versioned::serialize(record);
         (&self.secrets, &self.names, &self.values)
             .transaction(|(secrets, names, values)| {
                 if names.get(record.name.as_bytes())?.is_some() {
                     return abort(duplicate("secret", &record.name));
                 }
                 names.insert(record.name.as_bytes(), record.id.as_bytes())?;
-                secrets.insert(record.id.as_bytes(), serialized.as_bytes())?;
+                secrets.insert(record.id.as_bytes(), serialized.as_slice())?;
                 values.insert(record.id.as_bytes(), sealed.as_slice())?;
                 Ok(())
             })
             .map_err(|error| self.transaction_error(error))?;
-        self.flush()?;
-        Ok(record)
+        self.flush()
     }
 
     /// Reads one secret by id or name.
@@ -376,7 +282,7 @@ impl Store {
             .get(id.as_bytes())
             .map_err(|e| self.database(e))?
             .ok_or_else(|| not_found("secret", id_or_name))?;
-        parse_record(&id, &raw)
+        Versioned::deserialize(&id, &raw)
     }
 
     /// Every secret, by name.
@@ -386,66 +292,47 @@ impl Store {
             .iter()
             .map(|entry| {
                 let (id, raw) = entry.map_err(|e| self.database(e))?;
-                parse_record(&String::from_utf8_lossy(&id), &raw)
+                Versioned::deserialize(&String::from_utf8_lossy(&id), &raw)
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<SecretRecord>, _>>()?;
         records.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(records)
     }
 
-    /// Applies a partial update: each top-level field given replaces the stored one, `null`
-    /// removes it, `value` replaces the value.
-    pub fn update_secret(
+    /// Replaces the secret `record.id`, which was named `previous_name`, and its value when
+    /// one is given. A new name must be free.
+    pub fn replace_secret(
         &self,
-        id_or_name: &str,
-        patch: &Value,
-    ) -> Result<SecretRecord, StoreError> {
-        let current = self.get_secret(id_or_name)?;
-        let merged = merge(&current.definition, patch, &[])?;
-        let (spec, value) = SecretSpec::from_json(&merged)?;
-        if value.is_none() {
-            // New rules must suit the value already stored.
-            spec.check_value(&self.stored_value(&current.id)?)?;
-        }
-        let mut merged = merged.as_object().cloned().unwrap_or_default();
-        merged.remove("value");
-        let record = SecretRecord {
-            id: current.id.clone(),
-            name: spec.name.clone(),
-            definition: Value::Object(merged),
-            created_at: current.created_at.clone(),
-            updated_at: now(),
-            preview: value
-                .as_ref()
-                .map_or(current.preview.clone(), SecretValue::preview),
-        };
+        previous_name: &str,
+        record: &SecretRecord,
+        value: Option<&SecretValue>,
+    ) -> Result<(), StoreError> {
         let sealed = value.map(|value| self.sealer.seal(record.id.as_bytes(), value.expose()));
-        let serialized = record.to_json().to_string();
+        let serialized = Versioned::serialize(record);
         (&self.secrets, &self.names, &self.values)
             .transaction(|(secrets, names, values)| {
                 if secrets.get(record.id.as_bytes())?.is_none() {
-                    return abort(not_found("secret", id_or_name));
+                    return abort(not_found("secret", &record.id));
                 }
-                if record.name != current.name {
+                if record.name != previous_name {
                     if names.get(record.name.as_bytes())?.is_some() {
                         return abort(duplicate("secret", &record.name));
                     }
-                    names.remove(current.name.as_bytes())?;
+                    names.remove(previous_name.as_bytes())?;
                     names.insert(record.name.as_bytes(), record.id.as_bytes())?;
                 }
-                secrets.insert(record.id.as_bytes(), serialized.as_bytes())?;
+                secrets.insert(record.id.as_bytes(), serialized.as_slice())?;
                 if let Some(sealed) = &sealed {
                     values.insert(record.id.as_bytes(), sealed.as_slice())?;
                 }
                 Ok(())
             })
             .map_err(|error| self.transaction_error(error))?;
-        self.flush()?;
-        Ok(record)
+        self.flush()
     }
 
-    /// Deletes a secret by id or name.
-    pub fn delete_secret(&self, id_or_name: &str) -> Result<(), StoreError> {
+    /// Deletes a secret by id or name; returns the record it had.
+    pub fn delete_secret(&self, id_or_name: &str) -> Result<SecretRecord, StoreError> {
         let record = self.get_secret(id_or_name)?;
         (&self.secrets, &self.names, &self.values)
             .transaction(|(secrets, names, values)| {
@@ -455,7 +342,8 @@ impl Store {
                 Ok(())
             })
             .map_err(|error| self.transaction_error(error))?;
-        self.flush()
+        self.flush()?;
+        Ok(record)
     }
 
     /// Seals every value, and the key check, again under `key`, in one transaction: the store
@@ -499,7 +387,7 @@ impl Store {
     }
 
     /// The decrypted value of the secret with `id`.
-    fn stored_value(&self, id: &str) -> Result<SecretValue, StoreError> {
+    pub fn secret_value(&self, id: &str) -> Result<SecretValue, StoreError> {
         let corrupt = |reason: String| StoreError::Corrupt {
             id: id.to_owned(),
             reason,
@@ -516,206 +404,117 @@ impl Store {
         SecretValue::new(plain.to_vec()).map_err(|error| corrupt(error.to_string()))
     }
 
-    /// Every secret with its decrypted value, for the injection layer.
-    pub fn load_all(&self) -> Result<Vec<LoadedSecret>, StoreError> {
+    /// Every secret with its decrypted value, by name.
+    pub fn load_secrets(&self) -> Result<Vec<(SecretRecord, SecretValue)>, StoreError> {
         self.list_secrets()?
             .into_iter()
             .map(|record| {
-                let corrupt = |reason: String| StoreError::Corrupt {
-                    id: record.id.clone(),
-                    reason,
-                };
-                let (spec, _) = SecretSpec::from_json(&record.definition)
-                    .map_err(|error| corrupt(error.to_string()))?;
-                let value = self.stored_value(&record.id)?;
-                Ok(LoadedSecret {
-                    id: record.id,
-                    spec,
-                    value,
-                })
+                let value = self.secret_value(&record.id)?;
+                Ok((record, value))
             })
             .collect()
     }
-}
 
-const RECORD_STAMPS: [&str; 2] = ["createdAt", "updatedAt"];
-
-fn stamped(mut record: Value, created_at: Option<&Value>) -> Value {
-    let now = Value::String(now());
-    if let Some(object) = record.as_object_mut() {
-        object.insert(
-            "createdAt".into(),
-            created_at.cloned().unwrap_or_else(|| now.clone()),
-        );
-        object.insert("updatedAt".into(), now);
-    }
-    record
-}
-
-fn agent_record(spec: &AgentSpec) -> Value {
-    json!({
-        "name": spec.name,
-        "cgroups": spec.cgroups.iter().map(|path| path.display().to_string()).collect::<Vec<_>>(),
-        "create": spec.create,
-    })
-}
-
-/// The fields of a rule record that define it (the rest is bookkeeping).
-fn rule_definition(record: &Value) -> Value {
-    let mut definition = record.clone();
-    if let Some(object) = definition.as_object_mut() {
-        for key in ["id", "createdAt", "updatedAt"] {
-            object.remove(key);
-        }
-    }
-    definition
-}
-
-impl Store {
-    /// Creates an agent once `check` accepts it; returns its record.
-    pub fn create_agent(
-        &self,
-        input: &Value,
-        check: impl FnOnce(&AgentSpec) -> Result<(), ValidationError>,
-    ) -> Result<Value, StoreError> {
-        let spec = AgentSpec::from_json(input)?;
-        check(&spec)?;
-        let record = stamped(agent_record(&spec), None);
-        self.agents.create(&spec.name, &record)?;
-        Ok(record)
+    /// Stores a new agent; its name must be free.
+    pub fn create_agent(&self, record: &AgentRecord) -> Result<(), StoreError> {
+        self.agents.create(agent_key(record), record)
     }
 
-    /// Every agent.
-    pub fn list_agents(&self) -> Result<Vec<Value>, StoreError> {
+    /// Every agent, by name.
+    pub fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
         self.agents.list()
     }
 
     /// One agent by name.
-    pub fn get_agent(&self, name: &str) -> Result<Value, StoreError> {
+    pub fn get_agent(&self, name: &str) -> Result<AgentRecord, StoreError> {
         self.agents.get(name)
     }
 
-    /// Changes an agent once `check` accepts the result; returns its new record.
-    pub fn update_agent(
+    /// Replaces the agent named `previous_name` (a rename when the record's name differs; the
+    /// new name must be free).
+    pub fn replace_agent(
         &self,
-        name: &str,
-        patch: &Value,
-        check: impl FnOnce(&AgentSpec) -> Result<(), ValidationError>,
-    ) -> Result<Value, StoreError> {
-        let current = self.agents.get(name)?;
-        let merged = merge(&current, patch, &RECORD_STAMPS)?;
-        let mut definition = merged.clone();
-        if let Some(object) = definition.as_object_mut() {
-            for key in RECORD_STAMPS {
-                object.remove(key);
-            }
-        }
-        let spec = AgentSpec::from_json(&definition)?;
-        check(&spec)?;
-        let record = stamped(agent_record(&spec), current.get("createdAt"));
-        self.agents.replace(name, &spec.name, &record)?;
-        Ok(record)
+        previous_name: &str,
+        record: &AgentRecord,
+    ) -> Result<(), StoreError> {
+        self.agents
+            .replace(previous_name, agent_key(record), record)
     }
 
     /// Deletes an agent; returns the record it had.
-    pub fn delete_agent(&self, name: &str) -> Result<Value, StoreError> {
+    pub fn delete_agent(&self, name: &str) -> Result<AgentRecord, StoreError> {
         self.agents.delete(name)
     }
 
-    /// Every agent, parsed.
-    pub fn load_agents(&self) -> Result<Vec<AgentSpec>, StoreError> {
-        self.agents
-            .list()?
-            .iter()
-            .map(|record| {
-                let mut definition = record.clone();
-                if let Some(object) = definition.as_object_mut() {
-                    for key in RECORD_STAMPS {
-                        object.remove(key);
-                    }
-                }
-                AgentSpec::from_json(&definition).map_err(|error| StoreError::Corrupt {
-                    id: format!("agent {}", record["name"]),
-                    reason: error.to_string(),
-                })
-            })
-            .collect()
+    /// Stores a new access rule.
+    pub fn create_rule(&self, record: &AccessRuleRecord) -> Result<(), StoreError> {
+        self.rules.create(&record.id, record)
     }
 
-    /// Creates an access rule; returns its record.
-    pub fn create_rule(&self, input: &Value) -> Result<Value, StoreError> {
-        AccessRule::from_json(input)?;
-        let id = new_id("rule");
-        let mut record = input.clone();
-        if let Some(object) = record.as_object_mut() {
-            object.insert("id".into(), Value::String(id.clone()));
-        }
-        let record = stamped(record, None);
-        self.rules.create(&id, &record)?;
-        Ok(record)
-    }
-
-    /// Every access rule.
-    pub fn list_rules(&self) -> Result<Vec<Value>, StoreError> {
+    /// Every access rule, by id.
+    pub fn list_rules(&self) -> Result<Vec<AccessRuleRecord>, StoreError> {
         self.rules.list()
     }
 
     /// One access rule by id.
-    pub fn get_rule(&self, id: &str) -> Result<Value, StoreError> {
+    pub fn get_rule(&self, id: &str) -> Result<AccessRuleRecord, StoreError> {
         self.rules.get(id)
     }
 
-    /// Changes an access rule; returns its new record.
-    pub fn update_rule(&self, id: &str, patch: &Value) -> Result<Value, StoreError> {
-        let current = self.rules.get(id)?;
-        let merged = merge(&current, patch, &["id", "createdAt", "updatedAt"])?;
-        AccessRule::from_json(&rule_definition(&merged))?;
-        let record = stamped(merged, current.get("createdAt"));
-        self.rules.replace(id, id, &record)?;
-        Ok(record)
+    /// Replaces an access rule.
+    pub fn replace_rule(&self, record: &AccessRuleRecord) -> Result<(), StoreError> {
+        self.rules.replace(&record.id, &record.id, record)
     }
 
-    /// Deletes an access rule.
-    pub fn delete_rule(&self, id: &str) -> Result<Value, StoreError> {
+    /// Deletes an access rule; returns the record it had.
+    pub fn delete_rule(&self, id: &str) -> Result<AccessRuleRecord, StoreError> {
         self.rules.delete(id)
-    }
-
-    /// Every access rule, parsed, with its id.
-    pub fn load_rules(&self) -> Result<Vec<(String, AccessRule)>, StoreError> {
-        self.rules
-            .list()?
-            .iter()
-            .map(|record| {
-                let id = record["id"].as_str().unwrap_or_default().to_owned();
-                AccessRule::from_json(&rule_definition(record))
-                    .map(|rule| (id.clone(), rule))
-                    .map_err(|error| StoreError::Corrupt {
-                        id: format!("rule {id}"),
-                        reason: error.to_string(),
-                    })
-            })
-            .collect()
     }
 }
 
-fn parse_record(id: &str, raw: &[u8]) -> Result<SecretRecord, StoreError> {
-    let value: Value = serde_json::from_slice(raw).map_err(|error| StoreError::Corrupt {
-        id: id.to_owned(),
-        reason: error.to_string(),
-    })?;
-    SecretRecord::from_json(id, &value)
+#[cfg(test)]
+impl Store {
+    fn agents_tree(&self) -> &sled::Tree {
+        self.agents.tree()
+    }
+}
+
+/// An agent is stored under its name.
+fn agent_key(record: &AgentRecord) -> &str {
+    record.definition.name.as_deref().unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{AccessRuleInput, Action, AgentInput, Provider, SecretInput};
     use crate::test_support::temp_dir;
 
     const VALUE: &str = "sk-ant-api03-PLAINTEXT-NEVER-ON-DISK-0123456789";
+    const STAMP: &str = "2026-12-01T00:00:00Z";
 
     fn open(dir: &Path) -> Store {
         let (key, _) = MasterKey::load_or_create(None, dir).unwrap();
         Store::open(&dir.join("store"), &key).unwrap()
+    }
+
+    fn record(id: &str, name: &str) -> SecretRecord {
+        SecretRecord {
+            id: id.into(),
+            name: name.into(),
+            definition: SecretInput {
+                name: Some(name.into()),
+                kind: Some(Provider::Openai),
+                ..SecretInput::default()
+            },
+            preview: "••••".into(),
+            created_at: STAMP.into(),
+            updated_at: STAMP.into(),
+        }
+    }
+
+    fn value(text: &str) -> SecretValue {
+        SecretValue::new(text.as_bytes().to_vec()).unwrap()
     }
 
     fn files_under(dir: &Path) -> Vec<PathBuf> {
@@ -736,10 +535,14 @@ mod tests {
         let dir = temp_dir("store-plain");
         let store = open(&dir);
         store
-            .create_secret(&json!({"name": "a", "type": "anthropic", "value": VALUE}))
+            .create_secret(&record("sec_a", "a"), &value(VALUE))
             .unwrap();
         store
-            .update_secret("a", &json!({"value": format!("{VALUE}-rotated")}))
+            .replace_secret(
+                "a",
+                &record("sec_a", "a"),
+                Some(&value(&format!("{VALUE}-rotated"))),
+            )
             .unwrap();
         drop(store);
         let files = files_under(&dir.join("store"));
@@ -759,13 +562,13 @@ mod tests {
     #[test]
     fn data_survives_reopening_and_a_wrong_key_changes_nothing() {
         let dir = temp_dir("store-reopen");
-        let record = open(&dir)
-            .create_secret(&json!({"name": "a", "type": "openai", "value": VALUE}))
+        open(&dir)
+            .create_secret(&record("sec_a", "a"), &value(VALUE))
             .unwrap();
-        let loaded = open(&dir).load_all().unwrap();
+        let loaded = open(&dir).load_secrets().unwrap();
         assert_eq!(loaded.len(), 1);
-        assert_eq!(loaded[0].value.expose(), VALUE.as_bytes());
-        assert_eq!(loaded[0].id, record.id);
+        assert_eq!(loaded[0].1.expose(), VALUE.as_bytes());
+        assert_eq!(loaded[0].0.id, "sec_a");
 
         let other = temp_dir("store-other-key");
         let (wrong, _) = MasterKey::load_or_create(None, &other).unwrap();
@@ -776,7 +579,7 @@ mod tests {
             before == snapshot(&dir.join("store")),
             "a wrong key changed the store"
         );
-        assert_eq!(open(&dir).load_all().unwrap().len(), 1, "data lost");
+        assert_eq!(open(&dir).load_secrets().unwrap().len(), 1, "data lost");
     }
 
     /// Every file of a directory tree with its contents.
@@ -796,7 +599,7 @@ mod tests {
     fn a_store_made_before_the_key_check_file_is_checked_without_writing_to_it() {
         let dir = temp_dir("store-legacy");
         open(&dir)
-            .create_secret(&json!({"name": "a", "type": "openai", "value": VALUE}))
+            .create_secret(&record("sec_a", "a"), &value(VALUE))
             .unwrap();
         std::fs::remove_file(dir.join("store/key-check")).unwrap();
         let before = snapshot(&dir.join("store"));
@@ -819,138 +622,119 @@ mod tests {
                 .all(|name| !name.to_string_lossy().contains("key-check")),
             "the checked copy was left behind: {leftovers:?}"
         );
-        assert_eq!(open(&dir).load_all().unwrap().len(), 1);
+        assert_eq!(open(&dir).load_secrets().unwrap().len(), 1);
         assert!(dir.join("store/key-check").exists());
     }
 
     #[test]
-    fn names_are_unique_and_reads_never_include_the_value() {
+    fn names_are_unique_and_renames_free_the_old_name() {
         let dir = temp_dir("store-names");
         let store = open(&dir);
-        let record = store
-            .create_secret(&json!({"name": "a", "type": "stripe", "value": VALUE}))
+        store
+            .create_secret(&record("sec_a", "a"), &value(VALUE))
             .unwrap();
-        assert!(!record.to_json().to_string().contains(VALUE));
-        assert_eq!(record.preview, "sk-ant••••789");
         let duplicate = store
-            .create_secret(&json!({"name": "a", "type": "stripe", "value": VALUE}))
+            .create_secret(&record("sec_other", "a"), &value(VALUE))
             .unwrap_err();
         assert!(matches!(duplicate, StoreError::Duplicate { .. }));
         store
-            .create_secret(&json!({"name": "b", "type": "stripe", "value": "x"}))
+            .create_secret(&record("sec_b", "b"), &value("x"))
             .unwrap();
-        let rename = store.update_secret("b", &json!({"name": "a"})).unwrap_err();
+        let rename = store
+            .replace_secret("b", &record("sec_b", "a"), None)
+            .unwrap_err();
         assert!(matches!(rename, StoreError::Duplicate { .. }));
-        let missing = store
-            .create_secret(&json!({"name": "c", "type": "stripe"}))
-            .unwrap_err();
-        assert!(
-            matches!(missing, StoreError::Invalid(ValidationError { ref field, .. }) if field == "value")
-        );
-    }
-
-    #[test]
-    fn updates_are_partial_and_empty_ones_are_refused() {
-        let dir = temp_dir("store-update");
-        let store = open(&dir);
         store
-            .create_secret(
-                &json!({"name": "g", "hostPattern": "api.example.com", "value": VALUE,
-                "injection": {"headerName": "x-key"}}),
-            )
+            .replace_secret("b", &record("sec_b", "c"), None)
             .unwrap();
-        let updated = store
-            .update_secret("g", &json!({"pathPattern": "/v1/*"}))
-            .unwrap();
-        assert_eq!(updated.definition["hostPattern"], "api.example.com");
-        assert_eq!(updated.definition["pathPattern"], "/v1/*");
-        assert_eq!(
-            store.load_all().unwrap()[0].value.expose(),
-            VALUE.as_bytes()
-        );
-        let empty = store.update_secret("g", &json!({})).unwrap_err();
-        assert!(empty.to_string().contains("no fields provided"));
-        let invalid = store
-            .update_secret("g", &json!({"hostPattern": "https://x"}))
-            .unwrap_err();
-        assert!(
-            matches!(invalid, StoreError::Invalid(ValidationError { ref field, .. }) if field == "hostPattern")
-        );
-        assert_eq!(
-            store.get_secret("g").unwrap().definition["hostPattern"],
-            "api.example.com"
-        );
-        store.delete_secret(&updated.id).unwrap();
         assert!(matches!(
-            store.get_secret("g"),
+            store.get_secret("b"),
             Err(StoreError::NotFound { .. })
         ));
+        assert_eq!(store.get_secret("c").unwrap().id, "sec_b");
+        assert_eq!(store.secret_value("sec_b").unwrap().expose(), b"x");
+        assert_eq!(store.delete_secret("c").unwrap().id, "sec_b");
+        assert!(matches!(
+            store.get_secret("sec_b"),
+            Err(StoreError::NotFound { .. })
+        ));
+        store
+            .create_secret(&record("sec_c", "c"), &value("y"))
+            .unwrap();
     }
 
     #[test]
-    fn agents_and_rules_round_trip_with_validation() {
+    fn records_written_before_versions_were_recorded_still_read() {
+        let dir = temp_dir("store-unversioned");
+        let store = open(&dir);
+        // As this appliance wrote them before its records carried a version.
+        let old = r#"{"id":"sec_old","name":"old","definition":{"name":"old","type":"openai","pathPattern":null},"createdAt":"2026-01-01T00:00:00Z","updatedAt":"2026-01-01T00:00:00Z","preview":"sk-pro••••789"}"#;
+        store.secrets.insert("sec_old", old.as_bytes()).unwrap();
+        store.names.insert("old", "sec_old").unwrap();
+        let agent = br#"{"name":"lab","cgroups":["agents/lab"],"create":false,"createdAt":"2026-01-01T00:00:00Z","updatedAt":"2026-01-01T00:00:00Z"}"#;
+        store.agents_tree().insert("lab", agent.as_slice()).unwrap();
+        let record = store.get_secret("old").unwrap();
+        assert_eq!(record.definition.kind, Some(Provider::Openai));
+        assert_eq!(record.preview, "sk-pro••••789");
+        let agent = store.get_agent("lab").unwrap();
+        assert_eq!(
+            agent.definition.cgroups,
+            Some(vec!["agents/lab".to_owned()])
+        );
+    }
+
+    #[test]
+    fn agents_and_rules_round_trip() {
         let dir = temp_dir("store-records");
         let store = open(&dir);
-        store
-            .create_agent(
-                &json!({"name": "research", "cgroups": ["agents/research"]}),
-                |_| Ok(()),
-            )
-            .unwrap();
-        let duplicate = store
-            .create_agent(&json!({"name": "research", "cgroups": ["x"]}), |_| Ok(()))
-            .unwrap_err();
+        let agent = |name: &str| AgentRecord {
+            definition: AgentInput {
+                name: Some(name.into()),
+                cgroups: Some(vec!["agents/research".into()]),
+                create: Some(false),
+            },
+            created_at: STAMP.into(),
+            updated_at: STAMP.into(),
+        };
+        store.create_agent(&agent("research")).unwrap();
+        let duplicate = store.create_agent(&agent("research")).unwrap_err();
         assert!(matches!(
             duplicate,
             StoreError::Duplicate { kind: "agent", .. }
         ));
-        let renamed = store
-            .update_agent("research", &json!({"name": "lab", "create": true}), |_| {
-                Ok(())
-            })
-            .unwrap();
-        assert_eq!(renamed["cgroups"], json!(["agents/research"]));
+        store.replace_agent("research", &agent("lab")).unwrap();
         assert!(matches!(
             store.get_agent("research"),
             Err(StoreError::NotFound { .. })
         ));
-        let bad = store
-            .update_agent("lab", &json!({"cgroups": []}), |_| Ok(()))
-            .unwrap_err();
-        assert!(
-            matches!(bad, StoreError::Invalid(ValidationError { ref field, .. }) if field == "cgroups")
-        );
-
-        let rule = store
-            .create_rule(&json!({"host": "api.example.com", "action": "block", "method": "DELETE"}))
-            .unwrap();
-        let id = rule["id"].as_str().unwrap();
-        store.update_rule(id, &json!({"action": "allow"})).unwrap();
-        let refused = store
-            .create_agent(&json!({"name": "checked", "cgroups": ["x"]}), |_| {
-                Err(ValidationError {
-                    field: "cgroups[0]".into(),
-                    message: "does not exist".into(),
-                })
-            })
-            .unwrap_err();
-        assert!(matches!(refused, StoreError::Invalid(_)));
-        assert!(matches!(
-            store.get_agent("checked"),
-            Err(StoreError::NotFound { .. })
-        ));
-        let stamp = store.update_rule(id, &json!({"id": "other"})).unwrap_err();
-        assert!(
-            matches!(stamp, StoreError::Invalid(ValidationError { ref field, .. }) if field == "id")
-        );
+        let rule = AccessRuleRecord {
+            id: "rule_1".into(),
+            definition: AccessRuleInput {
+                host: Some("api.example.com".into()),
+                method: Some("DELETE".into()),
+                action: Some(Action::Block),
+                ..AccessRuleInput::default()
+            },
+            created_at: STAMP.into(),
+            updated_at: STAMP.into(),
+        };
+        store.create_rule(&rule).unwrap();
+        let mut allowed = rule.clone();
+        allowed.definition.action = Some(Action::Allow);
+        store.replace_rule(&allowed).unwrap();
         drop(store);
         let store = open(&dir);
-        assert_eq!(store.load_agents().unwrap()[0].name, "lab");
-        let rules = store.load_rules().unwrap();
-        assert_eq!(rules[0].0, id);
-        assert_eq!(rules[0].1.action, crate::policy::Action::Allow);
-        store.delete_rule(id).unwrap();
-        assert!(store.load_rules().unwrap().is_empty());
+        assert_eq!(
+            store.list_agents().unwrap()[0].definition.name.as_deref(),
+            Some("lab")
+        );
+        let rules = store.list_rules().unwrap();
+        assert_eq!(rules[0].id, "rule_1");
+        assert_eq!(rules[0].definition.action, Some(Action::Allow));
+        store.delete_rule("rule_1").unwrap();
+        assert!(store.list_rules().unwrap().is_empty());
+        store.delete_agent("lab").unwrap();
+        assert!(store.list_agents().unwrap().is_empty());
     }
 
     #[test]
@@ -961,10 +745,11 @@ mod tests {
             .map(|n| {
                 let store = std::sync::Arc::clone(&store);
                 std::thread::spawn(move || {
-                    let same = store
-                        .create_secret(&json!({"name": "same", "type": "openai", "value": "v"}));
+                    let same =
+                        store.create_secret(&record(&format!("sec_same{n}"), "same"), &value("v"));
                     let own = store.create_secret(
-                        &json!({"name": format!("own{n}"), "type": "openai", "value": "v"}),
+                        &record(&format!("sec_own{n}"), &format!("own{n}")),
+                        &value("v"),
                     );
                     (same.is_ok(), own.is_ok())
                 })

@@ -140,9 +140,9 @@ fn sync_parent(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{SecretRecord, SecretValue};
     use crate::store::seal::KEY_FILE;
     use crate::test_support::temp_dir;
-    use serde_json::json;
 
     const VALUE: &str = "sk-rotate-0123456789";
 
@@ -151,11 +151,19 @@ mod tests {
         let dir = temp_dir(name);
         let (key, _) = MasterKey::load_or_create(None, &dir).unwrap();
         let store = Store::open(&dir.join("store"), &key).unwrap();
-        store
-            .create_secret(&json!({
-                "name": "openai", "type": "openai", "value": VALUE
-            }))
-            .unwrap();
+        let record = SecretRecord {
+            id: "sec_openai".into(),
+            name: "openai".into(),
+            definition: serde_json::from_value(
+                serde_json::json!({"name": "openai", "type": "openai"}),
+            )
+            .unwrap(),
+            preview: "••••".into(),
+            created_at: "2026-12-01T00:00:00Z".into(),
+            updated_at: "2026-12-01T00:00:00Z".into(),
+        };
+        let value = SecretValue::new(VALUE.as_bytes().to_vec()).unwrap();
+        store.create_secret(&record, &value).unwrap();
         (dir.join("store"), dir.join(KEY_FILE))
     }
 
@@ -163,10 +171,10 @@ mod tests {
         let key = MasterKey::from_file(key_file).unwrap();
         Store::open(store, &key)
             .unwrap()
-            .load_all()
+            .load_secrets()
             .unwrap()
             .iter()
-            .map(|secret| String::from_utf8(secret.value.expose().to_vec()).unwrap())
+            .map(|(_, value)| String::from_utf8(value.expose().to_vec()).unwrap())
             .collect()
     }
 
