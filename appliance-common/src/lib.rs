@@ -8,7 +8,7 @@
 
 /// Names of the maps the eBPF object defines; the loader pins them under its bpffs directory.
 pub mod map_names {
-    /// [`CaptureConfig`](crate::CaptureConfig) at index 0.
+    /// [`ProgramSettings`](crate::ProgramSettings) at index 0.
     pub const CONFIG: &str = "CONFIG";
     /// Intercepted destination ports (host byte order) → 1.
     pub const PORTS: &str = "PORTS";
@@ -56,7 +56,7 @@ pub const MAX_COVERED_NAMESPACES: u32 = 4096;
 /// rule delivers it to the engine), UDP is dropped.
 pub const GUARD_WHOLE_NAMESPACE: u8 = 1;
 /// `GUARDED` value: only selected cgroups are captured; TCP of their connections is marked
-/// with `CaptureConfig::container_mark`, everything else from this source passes unmarked.
+/// with `ProgramSettings::container_mark`, everything else from this source passes unmarked.
 pub const GUARD_SELECTED_CGROUPS: u8 = 2;
 
 /// Capacity of `GUARDED`: a few addresses per served container.
@@ -106,7 +106,7 @@ pub const CLOSED_CONNECTIONS_CAPACITY: u32 = 16_384;
 /// Maximum number of intercepted ports.
 pub const MAX_INTERCEPTED_PORTS: u32 = 64;
 
-/// `CaptureConfig::flags` bit: refuse intercepted connections from sockets in a network
+/// `ProgramSettings::flags` bit: refuse intercepted connections from sockets in a network
 /// namespace other than the engine's that the daemon has not set up (absent from `FOREIGN`):
 /// they cannot reach the engine. Without it such connections go out unredirected.
 pub const FLAG_REFUSE_FOREIGN_NETNS: u32 = 1;
@@ -114,7 +114,7 @@ pub const FLAG_REFUSE_FOREIGN_NETNS: u32 = 1;
 /// Runtime configuration of the eBPF programs, written by the loader.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CaptureConfig {
+pub struct ProgramSettings {
     /// Cookie of the network namespace the engine listens in (`SO_NETNS_COOKIE`).
     pub netns_cookie: u64,
     /// Engine's IPv6 listener address, network byte order per 32-bit word.
@@ -198,7 +198,7 @@ pub const fn is_ipv4_mapped(ip6: &[u32; 4]) -> bool {
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all four are repr(C), made only of integers, and have no padding.
-    unsafe impl aya::Pod for super::CaptureConfig {}
+    unsafe impl aya::Pod for super::ProgramSettings {}
     unsafe impl aya::Pod for super::Redirection {}
     unsafe impl aya::Pod for super::ConnectionKey {}
     unsafe impl aya::Pod for super::CoveredSource {}
@@ -211,7 +211,7 @@ mod tests {
 
     #[test]
     fn shared_types_have_no_implicit_padding() {
-        assert_eq!(size_of::<CaptureConfig>(), 8 + 16 + 4 * 4 + 16 + 4 + 4);
+        assert_eq!(size_of::<ProgramSettings>(), 8 + 16 + 4 * 4 + 16 + 4 + 4);
         assert_eq!(size_of::<Redirection>(), 8 + 8 + 16 + 4 + 2 + 2);
         assert_eq!(size_of::<CoveredSource>(), 4 + 16);
         assert_eq!(size_of::<ConnectionKey>(), 16 + 16 + 4 + 4);

@@ -23,7 +23,7 @@
 #![no_main]
 
 use appliance_common::{
-    ipv4_mapped, is_ipv4_mapped, refusals, CaptureConfig, ConnectionKey, CoveredSource,
+    ipv4_mapped, is_ipv4_mapped, refusals, ConnectionKey, CoveredSource, ProgramSettings,
     Redirection, CLOSED_CONNECTIONS_CAPACITY, DELIVERY_LOCAL, DELIVERY_REDIRECT, DELIVERY_TPROXY,
     ENGINE_LISTENER_V4, ENGINE_LISTENER_V6, FLAG_REFUSE_FOREIGN_NETNS, GUARD_SELECTED_CGROUPS,
     GUARD_WHOLE_NAMESPACE, MAX_COVERED_NAMESPACES, MAX_GUARDED_SOURCES, MAX_INTERCEPTED_PORTS,
@@ -62,7 +62,7 @@ const PROCEED: i32 = 1;
 const REFUSE: i32 = 0;
 
 #[map(name = "CONFIG")]
-static CONFIG: Array<CaptureConfig> = Array::pinned(1, 0);
+static CONFIG: Array<ProgramSettings> = Array::pinned(1, 0);
 
 #[map(name = "PORTS")]
 static PORTS: HashMap<u16, u8> = HashMap::pinned(MAX_INTERCEPTED_PORTS, 0);
@@ -109,7 +109,7 @@ struct Target {
 }
 
 /// What a socket-address hook decided for one call.
-enum Verdict {
+enum AddrDecision {
     /// Not ours: let it through untouched.
     Ignore,
     /// UDP to an intercepted port, or a namespace we cannot serve: fail with EPERM.
@@ -151,14 +151,14 @@ fn destination_port(ctx: &SockAddrContext) -> u16 {
     u16::from_be(unsafe { (*ctx.sock_addr).user_port } as u16)
 }
 
-fn decide(ctx: &SockAddrContext) -> Verdict {
+fn decide(ctx: &SockAddrContext) -> AddrDecision {
     let port = destination_port(ctx);
     // SAFETY: map lookups return pointers the kernel keeps valid for the program's run.
     if unsafe { PORTS.get(&port) }.is_none() {
-        return Verdict::Ignore;
+        return AddrDecision::Ignore;
     }
     let Some(config) = CONFIG.get(0) else {
-        return Verdict::Ignore;
+        return AddrDecision::Ignore;
     };
     // SAFETY: the context pointer is valid, and `sk` is always set for these hooks.
     let (socket_type, mark) = unsafe {
@@ -173,9 +173,9 @@ fn decide(ctx: &SockAddrContext) -> Verdict {
         // In the appliance's own namespace setting a mark takes CAP_NET_ADMIN there, so the
         // mark singles out the engine's upstream sockets.
         if config.own_mark != 0 && mark == config.own_mark {
-            return Verdict::Ignore;
+            return AddrDecision::Ignore;
         }
-        Verdict::Redirect {
+        AddrDecision::Redirect {
             target: Target {
                 ip4: config.engine_ip4,
                 ip6: config.engine_ip6,
@@ -186,8 +186,8 @@ fn decide(ctx: &SockAddrContext) -> Verdict {
     } else {
         // SAFETY: map value copied out at once.
         match unsafe { FOREIGN.get(&netns_cookie).copied() } {
-            Some(delivery) if delivery == u32::from(DELIVERY_TPROXY) => Verdict::Observe,
-            Some(delivery) if delivery == u32::from(DELIVERY_REDIRECT) => Verdict::Redirect {
+            Some(delivery) if delivery == u32::from(DELIVERY_TPROXY) => AddrDecision::Observe,
+            Some(delivery) if delivery == u32::from(DELIVERY_REDIRECT) => AddrDecision::Redirect {
                 target: Target {
                     ip4: config.container_ip4,
                     ip6: config.container_ip6,
@@ -203,9 +203,9 @@ fn decide(ctx: &SockAddrContext) -> Verdict {
                     "refused port {} from a foreign network namespace", port
                 );
                 count_refusal(refusals::FOREIGN_NAMESPACE);
-                return Verdict::Refuse;
+                return AddrDecision::Refuse;
             }
-            _ => return Verdict::Ignore,
+            _ => return AddrDecision::Ignore,
         }
     };
     match socket_type {
@@ -213,9 +213,9 @@ fn decide(ctx: &SockAddrContext) -> Verdict {
         SOCK_DGRAM => {
             info!(ctx, "refused UDP to intercepted port {}", port);
             count_refusal(refusals::UDP);
-            Verdict::Refuse
+            AddrDecision::Refuse
         }
-        _ => Verdict::Ignore,
+        _ => AddrDecision::Ignore,
     }
 }
 
@@ -264,10 +264,10 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: valid context; user_ip4 is readable in connect4.
     let original = ipv4_mapped(unsafe { (*ctx.sock_addr).user_ip4 });
     match decide(&ctx) {
-        Verdict::Ignore => PROCEED,
-        Verdict::Refuse => REFUSE,
-        Verdict::Observe => record_or_refuse(&ctx, original, DELIVERY_TPROXY),
-        Verdict::Redirect { target, delivery } => {
+        AddrDecision::Ignore => PROCEED,
+        AddrDecision::Refuse => REFUSE,
+        AddrDecision::Observe => record_or_refuse(&ctx, original, DELIVERY_TPROXY),
+        AddrDecision::Redirect { target, delivery } => {
             if !record(&ctx, original, delivery) {
                 return REFUSE;
             }
@@ -286,10 +286,10 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
 pub fn connect6(ctx: SockAddrContext) -> i32 {
     let original = user_ip6(&ctx);
     match decide(&ctx) {
-        Verdict::Ignore => PROCEED,
-        Verdict::Refuse => REFUSE,
-        Verdict::Observe => record_or_refuse(&ctx, original, DELIVERY_TPROXY),
-        Verdict::Redirect { target, delivery } => {
+        AddrDecision::Ignore => PROCEED,
+        AddrDecision::Refuse => REFUSE,
+        AddrDecision::Observe => record_or_refuse(&ctx, original, DELIVERY_TPROXY),
+        AddrDecision::Redirect { target, delivery } => {
             if !record(&ctx, original, delivery) {
                 return REFUSE;
             }
@@ -312,8 +312,8 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
 
 fn refuse_intercepted_datagrams(ctx: &SockAddrContext) -> i32 {
     match decide(ctx) {
-        Verdict::Refuse => REFUSE,
-        Verdict::Ignore | Verdict::Redirect { .. } | Verdict::Observe => PROCEED,
+        AddrDecision::Refuse => REFUSE,
+        AddrDecision::Ignore | AddrDecision::Redirect { .. } | AddrDecision::Observe => PROCEED,
     }
 }
 

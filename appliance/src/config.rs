@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::logging::LogFormat;
+
 /// Where the daemon looks when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/appliance/config.toml";
 
@@ -240,22 +242,12 @@ impl Default for ProxyConfig {
     }
 }
 
-/// Log output format.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum LogFormatConfig {
-    /// Human-readable.
-    Text,
-    /// JSON lines.
-    Json,
-}
-
 /// Logging.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// Line format.
-    pub format: LogFormatConfig,
+    pub format: LogFormat,
     /// `tracing` filter, such as `info` or `info,appliance_ebpf=debug`; RUST_LOG overrides.
     pub level: String,
 }
@@ -263,7 +255,7 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
-            format: LogFormatConfig::Text,
+            format: LogFormat::Text,
             level: "info".into(),
         }
     }
@@ -332,7 +324,106 @@ pub struct Config {
     pub audit: AuditConfig,
 }
 
+/// Settings given on the daemon's command line. Each replaces the file's value, except the
+/// lists marked as extending it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `listen.ipv4`.
+    pub listen_v4: Option<Ipv4Addr>,
+    /// `listen.ipv6`.
+    pub listen_v6: Option<Ipv6Addr>,
+    /// `listen.port`.
+    pub port: Option<u16>,
+    /// `capture.intercept_ports`, replaced when not empty.
+    pub intercept_ports: Vec<u16>,
+    /// `capture.agents_cgroup`.
+    pub agents_cgroup: Option<PathBuf>,
+    /// Added to `capture.cgroups`.
+    pub cgroups: Vec<PathBuf>,
+    /// `capture.foreign_netns`.
+    pub foreign_netns: Option<ForeignNetns>,
+    /// `capture.bpffs_dir`.
+    pub bpffs_dir: Option<PathBuf>,
+    /// `capture.mark`.
+    pub mark: Option<u32>,
+    /// `state.dir`.
+    pub state_dir: Option<PathBuf>,
+    /// Added to `upstream.ca_files`.
+    pub upstream_ca_files: Vec<PathBuf>,
+    /// `api.admin_group`.
+    pub admin_group: Option<String>,
+    /// `api.socket`.
+    pub socket: Option<PathBuf>,
+    /// `log.format`.
+    pub log_format: Option<LogFormat>,
+}
+
 impl Config {
+    /// Reads `path` (see [`Config::load`]), applies `overrides` and validates the result.
+    /// Returns the configuration and a description of where it came from.
+    pub fn load_with(
+        path: Option<&Path>,
+        overrides: &Overrides,
+    ) -> Result<(Self, String), ConfigError> {
+        let (mut config, origin) = Self::load(path)?;
+        config.apply(overrides);
+        let described = origin.map_or_else(
+            || "built-in defaults".to_owned(),
+            |path| path.display().to_string(),
+        );
+        config.validate(Path::new(&format!("{described} with command-line options")))?;
+        Ok((config, described))
+    }
+
+    /// Applies command-line `overrides`.
+    pub fn apply(&mut self, overrides: &Overrides) {
+        fn replace<T: Clone>(setting: &mut T, given: &Option<T>) {
+            if let Some(value) = given {
+                setting.clone_from(value);
+            }
+        }
+        replace(&mut self.listen.ipv4, &overrides.listen_v4);
+        replace(&mut self.listen.ipv6, &overrides.listen_v6);
+        replace(&mut self.listen.port, &overrides.port);
+        if !overrides.intercept_ports.is_empty() {
+            self.capture
+                .intercept_ports
+                .clone_from(&overrides.intercept_ports);
+        }
+        replace(&mut self.capture.agents_cgroup, &overrides.agents_cgroup);
+        self.capture
+            .cgroups
+            .extend(overrides.cgroups.iter().cloned());
+        replace(&mut self.capture.foreign_netns, &overrides.foreign_netns);
+        replace(&mut self.capture.bpffs_dir, &overrides.bpffs_dir);
+        replace(&mut self.capture.mark, &overrides.mark);
+        replace(&mut self.state.dir, &overrides.state_dir);
+        self.upstream
+            .ca_files
+            .extend(overrides.upstream_ca_files.iter().cloned());
+        replace(&mut self.api.admin_group, &overrides.admin_group);
+        replace(&mut self.api.socket, &overrides.socket);
+        replace(&mut self.log.format, &overrides.log_format);
+    }
+
+    /// The engine's addresses for containers.
+    pub fn container_addresses(&self) -> Vec<std::net::IpAddr> {
+        vec![
+            self.listen.containers_ipv4.into(),
+            self.listen.containers_ipv6.into(),
+        ]
+    }
+
+    /// The addresses the daemon adds to `lo`: the container addresses, under `redirect`
+    /// delivery.
+    pub fn redirect_addresses(&self) -> Vec<std::net::IpAddr> {
+        if self.capture.foreign_netns == ForeignNetns::Redirect {
+            self.container_addresses()
+        } else {
+            Vec::new()
+        }
+    }
+
     /// Reads `path`; without one, [`DEFAULT_CONFIG`] if it exists, else the defaults.
     pub fn load(path: Option<&Path>) -> Result<(Self, Option<PathBuf>), ConfigError> {
         let path = match path {
@@ -517,6 +608,34 @@ mod tests {
         Config::parse(text, Path::new("test.toml"))
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn command_line_options_replace_settings_and_extend_lists() {
+        let mut config =
+            Config::parse("[upstream]\nca_files = [\"/etc/a.pem\"]\n", Path::new("t")).unwrap();
+        config.apply(&Overrides {
+            port: Some(16443),
+            upstream_ca_files: vec!["/etc/b.pem".into()],
+            log_format: Some(LogFormat::Json),
+            ..Overrides::default()
+        });
+        assert_eq!(config.listen.port, 16443);
+        assert_eq!(
+            config.upstream.ca_files,
+            [PathBuf::from("/etc/a.pem"), PathBuf::from("/etc/b.pem")]
+        );
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(config.capture.intercept_ports, [443]);
+        let clash = Overrides {
+            port: Some(443),
+            ..Overrides::default()
+        };
+        let error = Config::load_with(None, &clash).unwrap_err().to_string();
+        assert!(
+            error.contains("with command-line options: listen.port"),
+            "{error}"
+        );
     }
 
     #[test]

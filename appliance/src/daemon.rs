@@ -1,6 +1,7 @@
 //! The daemon: loads capture, starts the engine, attaches the selected cgroups, and runs until
 //! told to stop.
 
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd as _;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,11 +17,14 @@ use crate::api::{self, ApiSettings};
 use crate::audit::{AuditFileSettings, EventLog};
 use crate::capture::changes::ChangeEvents;
 use crate::capture::containers::ContainerSettings;
-use crate::capture::{self, Capture, CaptureControl, CaptureSettings, Cgroup, Delivery};
+use crate::capture::{
+    self, Capture, CaptureControl, CaptureSettings, Cgroup, ContainerSelection, Delivery,
+};
+use crate::config::{Config, ContainerSelectionConfig, ForeignNetns, UninterceptedConfig};
 use crate::control::Control;
 use crate::engine::Engine;
 use crate::injection::SecretInjector;
-use crate::proxy::{Proxy, ProxySettings};
+use crate::proxy::{Proxy, ProxySettings, Unintercepted};
 use crate::store::{KeySource, MasterKey, Store};
 use crate::tls::{CertificateAuthority, LeafCache, UpstreamTls};
 
@@ -61,7 +65,107 @@ pub struct DaemonSettings {
     pub audit: AuditFileSettings,
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
+impl DaemonSettings {
+    /// The runtime settings `config` asks for.
+    pub fn from_config(config: &Config) -> Self {
+        let capture = CaptureSettings {
+            bpffs_dir: config.capture.bpffs_dir.clone(),
+            engine_v4: config.listen.ipv4,
+            engine_v6: config.listen.ipv6,
+            engine_port: config.listen.port,
+            intercepted_ports: config.capture.intercept_ports.clone(),
+            own_mark: config.capture.mark,
+            refuse_foreign_netns: config.capture.foreign_netns != ForeignNetns::Allow,
+            container_v4: config.listen.containers_ipv4,
+            container_v6: config.listen.containers_ipv6,
+            container_mark: config.capture.container_mark,
+            ebpf_log_level: if tracing::enabled!(target: "appliance_ebpf", tracing::Level::DEBUG) {
+                4
+            } else {
+                3
+            },
+        };
+        let client_timeout = Duration::from_secs(config.proxy.client_timeout_seconds);
+        let proxy = ProxySettings {
+            own_mark: config.capture.mark,
+            connect_timeout: Duration::from_secs(config.upstream.connect_timeout_seconds),
+            handshake_timeout: client_timeout,
+            header_read_timeout: client_timeout,
+            max_header_bytes: config.proxy.max_header_bytes,
+            unintercepted: match config.proxy.unintercepted {
+                UninterceptedConfig::PassThrough => Unintercepted::PassThrough,
+                UninterceptedConfig::Refuse => Unintercepted::Refuse,
+            },
+        };
+        let containers = match config.capture.foreign_netns {
+            ForeignNetns::Refuse | ForeignNetns::Allow => None,
+            ForeignNetns::Tproxy => Some(Delivery::Tproxy),
+            ForeignNetns::Redirect => Some(Delivery::Redirect),
+        }
+        .map(|delivery| ContainerSettings {
+            delivery,
+            selection: match config.capture.container_selection {
+                ContainerSelectionConfig::Namespace => ContainerSelection::Namespace,
+                ContainerSelectionConfig::Cgroup => ContainerSelection::Cgroups,
+            },
+            mark: config.capture.container_mark,
+            routing_table: config.capture.routing_table,
+            rule_preference: config.capture.rule_preference,
+            ports: config.capture.intercept_ports.clone(),
+            rescan: Duration::from_secs(config.capture.container_rescan_seconds),
+        });
+        let mut listen = vec![
+            SocketAddr::new(config.listen.ipv4.into(), config.listen.port),
+            SocketAddr::new(config.listen.ipv6.into(), config.listen.port),
+        ];
+        let local_addresses = config.redirect_addresses();
+        listen.extend(
+            local_addresses
+                .iter()
+                .map(|&address| SocketAddr::new(address, config.listen.port)),
+        );
+        Self {
+            capture,
+            containers,
+            listen,
+            local_addresses,
+            proxy,
+            state_dir: config.state.dir.clone(),
+            upstream_ca_files: config.upstream.ca_files.clone(),
+            leaf_cache_capacity: 10_000,
+            credentials_dir: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+            api: ApiSettings {
+                socket: config.api.socket.clone(),
+                admin_group: Some(config.api.admin_group.clone()).filter(|group| !group.is_empty()),
+                max_body_bytes: config.api.max_body_bytes,
+                request_timeout: Duration::from_secs(10),
+            },
+            agents_cgroup: config.capture.agents_cgroup.clone(),
+            cgroups: config.capture.cgroups.clone(),
+            drain: Duration::from_secs(config.proxy.drain_seconds),
+            metrics_listen: config.metrics.enabled.then_some(config.metrics.listen),
+            audit: AuditFileSettings {
+                dir: config.state.dir.join("audit"),
+                max_file_bytes: config.audit.max_file_bytes,
+                keep_files: config.audit.keep_files,
+            },
+        }
+    }
+}
+
+/// Removes what the daemon adds to the host for containers, beside the pinned programs: the
+/// policy routing rules and the engine's container addresses on `lo`.
+pub fn remove_container_host_side(config: &Config) -> anyhow::Result<()> {
+    capture::containers::remove_host_side(
+        config.capture.routing_table,
+        config.capture.rule_preference,
+    )
+    .context("removing the container routing rules")?;
+    // Whatever the mode now: an earlier daemon may have run with `redirect`.
+    capture::containers::remove_engine_addresses(&config.container_addresses())
+        .context("removing the engine's container addresses from lo")
+}
+
 /// Runs the daemon until SIGTERM or SIGINT. SIGHUP calls `reload` for fresh settings and
 /// applies what can change without dropping connections.
 pub async fn run(

@@ -29,7 +29,7 @@ use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::path::{Path, PathBuf};
 
 use appliance_common::{
-    ipv4_mapped, map_names, CaptureConfig, CoveredSource, ENGINE_LISTENER_V4, ENGINE_LISTENER_V6,
+    ipv4_mapped, map_names, CoveredSource, ProgramSettings, ENGINE_LISTENER_V4, ENGINE_LISTENER_V6,
     FLAG_REFUSE_FOREIGN_NETNS, GUARD_PROGRAM, PROGRAM_NAMES, STEERING_PROGRAM,
 };
 use aya::maps::{Array, HashMap, MapError, SockMap};
@@ -562,7 +562,7 @@ impl Capture {
             "reading the network namespace cookie of",
             Path::new("127.0.0.1"),
         ))?;
-        let config = CaptureConfig {
+        let config = ProgramSettings {
             netns_cookie,
             engine_ip6: crate::addr::to_kernel_words(settings.engine_v6.into()),
             engine_ip4: u32::from_ne_bytes(settings.engine_v4.octets()),
@@ -584,7 +584,7 @@ impl Capture {
                 name: map_names::CONFIG.into(),
             })
             .map_err(map_error(map_names::CONFIG))?;
-        let mut config_map: Array<_, CaptureConfig> =
+        let mut config_map: Array<_, ProgramSettings> =
             Array::try_from(config_map).map_err(map_error(map_names::CONFIG))?;
         config_map
             .set(0, config, 0)

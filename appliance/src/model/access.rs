@@ -17,6 +17,16 @@ pub enum Action {
     Block,
 }
 
+impl Action {
+    /// The name used in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Block => "block",
+        }
+    }
+}
+
 /// An access rule as the API takes it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a JSON object")]
