@@ -7,13 +7,13 @@
 //! The API is thin: [`routes`] maps each endpoint to a handler in the file of its resource,
 //! which reads the input as the model's type and calls the [control layer](crate::control).
 
+mod access_rules;
 mod agents;
 mod ca;
 mod error;
 mod events;
 mod health;
 mod routes;
-mod rules;
 mod secrets;
 
 use std::ffi::CString;

@@ -5,7 +5,7 @@ use http::{Method, StatusCode};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{agents, ca, events, health, rules, secrets, ApiError};
+use super::{access_rules, agents, ca, events, health, secrets, ApiError};
 use crate::control::Control;
 
 /// What a route does.
@@ -196,11 +196,11 @@ pub async fn dispatch(control: &Control, route: &Route, call: Call<'_>) -> Resul
         Handler::AgentGet => agents::get(control, call.id),
         Handler::AgentUpdate => agents::update(control, call.id, call.body),
         Handler::AgentDelete => agents::delete(control, call.id),
-        Handler::RuleList => rules::list(control),
-        Handler::RuleCreate => rules::create(control, call.body),
-        Handler::RuleGet => rules::get(control, call.id),
-        Handler::RuleUpdate => rules::update(control, call.id, call.body),
-        Handler::RuleDelete => rules::delete(control, call.id),
+        Handler::RuleList => access_rules::list(control),
+        Handler::RuleCreate => access_rules::create(control, call.body),
+        Handler::RuleGet => access_rules::get(control, call.id),
+        Handler::RuleUpdate => access_rules::update(control, call.id, call.body),
+        Handler::RuleDelete => access_rules::delete(control, call.id),
     }
 }
 

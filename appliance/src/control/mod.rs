@@ -4,8 +4,8 @@
 //! cgroups. The admin API calls this layer and the daemon reloads through it; neither knows
 //! the other.
 
+mod access_rules;
 mod agents;
-mod rules;
 mod secrets;
 
 use std::path::PathBuf;

@@ -192,7 +192,7 @@ fn access_rules_block_and_their_bookkeeping_is_read_only() {
         control, injector, ..
     } = fixture(&dir);
     let rule = control
-        .create_rule(
+        .create_access_rule(
             from_value(json!({"host": "api.example.com", "path": "/admin/*", "action": "block"}))
                 .unwrap(),
         )
@@ -200,15 +200,15 @@ fn access_rules_block_and_their_bookkeeping_is_read_only() {
     let blocked = injected(&injector, "api.example.com", "/admin/users").unwrap();
     assert!(blocked.contains(&rule.id), "{blocked}");
     let refused = control
-        .update_rule(&rule.id, json!({"id": "other"}))
+        .update_access_rule(&rule.id, json!({"id": "other"}))
         .unwrap_err();
     assert!(matches!(refused, ControlError::Invalid(ref error) if error.field == "id"));
     control
-        .update_rule(&rule.id, json!({"action": "allow"}))
+        .update_access_rule(&rule.id, json!({"action": "allow"}))
         .unwrap();
     assert_eq!(injected(&injector, "api.example.com", "/admin/users"), None);
-    control.delete_rule(&rule.id).unwrap();
-    assert!(control.list_rules().unwrap().is_empty());
+    control.delete_access_rule(&rule.id).unwrap();
+    assert!(control.list_access_rules().unwrap().is_empty());
 }
 
 #[test]

@@ -14,25 +14,27 @@ struct RuleList {
 }
 
 pub fn list(control: &Control) -> Result<Reply, ApiError> {
-    let rules = blocking(|| control.list_rules())?;
+    let rules = blocking(|| control.list_access_rules())?;
     Ok(Reply::ok(&RuleList { rules }))
 }
 
 pub fn create(control: &Control, body: Value) -> Result<Reply, ApiError> {
     let input: AccessRuleInput = model::from_value(body)?;
-    let record = blocking(|| control.create_rule(input))?;
+    let record = blocking(|| control.create_access_rule(input))?;
     Ok(Reply::json(StatusCode::CREATED, &record))
 }
 
 pub fn get(control: &Control, id: &str) -> Result<Reply, ApiError> {
-    Ok(Reply::ok(&blocking(|| control.get_rule(id))?))
+    Ok(Reply::ok(&blocking(|| control.get_access_rule(id))?))
 }
 
 pub fn update(control: &Control, id: &str, patch: Value) -> Result<Reply, ApiError> {
-    Ok(Reply::ok(&blocking(|| control.update_rule(id, patch))?))
+    Ok(Reply::ok(&blocking(|| {
+        control.update_access_rule(id, patch)
+    })?))
 }
 
 pub fn delete(control: &Control, id: &str) -> Result<Reply, ApiError> {
-    blocking(|| control.delete_rule(id))?;
+    blocking(|| control.delete_access_rule(id))?;
     Ok(Reply::Empty)
 }

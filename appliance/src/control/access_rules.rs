@@ -11,17 +11,20 @@ const BOOKKEEPING: &[&str] = &["id", "createdAt", "updatedAt"];
 
 impl Control {
     /// Every access rule, by id.
-    pub fn list_rules(&self) -> Result<Vec<AccessRuleRecord>, ControlError> {
+    pub fn list_access_rules(&self) -> Result<Vec<AccessRuleRecord>, ControlError> {
         Ok(self.store.list_rules()?)
     }
 
     /// One access rule.
-    pub fn get_rule(&self, id: &str) -> Result<AccessRuleRecord, ControlError> {
+    pub fn get_access_rule(&self, id: &str) -> Result<AccessRuleRecord, ControlError> {
         Ok(self.store.get_rule(id)?)
     }
 
     /// Creates an access rule.
-    pub fn create_rule(&self, input: AccessRuleInput) -> Result<AccessRuleRecord, ControlError> {
+    pub fn create_access_rule(
+        &self,
+        input: AccessRuleInput,
+    ) -> Result<AccessRuleRecord, ControlError> {
         input.validate()?;
         let stamp = now();
         let record = AccessRuleRecord {
@@ -37,7 +40,11 @@ impl Control {
     }
 
     /// Applies a PATCH body to an access rule.
-    pub fn update_rule(&self, id: &str, patch: Value) -> Result<AccessRuleRecord, ControlError> {
+    pub fn update_access_rule(
+        &self,
+        id: &str,
+        patch: Value,
+    ) -> Result<AccessRuleRecord, ControlError> {
         let current = self.store.get_rule(id)?;
         let definition = model::patched(&current.definition, patch, BOOKKEEPING)?;
         definition.validate()?;
@@ -54,7 +61,7 @@ impl Control {
     }
 
     /// Deletes an access rule.
-    pub fn delete_rule(&self, id: &str) -> Result<(), ControlError> {
+    pub fn delete_access_rule(&self, id: &str) -> Result<(), ControlError> {
         self.store.delete_rule(id)?;
         self.rebuild_host_table()?;
         info!(target: "appliance::audit", event = "rule_deleted", id = %id, "access rule deleted");
