@@ -44,6 +44,10 @@ fn assert_direct(probe: &Value) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn ipv4_connections_from_a_selected_cgroup_reach_the_engine_with_their_origin() {
     require_root();
     let slot = 1;
@@ -87,6 +91,10 @@ fn ipv4_connections_from_a_selected_cgroup_reach_the_engine_with_their_origin() 
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn ipv6_loopback_connections_are_redirected() {
     require_root();
     let slot = 2;
@@ -108,6 +116,10 @@ fn ipv6_loopback_connections_are_redirected() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn unselected_processes_and_the_appliance_itself_connect_directly() {
     require_root();
     let slot = 3;
@@ -149,6 +161,10 @@ fn unselected_processes_and_the_appliance_itself_connect_directly() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn descendants_are_intercepted_until_detached() {
     require_root();
     let slot = 4;
@@ -183,6 +199,10 @@ fn descendants_are_intercepted_until_detached() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn udp_to_intercepted_ports_is_refused_only_in_selected_cgroups() {
     require_root();
     let slot = 5;
@@ -232,6 +252,10 @@ print(json.dumps(result))
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn a_restarted_daemon_adopts_its_pinned_links() {
     require_root();
     let slot = 6;
@@ -290,6 +314,10 @@ fn a_restarted_daemon_adopts_its_pinned_links() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn an_upgraded_daemon_replaces_pinned_maps_of_an_older_layout() {
     require_root();
     let slot = 31;
@@ -316,6 +344,10 @@ fn an_upgraded_daemon_replaces_pinned_maps_of_an_older_layout() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn ten_thousand_short_connections_leave_the_maps_empty() {
     require_root();
     let slot = 7;
@@ -355,6 +387,10 @@ print(json.dumps({{"ok": ok}}))
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn exec_refuses_a_cgroup_no_appliance_intercepts() {
     require_root();
     let slot = 8;
@@ -380,6 +416,10 @@ fn exec_refuses_a_cgroup_no_appliance_intercepts() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn a_foreign_namespace_never_escapes_with_the_appliances_mark() {
     require_root();
     let slot = 23;

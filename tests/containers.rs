@@ -337,6 +337,10 @@ fn injected_events(setup: &Setup) -> Vec<Value> {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn containers_on_a_bridge_and_a_routed_veth_get_their_secrets_by_tproxy() {
     let setup = setup(24, "tproxy");
     let network = &setup.network;
@@ -481,6 +485,10 @@ fn containers_on_a_bridge_and_a_routed_veth_get_their_secrets_by_tproxy() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn raw_and_udp_packets_from_a_served_container_cannot_go_around_the_engine() {
     let setup = setup(28, "tproxy");
     let network = &setup.network;
@@ -544,6 +552,10 @@ fn raw_and_udp_packets_from_a_served_container_cannot_go_around_the_engine() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn containers_are_followed_by_events_without_waiting_for_the_rescan() {
     // The periodic rescan is out of reach: only events can make the daemon look.
     let setup = setup_with(29, "tproxy", "container_rescan_seconds = 3600\n");
@@ -573,6 +585,10 @@ fn containers_are_followed_by_events_without_waiting_for_the_rescan() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn selecting_one_cgroup_of_a_shared_namespace_leaves_its_sidecars_direct() {
     let setup = setup_with(30, "tproxy", "container_selection = \"cgroup\"\n");
     let network = &setup.network;
@@ -657,6 +673,10 @@ fn selecting_one_cgroup_of_a_shared_namespace_leaves_its_sidecars_direct() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn a_stopped_daemon_lets_nothing_out_and_detach_all_removes_everything() {
     let mut setup = setup(25, "tproxy");
     let network = &setup.network;
@@ -728,6 +748,10 @@ fn a_stopped_daemon_lets_nothing_out_and_detach_all_removes_everything() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn redirect_mode_serves_containers_without_host_routing() {
     let setup = setup(26, "redirect");
     let network = &setup.network;
@@ -818,6 +842,10 @@ fn import_client_image(dir: &Path, image: &str) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn a_podman_container_under_an_agents_cgroup_gets_its_secret() {
     let setup = setup(27, "tproxy");
     let suffix = format!("{}-27", std::process::id());

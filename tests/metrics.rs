@@ -113,6 +113,10 @@ impl Drop for Fixture {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn prometheus_scrapes_the_requests_and_injections_an_agent_made() {
     let slot = 33;
     let metrics: SocketAddr = format!("127.0.0.1:{}", 19000 + u16::from(slot))
@@ -255,6 +259,10 @@ fn last_used(daemon: &Daemon) -> Value {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn events_and_last_used_survive_a_restart_and_a_kill_leaves_whole_lines() {
     let mut fixture = Fixture::start(34, "", "sk-proj-REAL-AUDIT");
     for _ in 0..3 {

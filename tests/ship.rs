@@ -48,6 +48,10 @@ fn the_unit_verifies_and_keeps_its_security_rating() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn install_runs_and_uninstall_detaches_everything() {
     require_root();
     let slot = 21;
@@ -159,6 +163,10 @@ fn install_runs_and_uninstall_detaches_everything() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn readiness_and_reload_are_reported_to_systemd() {
     require_root();
     let slot = 22;
@@ -228,6 +236,10 @@ fn text_log_line(journal: bool) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn text_logs_carry_no_colour_off_a_terminal_and_journal_priorities_under_systemd() {
     let file = text_log_line(false);
     assert!(file.contains("detached everything"), "{file}");

@@ -21,6 +21,10 @@
 //!   the rest of the namespace (sidecars) go its own way.
 #![no_std]
 #![no_main]
+#![allow(
+    missing_docs,
+    reason = "aya's program attributes generate the exported entry points; the module docs above describe each program"
+)]
 
 use appliance_common::{
     ipv4_mapped, is_ipv4_mapped, refusals, ConnectionKey, CoveredSource, ProgramSettings,

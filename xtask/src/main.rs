@@ -469,8 +469,9 @@ fn test() -> anyhow::Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     step("linting");
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
-    step("running every test");
-    let counted = run_counting_tests(cargo().arg("test"));
+    step("running every test, the privileged suites included (feature privileged-tests)");
+    let counted =
+        run_counting_tests(cargo().args(["test", "--features", "appliance/privileged-tests"]));
     let leaked = hygiene::reap_orphans();
     let (passed, failed) = counted?;
     if !leaked.is_empty() {
@@ -552,6 +553,7 @@ mod tests {
             "tests/common",
             "tests/https",
             "tests/network",
+            "tests/redirect",
             "appliance/benches",
         ] {
             for entry in std::fs::read_dir(root.join(dir)).unwrap().flatten() {
