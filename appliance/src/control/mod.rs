@@ -76,6 +76,14 @@ pub enum ControlError {
     Ca(#[from] CaError),
 }
 
+impl ControlError {
+    /// How a stored record of `kind` under `id` that does not validate is reported.
+    fn damaged(kind: &'static str, id: &str) -> impl FnOnce(ValidationError) -> Self {
+        let id = id.to_owned();
+        move |source| Self::Damaged { kind, id, source }
+    }
+}
+
 impl From<StoreError> for ControlError {
     fn from(error: StoreError) -> Self {
         match error {
@@ -312,15 +320,11 @@ impl Control {
         let mut cgroups = Vec::new();
         let mut owners = Vec::new();
         for record in self.store.list_agents()? {
-            let name = record.definition.name.clone().unwrap_or_default();
+            let name = record.definition.name.as_deref().unwrap_or_default();
             let spec = record
                 .definition
                 .validate()
-                .map_err(|source| ControlError::Damaged {
-                    kind: "agent",
-                    id: name.clone(),
-                    source,
-                })?;
+                .map_err(ControlError::damaged("agent", name))?;
             match agent_cgroups(&spec) {
                 Ok(found) => {
                     for cgroup in found {

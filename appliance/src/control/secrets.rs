@@ -98,9 +98,5 @@ fn validated(record: &SecretRecord) -> Result<SecretSpec, ControlError> {
     record
         .definition
         .validate()
-        .map_err(|source| ControlError::Damaged {
-            kind: "secret",
-            id: record.id.clone(),
-            source,
-        })
+        .map_err(ControlError::damaged("secret", &record.id))
 }
