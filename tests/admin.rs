@@ -100,6 +100,11 @@ fn the_admin_api_answers_every_error_with_one_shape() {
     assert_eq!(status, 201, "{created}");
     assert!(created.get("value").is_none());
     assert_eq!(created["preview"], "sk-123••••def");
+    // The answer is the model's view, which the CLI reads too.
+    let view: appliance::model::SecretView = serde_json::from_value(created.clone()).unwrap();
+    assert_eq!(view.provider, appliance::model::Provider::Openai);
+    assert_eq!(view.rules[0].hosts, ["api.openai.com"]);
+    assert_eq!(view.record.name, "a");
     let id = created["id"].as_str().unwrap().to_owned();
 
     let big = format!(r#"{{"name": "big", "value": "{}"}}"#, "x".repeat(300_000));
