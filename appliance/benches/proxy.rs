@@ -20,7 +20,7 @@ use appliance::addr::{ClientAddr, EngineAddr, OrigDstAddr};
 use appliance::audit::EventLog;
 use appliance::capture::{CgroupId, LookupError, OriginalDestinations, Redirect};
 use appliance::engine::Engine;
-use appliance::injection::{HostTable, LoadedSecret, SecretInjector};
+use appliance::injection::{HostTable, LiveValue, LoadedSecret, SecretInjector};
 use appliance::model::SecretSpec;
 use appliance::proxy::{Proxy, ProxySettings, Unintercepted};
 use appliance::tls::{CertificateAuthority, LeafCache, UpstreamTls};
@@ -239,8 +239,8 @@ async fn run(placement: Placement, appliance_runtime: Option<tokio::runtime::Han
     injector.replace(HostTable::new(
         vec![LoadedSecret {
             id: "sec_bench".into(),
+            value: Arc::new(LiveValue::fixed(value.unwrap(), &spec.rules)),
             spec,
-            value: value.unwrap(),
         }],
         Vec::new(),
     ));

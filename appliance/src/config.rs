@@ -300,6 +300,54 @@ impl Default for MetricsConfig {
     }
 }
 
+/// Secret values fetched from a source (1Password, a file, a command, a credential).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ValuesConfig {
+    /// How long a fetched value is used before it is fetched again, seconds.
+    pub ttl_seconds: u64,
+    /// How long past its TTL the last good value stays in use while its source fails.
+    pub max_stale_seconds: u64,
+    /// Limit on one command run or one 1Password Connect exchange, seconds.
+    pub timeout_seconds: u64,
+    /// Whether secrets may take their value from a command run as the daemon's user.
+    pub allow_commands: bool,
+}
+
+impl Default for ValuesConfig {
+    fn default() -> Self {
+        Self {
+            ttl_seconds: 300,
+            max_stale_seconds: 3600,
+            timeout_seconds: 10,
+            allow_commands: false,
+        }
+    }
+}
+
+/// 1Password Connect, for `opRef` values. `OP_CONNECT_HOST` and `OP_CONNECT_TOKEN` in the
+/// daemon's environment take precedence, as with 1Password's SDKs.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OnePasswordConfig {
+    /// The Connect server's URL, such as `http://localhost:8080`; empty: not configured.
+    pub connect_host: String,
+    /// The systemd credential holding the Connect token.
+    pub token_credential: String,
+    /// A file holding the token, for hosts without systemd credentials; empty: none.
+    pub token_file: PathBuf,
+}
+
+impl Default for OnePasswordConfig {
+    fn default() -> Self {
+        Self {
+            connect_host: String::new(),
+            token_credential: "op-connect-token".into(),
+            token_file: PathBuf::new(),
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -322,6 +370,10 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[audit]`
     pub audit: AuditConfig,
+    /// `[values]`
+    pub values: ValuesConfig,
+    /// `[onepassword]`
+    pub onepassword: OnePasswordConfig,
 }
 
 /// Settings given on the daemon's command line. Each replaces the file's value, except the
@@ -526,6 +578,21 @@ impl Config {
                     "is {}, a table the kernel reserves; choose an unused table such as 1500",
                     self.capture.routing_table
                 ),
+            ));
+        }
+        if !(1..=86_400).contains(&self.values.ttl_seconds) {
+            return Err(invalid(
+                "values.ttl_seconds",
+                format!(
+                    "is {}; give 1-86400 (values are refreshed at three quarters of it)",
+                    self.values.ttl_seconds
+                ),
+            ));
+        }
+        if !(1..=300).contains(&self.values.timeout_seconds) {
+            return Err(invalid(
+                "values.timeout_seconds",
+                format!("is {}; give 1-300", self.values.timeout_seconds),
             ));
         }
         if self.audit.max_file_bytes < 4096 {

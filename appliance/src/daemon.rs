@@ -20,13 +20,17 @@ use crate::capture::containers::ContainerSettings;
 use crate::capture::{
     self, Capture, CaptureControl, CaptureSettings, Cgroup, ContainerSelection, Delivery,
 };
-use crate::config::{Config, ContainerSelectionConfig, ForeignNetns, UninterceptedConfig};
+use crate::config::{
+    Config, ContainerSelectionConfig, ForeignNetns, OnePasswordConfig, UninterceptedConfig,
+    ValuesConfig,
+};
 use crate::control::Control;
 use crate::engine::Engine;
 use crate::injection::SecretInjector;
 use crate::proxy::{Proxy, ProxySettings, Unintercepted};
 use crate::store::{KeySource, MasterKey, Store};
 use crate::tls::{CertificateAuthority, LeafCache, UpstreamTls};
+use crate::values::{ConnectSettings, SourceSettings, Sources};
 
 /// Everything the daemon needs to run.
 #[derive(Clone, Debug)]
@@ -63,6 +67,10 @@ pub struct DaemonSettings {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The durable audit log.
     pub audit: AuditFileSettings,
+    /// Values fetched from their sources.
+    pub values: ValuesConfig,
+    /// 1Password Connect.
+    pub onepassword: OnePasswordConfig,
 }
 
 impl DaemonSettings {
@@ -149,8 +157,57 @@ impl DaemonSettings {
                 max_file_bytes: config.audit.max_file_bytes,
                 keep_files: config.audit.keep_files,
             },
+            values: config.values.clone(),
+            onepassword: config.onepassword.clone(),
         }
     }
+}
+
+/// 1Password Connect as the daemon's environment (`OP_CONNECT_HOST`, `OP_CONNECT_TOKEN`, as
+/// 1Password's SDKs read it) or its configuration says; `None` when neither names a server.
+fn connect_settings(
+    config: &OnePasswordConfig,
+    credentials_dir: Option<&std::path::Path>,
+) -> anyhow::Result<Option<ConnectSettings>> {
+    let from_env = |name| std::env::var(name).ok().filter(|value| !value.is_empty());
+    let Some(host) = from_env("OP_CONNECT_HOST")
+        .or_else(|| Some(config.connect_host.clone()).filter(|host| !host.is_empty()))
+    else {
+        return Ok(None);
+    };
+    let host: http::Uri = host.parse().with_context(|| {
+        format!("1Password Connect host {host:?} (OP_CONNECT_HOST or onepassword.connect_host) is not a URL such as http://localhost:8080")
+    })?;
+    if !matches!(host.scheme_str(), Some("http" | "https")) || host.authority().is_none() {
+        anyhow::bail!("1Password Connect host {host} (OP_CONNECT_HOST or onepassword.connect_host) must be an http:// or https:// URL with a host, such as http://localhost:8080");
+    }
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .map(|token| token.trim().to_owned())
+            .with_context(|| {
+                format!(
+                    "reading the 1Password Connect token from {}",
+                    path.display()
+                )
+            })
+    };
+    let credential = credentials_dir
+        .map(|dir| dir.join(&config.token_credential))
+        .filter(|path| path.exists());
+    let token = match (from_env("OP_CONNECT_TOKEN"), &credential) {
+        (Some(token), _) => token,
+        (None, Some(path)) => read(path)?,
+        (None, None) if !config.token_file.as_os_str().is_empty() => read(&config.token_file)?,
+        (None, None) => anyhow::bail!(
+            "1Password Connect is configured at {host} but has no token: set OP_CONNECT_TOKEN, give the daemon the credential {} (LoadCredential=), or set onepassword.token_file",
+            config.token_credential
+        ),
+    };
+    info!(host = %host, "1Password Connect configured");
+    Ok(Some(ConnectSettings {
+        host,
+        token: Arc::new(zeroize::Zeroizing::new(token)),
+    }))
 }
 
 /// Removes what the daemon adds to the host for containers, beside the pinned programs: the
@@ -200,6 +257,7 @@ pub async fn run(
     let api_leaves = Arc::clone(&leaves);
     let upstream_tls = UpstreamTls::new(&settings.upstream_ca_files)
         .context("loading trusted upstream certificates")?;
+    let value_source_tls = upstream_tls.clone();
     let proxy = Arc::new(Proxy::new(
         Arc::clone(&injector) as Arc<dyn crate::injection::Injector>,
         leaves,
@@ -235,6 +293,16 @@ pub async fn run(
 
     let capture = CaptureControl::new(capture, base, settings.containers.clone())
         .context("taking over the host side of container delivery")?;
+    let sources = Arc::new(Sources::new(SourceSettings {
+        ttl: Duration::from_secs(settings.values.ttl_seconds),
+        max_stale: Duration::from_secs(settings.values.max_stale_seconds),
+        timeout: Duration::from_secs(settings.values.timeout_seconds),
+        allow_commands: settings.values.allow_commands,
+        onepassword: connect_settings(&settings.onepassword, settings.credentials_dir.as_deref())?,
+        credentials_dir: settings.credentials_dir.clone(),
+        own_mark: settings.proxy.own_mark,
+        tls: Some(Arc::clone(&value_source_tls.http11_only)),
+    }));
     let control = Arc::new(Control::new(
         store,
         injector,
@@ -242,6 +310,7 @@ pub async fn run(
         ca_dir,
         Arc::clone(&events),
         Box::new(capture),
+        Arc::clone(&sources),
     ));
     let loaded = control
         .reload()
@@ -252,6 +321,19 @@ pub async fn run(
         intercepted = loaded.intercepted,
         "state loaded"
     );
+    // Values that live elsewhere are fetched before the daemon says it is ready, so that the
+    // first requests find them; a source that does not answer in time is retried by the
+    // refresher, and requests that need it fail meanwhile.
+    let first_fetch = Duration::from_secs(settings.values.timeout_seconds) * 2;
+    if tokio::time::timeout(first_fetch, sources.refresh_due())
+        .await
+        .is_err()
+    {
+        warn!(
+            seconds = first_fetch.as_secs(),
+            "not every secret value could be fetched before starting; requests that need one get 502 until its source answers"
+        );
+    }
 
     let admin_api = api::bind(settings.api.clone()).context("starting the admin API")?;
     let metrics_listener =
@@ -264,6 +346,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let api_task = tokio::spawn(admin_api.serve(Arc::clone(&control), stop_rx.clone()));
     let served = tokio::spawn(engine.serve(stop_rx.clone(), settings.drain));
+    tokio::spawn(Arc::clone(&sources).run(stop_rx.clone()));
     if let Some(listener) = metrics_listener {
         tokio::spawn(serve_metrics(
             listener,
@@ -446,6 +529,8 @@ fn apply_reload(
         ("api", running.api != fresh.api),
         ("metrics", running.metrics_listen != fresh.metrics_listen),
         ("audit", running.audit != fresh.audit),
+        ("values", running.values != fresh.values),
+        ("onepassword", running.onepassword != fresh.onepassword),
     ];
     for (key, _) in restart_only.iter().filter(|(_, changed)| *changed) {
         warn!(

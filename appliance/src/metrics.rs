@@ -50,6 +50,9 @@ pub struct Metrics {
     pub leaf_cache: IntCounterVec,
     /// Configuration and state reloads (SIGHUP), by result.
     pub reloads: IntCounterVec,
+    /// Values fetched from their sources (1Password, files, commands, credentials), by
+    /// source and result.
+    pub value_fetches: IntCounterVec,
     /// Secrets loaded into the injection layer.
     pub secrets: IntGauge,
     /// Bytes the store takes on disk.
@@ -145,6 +148,11 @@ impl Metrics {
                 "appliance_reloads_total",
                 "Reloads of configuration and state (SIGHUP), by result.",
                 &["result"],
+            ),
+            value_fetches: counter(
+                "appliance_value_fetches_total",
+                "Secret values fetched from their sources, by source and result.",
+                &["source", "result"],
             ),
             secrets: gauge(
                 "appliance_secrets",

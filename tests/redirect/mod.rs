@@ -40,6 +40,12 @@ impl Drop for Setup {
 }
 
 pub fn setup(slot: u8, extra: &[&str]) -> Setup {
+    setup_configured(slot, "", extra, &[])
+}
+
+/// [`setup`] with the daemon's configuration file holding `config` and `env` in its
+/// environment.
+pub fn setup_configured(slot: u8, config: &str, extra: &[&str], env: &[(&str, &Path)]) -> Setup {
     require_root();
     let dir = std::env::temp_dir().join(unique(slot, "files"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -51,7 +57,7 @@ pub fn setup(slot: u8, extra: &[&str]) -> Setup {
     let upstream = Upstream::start_in_background(SocketAddr::new(upstream_ip, 443), &hosts);
     let mut args = vec!["--upstream-ca", upstream_ca.to_str().unwrap()];
     args.extend_from_slice(extra);
-    let daemon = Daemon::start(slot, &args);
+    let daemon = Daemon::start_configured(slot, config, &args, None, env);
     let appliance_ca = dir.join("appliance-ca.pem");
     std::fs::write(&appliance_ca, appliance_ca_pem(&daemon)).unwrap();
     Setup {

@@ -554,6 +554,7 @@ mod tests {
             "tests/https",
             "tests/network",
             "tests/redirect",
+            "tests/onepassword",
             "appliance/benches",
         ] {
             for entry in std::fs::read_dir(root.join(dir)).unwrap().flatten() {

@@ -31,6 +31,8 @@ pub enum Handler {
     SecretUpdate,
     /// Delete a secret.
     SecretDelete,
+    /// Resolve a secret's value now and check it.
+    SecretCheck,
     /// List agents.
     AgentList,
     /// Create an agent (attaches capture to its cgroups).
@@ -92,6 +94,12 @@ pub const ROUTES: &[Route] = &[
     route("GET", "/v1/secrets/{id}", false, Handler::SecretGet),
     route("PATCH", "/v1/secrets/{id}", true, Handler::SecretUpdate),
     route("DELETE", "/v1/secrets/{id}", false, Handler::SecretDelete),
+    route(
+        "POST",
+        "/v1/secrets/{id}/check",
+        false,
+        Handler::SecretCheck,
+    ),
     route("GET", "/v1/agents", false, Handler::AgentList),
     route("POST", "/v1/agents", true, Handler::AgentCreate),
     route("GET", "/v1/agents/{id}", false, Handler::AgentGet),
@@ -187,10 +195,11 @@ pub async fn dispatch(control: &Control, route: &Route, call: Call<'_>) -> Resul
         Handler::CaRotate => ca::rotate(control),
         Handler::Events => events::list(control, call.query).await,
         Handler::SecretList => secrets::list(control),
-        Handler::SecretCreate => secrets::create(control, call.body),
+        Handler::SecretCreate => secrets::create(control, call.body).await,
         Handler::SecretGet => secrets::get(control, call.id),
-        Handler::SecretUpdate => secrets::update(control, call.id, call.body),
+        Handler::SecretUpdate => secrets::update(control, call.id, call.body).await,
         Handler::SecretDelete => secrets::delete(control, call.id),
+        Handler::SecretCheck => secrets::check(control, call.id).await,
         Handler::AgentList => agents::list(control),
         Handler::AgentCreate => agents::create(control, call.body),
         Handler::AgentGet => agents::get(control, call.id),

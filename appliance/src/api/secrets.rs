@@ -18,9 +18,9 @@ pub fn list(control: &Control) -> Result<Reply, ApiError> {
     Ok(Reply::ok(&SecretList { secrets }))
 }
 
-pub fn create(control: &Control, body: Value) -> Result<Reply, ApiError> {
+pub async fn create(control: &Control, body: Value) -> Result<Reply, ApiError> {
     let input: SecretInput = model::from_value(body)?;
-    let view = blocking(|| control.create_secret(input))?;
+    let view = control.create_secret(input).await?;
     Ok(Reply::json(StatusCode::CREATED, &view))
 }
 
@@ -28,8 +28,12 @@ pub fn get(control: &Control, id: &str) -> Result<Reply, ApiError> {
     Ok(Reply::ok(&blocking(|| control.get_secret(id))?))
 }
 
-pub fn update(control: &Control, id: &str, patch: Value) -> Result<Reply, ApiError> {
-    Ok(Reply::ok(&blocking(|| control.update_secret(id, patch))?))
+pub async fn update(control: &Control, id: &str, patch: Value) -> Result<Reply, ApiError> {
+    Ok(Reply::ok(&control.update_secret(id, patch).await?))
+}
+
+pub async fn check(control: &Control, id: &str) -> Result<Reply, ApiError> {
+    Ok(Reply::ok(&control.check_secret(id).await?))
 }
 
 pub fn delete(control: &Control, id: &str) -> Result<Reply, ApiError> {

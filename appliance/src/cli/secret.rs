@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use appliance::client::Client;
 use appliance::model::secret::InjectionInput;
-use appliance::model::{self, Provider, SecretInput, SecretView};
+use appliance::model::{self, Provider, SecretCheck, SecretInput, SecretView};
 use clap::{Args, Subcommand};
 use http::Method;
 use serde::{Deserialize, Serialize};
@@ -13,18 +13,59 @@ use zeroize::Zeroizing;
 
 use super::output::{or_dash, percent_encode_segment, print_json, print_table, Output};
 use super::remote::{get, local, plain, send, Failure};
+use serde_json::Value;
 
-/// Where a secret's value comes from. Never an argument: other users can read the process
-/// list.
+/// Where a secret's value comes from: read here and stored (never an argument: other users
+/// can read the process list), or left where it lives for the daemon to fetch.
 #[derive(Args, Debug, Default)]
 #[group(multiple = false)]
 pub struct ValueSource {
     /// Read the value from standard input (a trailing newline is dropped).
     #[arg(long)]
     value_stdin: bool,
-    /// Read the value from a file (a trailing newline is dropped).
+    /// Read the value from a file now (a trailing newline is dropped).
     #[arg(long)]
     value_file: Option<PathBuf>,
+    /// Leave the value in 1Password: op://<vault>/<item>/[<section>/]<field>, read through
+    /// 1Password Connect.
+    #[arg(long)]
+    op_ref: Option<String>,
+    /// Leave the value in a file the daemon reads (and re-reads within the TTL).
+    #[arg(long)]
+    value_file_ref: Option<PathBuf>,
+    /// A command the daemon runs for the value: an absolute program path and its arguments
+    /// (give it last; use --definition for arguments that start with `-`).
+    #[arg(long, num_args = 1.., value_name = "PROGRAM ARGS")]
+    value_command: Option<Vec<String>>,
+    /// A systemd credential of the daemon's service that holds the value.
+    #[arg(long)]
+    value_credential: Option<String>,
+}
+
+impl ValueSource {
+    /// Sets the source fields of `input` that the flags give; returns whether one did.
+    fn apply(&self, input: &mut SecretInput) -> bool {
+        let mut given = false;
+        let mut set = |field: &mut Option<String>, value: Option<String>| {
+            if value.is_some() {
+                *field = value;
+                given = true;
+            }
+        };
+        set(&mut input.op_ref, self.op_ref.clone());
+        set(
+            &mut input.value_file,
+            self.value_file_ref
+                .as_ref()
+                .map(|path| path.display().to_string()),
+        );
+        set(&mut input.value_credential, self.value_credential.clone());
+        if self.value_command.is_some() {
+            input.value_command = self.value_command.clone();
+            given = true;
+        }
+        given
+    }
 }
 
 /// Definition flags shared by create and update.
@@ -91,6 +132,13 @@ pub enum SecretCommand {
     },
     /// Delete a secret.
     Delete {
+        /// Name or id.
+        name: String,
+    },
+    /// Resolve a secret's value now (from 1Password, its file, command or credential) and
+    /// check that it can be injected; prints the outcome, never the value. Exits 1 when the
+    /// value does not resolve.
+    Check {
         /// Name or id.
         name: String,
     },
@@ -210,7 +258,9 @@ fn show_secret(output: Output, secret: &SecretView) {
                 ("name", &record.name),
                 ("type", secret.provider.as_str()),
                 ("agent", secret.agent.as_deref().unwrap_or("-")),
-                ("preview", &record.preview),
+                ("source", secret.value_source.as_str()),
+                ("opRef", secret.op_ref.as_deref().unwrap_or("-")),
+                ("preview", record.preview.as_deref().unwrap_or("-")),
                 ("createdAt", &record.created_at),
                 ("updatedAt", &record.updated_at),
                 ("lastUsedAt", secret.last_used_at.as_deref().unwrap_or("-")),
@@ -236,12 +286,14 @@ pub async fn run(client: &Client, output: Output, command: SecretCommand) -> Res
         SecretCommand::Create { name, fields } => {
             let mut definition = definition(&fields)?;
             definition.name = Some(name);
-            let value = read_value(&fields.value)?.ok_or_else(|| {
-                local("the value is required: pass --value-stdin (and pipe it in) or --value-file FILE")
-            })?;
+            let from_source = fields.value.apply(&mut definition);
+            let value = read_value(&fields.value)?;
+            if value.is_none() && !from_source {
+                return Err(local("the value is required: pass --value-stdin (and pipe it in) or --value-file FILE, or leave it where it lives with --op-ref, --value-file-ref, --value-command or --value-credential"));
+            }
             let body = WithValue {
                 definition: &definition,
-                value: Some(&value),
+                value: value.as_deref().map(String::as_str),
             };
             let created: SecretView = send(client, Method::POST, "/v1/secrets", &body).await?;
             show_secret(output, &created);
@@ -260,7 +312,7 @@ pub async fn run(client: &Client, output: Output, command: SecretCommand) -> Res
                                 secret.provider.as_str().to_owned(),
                                 hosts_of(secret),
                                 or_dash(secret.agent.as_deref()),
-                                secret.record.preview.clone(),
+                                or_dash(secret.record.preview.as_deref()),
                                 or_dash(secret.last_used_at.as_deref()),
                             ]
                         })
@@ -282,13 +334,50 @@ pub async fn run(client: &Client, output: Output, command: SecretCommand) -> Res
             if rename.is_some() {
                 definition.name = rename;
             }
+            let from_source = fields.value.apply(&mut definition);
             let value = read_value(&fields.value)?;
             let body = WithValue {
                 definition: &definition,
                 value: value.as_deref().map(String::as_str),
             };
+            let mut body = serde_json::to_value(&body)
+                .map_err(|error| local(format!("encoding the request failed: {error}")))?;
+            if from_source || value.is_some() {
+                // The new source replaces whichever the secret had.
+                if let Value::Object(fields) = &mut body {
+                    for key in [
+                        "valueSource",
+                        "opRef",
+                        "valueFile",
+                        "valueCommand",
+                        "valueCredential",
+                    ] {
+                        fields.entry(key).or_insert(Value::Null);
+                    }
+                }
+            }
             let updated: SecretView = send(client, Method::PATCH, &path_of(&name), &body).await?;
             show_secret(output, &updated);
+        }
+        SecretCommand::Check { name } => {
+            let path = format!("{}/check", path_of(&name));
+            let check: SecretCheck = send(client, Method::POST, &path, &Value::Null).await?;
+            match output {
+                Output::Json => print_json(&check),
+                Output::Table if check.ok => println!(
+                    "ok: the value of {} resolves from {} and can be injected",
+                    check.name, check.source
+                ),
+                Output::Table => {}
+            }
+            if !check.ok {
+                return Err(local(format!(
+                    "secret {}: the value does not resolve from {}: {}",
+                    check.name,
+                    check.source,
+                    check.error.unwrap_or_default()
+                )));
+            }
         }
         SecretCommand::Delete { name } => {
             plain(client, Method::DELETE, &path_of(&name)).await?;

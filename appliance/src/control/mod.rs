@@ -20,11 +20,12 @@ use crate::audit::EventLog;
 use crate::capture::cgroup::cgroup2_mount;
 use crate::capture::containers::ContainerError;
 use crate::capture::{CaptureControl, CaptureError, Cgroup};
-use crate::injection::{AgentDirectory, HostTable, LoadedSecret, SecretInjector};
+use crate::injection::{AgentDirectory, HostTable, LiveValue, LoadedSecret, SecretInjector};
 use crate::metrics::METRICS;
-use crate::model::ValidationError;
+use crate::model::{ValidationError, ValueSource};
 use crate::store::{Store, StoreError};
 use crate::tls::{CaError, CertificateAuthority, LeafCache};
+use crate::values::Sources;
 
 pub use agents::agent_cgroups;
 
@@ -151,6 +152,16 @@ pub struct Control {
     ca_dir: PathBuf,
     events: Arc<EventLog>,
     capture: Mutex<Box<dyn Interception>>,
+    sources: Arc<Sources>,
+}
+
+/// Store and capture calls touch the disk (sled flushes before answering) and the kernel:
+/// off the reactor when called from it.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(_) => tokio::task::block_in_place(work),
+        Err(_) => work(),
+    }
 }
 
 /// RFC 3339, now.
@@ -171,8 +182,9 @@ fn new_id(prefix: &str) -> String {
 }
 
 impl Control {
-    /// Control over `store`, making changes live in `injector` and `capture`. Nothing is
-    /// loaded yet: call [`Control::reload`].
+    /// Control over `store`, making changes live in `injector` and `capture`, with values
+    /// that live elsewhere fetched by `sources`. Nothing is loaded yet: call
+    /// [`Control::reload`].
     pub fn new(
         store: Store,
         injector: Arc<SecretInjector>,
@@ -180,6 +192,7 @@ impl Control {
         ca_dir: PathBuf,
         events: Arc<EventLog>,
         capture: Box<dyn Interception>,
+        sources: Arc<Sources>,
     ) -> Self {
         Self {
             store,
@@ -188,6 +201,7 @@ impl Control {
             ca_dir,
             events,
             capture: Mutex::new(capture),
+            sources,
         }
     }
 
@@ -270,16 +284,23 @@ impl Control {
             .store
             .load_secrets()?
             .into_iter()
-            .map(|(record, value)| {
-                let spec =
-                    record
-                        .definition
-                        .validate()
-                        .map_err(|source| ControlError::Damaged {
-                            kind: "secret",
-                            id: record.id.clone(),
-                            source,
-                        })?;
+            .map(|(record, sealed)| {
+                let spec = record
+                    .definition
+                    .validate()
+                    .map_err(ControlError::damaged("secret", &record.id))?;
+                let value = match (&spec.source, sealed) {
+                    (ValueSource::Inline, Some(value)) => {
+                        Arc::new(LiveValue::fixed(value, &spec.rules))
+                    }
+                    (ValueSource::Inline, None) => {
+                        return Err(ControlError::Store(StoreError::Corrupt {
+                            id: record.id,
+                            reason: "its value is missing".into(),
+                        }))
+                    }
+                    (_, _) => self.sources.live(&record.id, &spec),
+                };
                 Ok(LoadedSecret {
                     id: record.id,
                     spec,
@@ -287,20 +308,21 @@ impl Control {
                 })
             })
             .collect::<Result<Vec<_>, ControlError>>()?;
+        let fetched: std::collections::HashSet<&str> = secrets
+            .iter()
+            .filter(|secret| secret.spec.source != ValueSource::Inline)
+            .map(|secret| secret.id.as_str())
+            .collect();
+        self.sources.retain(&fetched);
         let rules = self
             .store
             .list_rules()?
             .into_iter()
             .map(|record| {
-                let rule =
-                    record
-                        .definition
-                        .validate()
-                        .map_err(|source| ControlError::Damaged {
-                            kind: "rule",
-                            id: record.id.clone(),
-                            source,
-                        })?;
+                let rule = record
+                    .definition
+                    .validate()
+                    .map_err(ControlError::damaged("rule", &record.id))?;
                 Ok((record.id, rule))
             })
             .collect::<Result<Vec<_>, ControlError>>()?;

@@ -1,10 +1,23 @@
-//! Secrets: created, changed and deleted in the store, then made live in the host table.
+//! Secrets: validated, their value checked where it will be injected (fetched from its source
+//! when it lives elsewhere), written to the store, then made live in the host table.
 
 use serde_json::Value;
 use tracing::info;
 
-use super::{new_id, now, Control, ControlError};
-use crate::model::{self, SecretInput, SecretRecord, SecretSpec, SecretView, ValidationError};
+use super::{blocking, new_id, now, Control, ControlError};
+use crate::model::{
+    self, SecretCheck, SecretInput, SecretRecord, SecretSpec, SecretValue, SecretView,
+    ValidationError, ValueSource,
+};
+use crate::store::ValueChange;
+
+/// An error about a fetched value, named after the field that chose its source.
+fn at_source_field(source: &ValueSource, error: ValidationError) -> ValidationError {
+    ValidationError {
+        field: source.kind().field().into(),
+        message: error.message,
+    }
+}
 
 impl Control {
     /// The view of `record`, whose definition must still validate.
@@ -29,58 +42,108 @@ impl Control {
         self.secret_view(record)
     }
 
-    /// Creates a secret; `input` must carry its value.
-    pub fn create_secret(&self, mut input: SecretInput) -> Result<SecretView, ControlError> {
+    /// The value a secret from `source` has now: fetched (a failure refuses the input,
+    /// naming the source's field), and checked to fit where `spec` injects it.
+    async fn fetched_value(&self, spec: &SecretSpec) -> Result<SecretValue, ControlError> {
+        let value = self
+            .sources
+            .fetch(&spec.source)
+            .await
+            .map_err(|error| ValidationError {
+                field: spec.source.kind().field().into(),
+                message: format!(
+                    "cannot be read now: {}; fix the source, or check the daemon's access to it",
+                    error.chain()
+                ),
+            })?;
+        spec.check_value(&value)
+            .map_err(|error| at_source_field(&spec.source, error))?;
+        Ok(value)
+    }
+
+    /// Creates a secret. Its value is inline in `input`, or fetched from its source now, so
+    /// that a source that does not answer, or a value that cannot be injected, is refused
+    /// here rather than at the first request.
+    pub async fn create_secret(&self, mut input: SecretInput) -> Result<SecretView, ControlError> {
         let spec = input.validate()?;
-        let value = input.value.take().ok_or_else(|| ValidationError {
-            field: "value".into(),
-            message:
-                "is required: the real credential (it is stored encrypted and never shown again)"
-                    .into(),
-        })?;
+        let inline = input.value.take();
+        let fetched = match (&spec.source, &inline) {
+            (ValueSource::Inline, None) => {
+                return Err(ValidationError {
+                    field: "value".into(),
+                    message: "is required: the real credential (it is stored encrypted and never shown again), or give opRef, valueFile, valueCommand or valueCredential".into(),
+                }
+                .into())
+            }
+            (ValueSource::Inline, Some(_)) => None,
+            (_, _) => Some(self.fetched_value(&spec).await?),
+        };
         let stamp = now();
         let record = SecretRecord {
             id: new_id("sec"),
             name: spec.name.clone(),
             definition: input,
-            preview: value.preview(),
+            preview: inline.as_ref().map(SecretValue::preview),
             created_at: stamp.clone(),
             updated_at: stamp,
         };
-        self.store.create_secret(&record, &value)?;
-        self.rebuild_host_table()?;
-        info!(target: "appliance::audit", event = "secret_created", id = %record.id, name = %record.name, "secret created");
+        blocking(|| self.store.create_secret(&record, inline.as_ref()))?;
+        if let Some(value) = fetched {
+            self.sources.remember(&record.id, &spec.source, value);
+        }
+        blocking(|| self.rebuild_host_table())?;
+        info!(target: "appliance::audit", event = "secret_created", id = %record.id, name = %record.name, value_source = spec.source.kind().as_str(), "secret created");
         Ok(SecretView::new(record, &spec, None))
     }
 
     /// Applies a PATCH body: each field given replaces the stored one, `null` removes it,
-    /// `value` replaces the value. Changed rules must suit the value already stored.
-    pub fn update_secret(
+    /// `value` replaces the value. Changed rules must suit the value (the stored one, or the
+    /// source's now).
+    pub async fn update_secret(
         &self,
         id_or_name: &str,
         patch: Value,
     ) -> Result<SecretView, ControlError> {
-        let current = self.store.get_secret(id_or_name)?;
+        let current = blocking(|| self.store.get_secret(id_or_name))?;
         let mut input = model::patched(&current.definition, patch, &[])?;
         let spec = input.validate()?;
-        let value = input.value.take();
-        if value.is_none() {
-            spec.check_value(&self.store.secret_value(&current.id)?)?;
-        }
+        let inline = input.value.take();
+        let (change, preview, fetched) = match (&spec.source, &inline) {
+            (ValueSource::Inline, Some(value)) => {
+                (ValueChange::Replace(value), Some(value.preview()), None)
+            }
+            (ValueSource::Inline, None) => {
+                let stored = blocking(|| self.store.load_secrets())?
+                    .into_iter()
+                    .find(|(record, _)| record.id == current.id)
+                    .and_then(|(_, value)| value)
+                    .ok_or_else(|| ValidationError {
+                        field: "value".into(),
+                        message: "is required when the value stops coming from a source: give the real credential".into(),
+                    })?;
+                spec.check_value(&stored)?;
+                (ValueChange::Keep, current.preview.clone(), None)
+            }
+            (_, _) => (
+                ValueChange::Remove,
+                None,
+                Some(self.fetched_value(&spec).await?),
+            ),
+        };
         let record = SecretRecord {
             id: current.id,
             name: spec.name.clone(),
             definition: input,
-            preview: value
-                .as_ref()
-                .map_or(current.preview, |value| value.preview()),
+            preview,
             created_at: current.created_at,
             updated_at: now(),
         };
-        self.store
-            .replace_secret(&current.name, &record, value.as_ref())?;
-        self.rebuild_host_table()?;
-        info!(target: "appliance::audit", event = "secret_updated", id = %record.id, name = %record.name, "secret updated");
+        blocking(|| self.store.replace_secret(&current.name, &record, change))?;
+        if let Some(value) = fetched {
+            self.sources.remember(&record.id, &spec.source, value);
+        }
+        blocking(|| self.rebuild_host_table())?;
+        info!(target: "appliance::audit", event = "secret_updated", id = %record.id, name = %record.name, value_source = spec.source.kind().as_str(), "secret updated");
         let last_used = self.events.last_used(&record.id);
         Ok(SecretView::new(record, &spec, last_used))
     }
@@ -91,6 +154,31 @@ impl Control {
         self.rebuild_host_table()?;
         info!(target: "appliance::audit", event = "secret_deleted", id = %record.id, name = %record.name, "secret deleted");
         Ok(())
+    }
+
+    /// Resolves a secret's value now (from its source, bypassing the cache) and checks that
+    /// it fits where the secret injects it.
+    pub async fn check_secret(&self, id_or_name: &str) -> Result<SecretCheck, ControlError> {
+        let record = blocking(|| self.store.get_secret(id_or_name))?;
+        let spec = validated(&record)?;
+        let outcome = match &spec.source {
+            ValueSource::Inline => blocking(|| self.store.secret_value(&record.id))
+                .map_err(|error| error.to_string())
+                .and_then(|value| spec.check_value(&value).map_err(|error| error.message)),
+            source => match self.sources.fetch(source).await {
+                Ok(value) => spec.check_value(&value).map_err(|error| error.message),
+                Err(error) => Err(error.chain()),
+            },
+        };
+        info!(target: "appliance::audit", event = "secret_checked", id = %record.id, name = %record.name, ok = outcome.is_ok(), "secret checked");
+        Ok(SecretCheck {
+            id: record.id,
+            name: record.name,
+            value_source: spec.source.kind(),
+            source: spec.source.describe(),
+            ok: outcome.is_ok(),
+            error: outcome.err(),
+        })
     }
 }
 

@@ -12,6 +12,7 @@ use crate::injection::{Injector as _, Verdict};
 use crate::model::{from_value, SecretInput, SecretView};
 use crate::store::MasterKey;
 use crate::test_support::temp_dir;
+use crate::values::Sources;
 
 /// Counts reconciles; intercepts nothing.
 struct Recorder(Arc<AtomicUsize>);
@@ -49,6 +50,21 @@ fn open_store(dir: &Path) -> Store {
     Store::open(&dir.join("store"), &key).unwrap()
 }
 
+/// Values fetched from files and commands, used for 200 ms, then kept 200 ms more while the
+/// source fails.
+fn test_sources() -> Arc<Sources> {
+    Arc::new(Sources::new(crate::values::SourceSettings {
+        ttl: std::time::Duration::from_millis(200),
+        max_stale: std::time::Duration::from_millis(200),
+        timeout: std::time::Duration::from_secs(5),
+        allow_commands: true,
+        onepassword: None,
+        credentials_dir: None,
+        own_mark: 0,
+        tls: None,
+    }))
+}
+
 fn fixture(dir: &Path) -> Fixture {
     let injector = Arc::new(SecretInjector::default());
     let ca = CertificateAuthority::load_or_create(&dir.join("ca")).unwrap();
@@ -60,6 +76,7 @@ fn fixture(dir: &Path) -> Fixture {
         dir.join("ca"),
         Arc::new(EventLog::new(16)),
         Box::new(Recorder(Arc::clone(&reconciles))),
+        test_sources(),
     );
     Fixture {
         control,
@@ -86,13 +103,14 @@ fn injected(injector: &SecretInjector, host: &str, path: &str) -> Option<String>
             .get("authorization")
             .map(|value| value.to_str().unwrap().to_owned()),
         Verdict::Block { reason } => Some(format!("blocked: {reason}")),
+        Verdict::Unavailable { reason, .. } => Some(format!("unavailable: {reason}")),
     }
 }
 
 const VALUE: &str = "sk-control-0123456789";
 
-#[test]
-fn secrets_go_live_on_create_update_and_delete() {
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_go_live_on_create_update_and_delete() {
     let dir = temp_dir("control-live");
     let Fixture {
         control, injector, ..
@@ -101,14 +119,16 @@ fn secrets_go_live_on_create_update_and_delete() {
         .create_secret(secret(
             json!({"name": "o", "type": "openai", "value": VALUE}),
         ))
+        .await
         .unwrap();
-    assert_eq!(view.record.preview, "sk-con••••789");
+    assert_eq!(view.record.preview.as_deref(), Some("sk-con••••789"));
     assert_eq!(
         injected(&injector, "api.openai.com", "/v1").as_deref(),
         Some(format!("Bearer {VALUE}").as_str())
     );
     let renamed = control
         .update_secret("o", json!({"name": "openai"}))
+        .await
         .unwrap();
     assert_eq!(renamed.record.name, "openai");
     assert_eq!(renamed.record.preview, view.record.preview);
@@ -121,8 +141,8 @@ fn secrets_go_live_on_create_update_and_delete() {
     ));
 }
 
-#[test]
-fn updates_are_partial_and_refused_ones_change_nothing() {
+#[tokio::test(flavor = "multi_thread")]
+async fn updates_are_partial_and_refused_ones_change_nothing() {
     let dir = temp_dir("control-update");
     let Fixture {
         control, injector, ..
@@ -132,9 +152,11 @@ fn updates_are_partial_and_refused_ones_change_nothing() {
             json!({"name": "g", "hostPattern": "api.example.com", "value": VALUE,
             "injection": {"headerName": "authorization"}}),
         ))
+        .await
         .unwrap();
     let updated = control
         .update_secret("g", json!({"pathPattern": "/v1/*"}))
+        .await
         .unwrap();
     assert_eq!(
         updated.record.definition.host_pattern.as_deref(),
@@ -151,22 +173,34 @@ fn updates_are_partial_and_refused_ones_change_nothing() {
         Err(ControlError::Invalid(error)) => error.field,
         other => panic!("{other:?}"),
     };
-    assert_eq!(field_of(control.update_secret("g", json!({}))), "body");
     assert_eq!(
-        field_of(control.update_secret("g", json!({"hostPattern": "https://x"}))),
+        field_of(control.update_secret("g", json!({})).await),
+        "body"
+    );
+    assert_eq!(
+        field_of(
+            control
+                .update_secret("g", json!({"hostPattern": "https://x"}))
+                .await
+        ),
         "hostPattern"
     );
     assert_eq!(
-        field_of(control.update_secret("g", json!({"colour": "red"}))),
+        field_of(control.update_secret("g", json!({"colour": "red"})).await),
         "colour"
     );
     // New rules must suit the stored value: this one would put a line break in a header.
     control
         .create_secret(secret(json!({"name": "q", "hostPattern": "q.example.com",
             "value": "a\nb", "injection": {"paramName": "key"}})))
+        .await
         .unwrap();
     assert_eq!(
-        field_of(control.update_secret("q", json!({"injection": {"headerName": "x-key"}}))),
+        field_of(
+            control
+                .update_secret("q", json!({"injection": {"headerName": "x-key"}}))
+                .await
+        ),
         "value"
     );
     assert_eq!(
@@ -177,16 +211,18 @@ fn updates_are_partial_and_refused_ones_change_nothing() {
     );
     let missing = control
         .create_secret(secret(json!({"name": "c", "type": "stripe"})))
+        .await
         .unwrap_err();
     assert!(matches!(missing, ControlError::Invalid(ref error) if error.field == "value"));
     let duplicate = control
         .create_secret(secret(json!({"name": "g", "type": "stripe", "value": "v"})))
+        .await
         .unwrap_err();
     assert!(matches!(duplicate, ControlError::Duplicate { .. }));
 }
 
-#[test]
-fn access_rules_block_and_their_bookkeeping_is_read_only() {
+#[tokio::test(flavor = "multi_thread")]
+async fn access_rules_block_and_their_bookkeeping_is_read_only() {
     let dir = temp_dir("control-rules");
     let Fixture {
         control, injector, ..
@@ -211,8 +247,8 @@ fn access_rules_block_and_their_bookkeeping_is_read_only() {
     assert!(control.list_access_rules().unwrap().is_empty());
 }
 
-#[test]
-fn a_stored_record_that_no_longer_validates_is_named_at_reload() {
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stored_record_that_no_longer_validates_is_named_at_reload() {
     let dir = temp_dir("control-damaged");
     let Fixture {
         control,
@@ -223,6 +259,7 @@ fn a_stored_record_that_no_longer_validates_is_named_at_reload() {
         .create_secret(secret(
             json!({"name": "o", "type": "openai", "value": VALUE}),
         ))
+        .await
         .unwrap();
     assert_eq!(control.reload().unwrap().secrets, 1);
     assert_eq!(reconciles.load(Ordering::Relaxed), 1);
@@ -231,7 +268,9 @@ fn a_stored_record_that_no_longer_validates_is_named_at_reload() {
     let store = open_store(&dir);
     let mut record = store.get_secret("o").unwrap();
     record.definition.provider = Some(crate::model::Provider::Stripe);
-    store.replace_secret("o", &record, None).unwrap();
+    store
+        .replace_secret("o", &record, crate::store::ValueChange::Keep)
+        .unwrap();
     drop(store);
     let error = fixture(&dir).control.reload().unwrap_err();
     let message = format!("{:#}", anyhow::Error::new(error));

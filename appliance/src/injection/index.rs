@@ -11,10 +11,11 @@ use tracing::{debug, warn};
 
 use super::agents::AgentDirectory;
 use super::apply::apply;
+use super::live::{LiveValue, ValueState};
 use super::redact::Redactor;
 use super::{Injector, Verdict, Workload};
 use crate::audit::SecretUse;
-use crate::model::{AccessRule, Action, HostPattern, SecretSpec, SecretValue};
+use crate::model::{AccessRule, Action, HostPattern, SecretSpec};
 use crate::request_path;
 use crate::swap::Swappable;
 
@@ -24,8 +25,8 @@ pub struct LoadedSecret {
     pub id: String,
     /// Its definition.
     pub spec: SecretSpec,
-    /// Its value.
-    pub value: SecretValue,
+    /// Its value, current.
+    pub value: Arc<LiveValue>,
 }
 
 /// What a host leads to: one rule of a secret, or an access rule.
@@ -45,8 +46,6 @@ struct Candidate {
 #[derive(Default)]
 pub struct HostTable {
     secrets: Vec<LoadedSecret>,
-    /// One per secret, built once here rather than per request.
-    redactors: Vec<Arc<Redactor>>,
     /// How each secret appears in audit events, built once rather than per request.
     uses: Vec<SecretUse>,
     /// `(rule id, rule)`.
@@ -75,13 +74,6 @@ impl HostTable {
         for (number, (_, rule)) in access.iter().enumerate() {
             table.insert(&rule.host, Entry::Access(number));
         }
-        table.redactors = secrets
-            .iter()
-            .map(|secret| {
-                let injections = secret.spec.rules.iter().map(|rule| &rule.injection);
-                Arc::new(Redactor::new(&secret.value, injections))
-            })
-            .collect();
         table.uses = secrets
             .iter()
             .map(|secret| SecretUse {
@@ -258,7 +250,16 @@ impl Injector for SecretInjector {
         for (number, rule, _) in table.matching(&candidates, &path, decoded.as_deref()) {
             let secret = &table.secrets[number];
             let rule = &secret.spec.rules[rule];
-            match apply(&rule.injection, &secret.value, request) {
+            let state = secret.value.state();
+            let ValueState::Ready(ready) = &*state else {
+                let reason = secret.value.unavailable(&state).unwrap_or_default();
+                warn!(secret = %secret.spec.name, %reason, "secret has no usable value; refusing the request");
+                return Verdict::Unavailable {
+                    secret: table.uses[number].clone(),
+                    reason: format!("secret {}: {reason}", secret.spec.name),
+                };
+            };
+            match apply(&rule.injection, &ready.value, request) {
                 Ok(true) => {
                     debug!(secret_id = %secret.id, secret = %secret.spec.name, %host, %path, "secret injected");
                     if !injected
@@ -266,7 +267,7 @@ impl Injector for SecretInjector {
                         .any(|used: &SecretUse| *used.id == *secret.id)
                     {
                         injected.push(table.uses[number].clone());
-                        redactors.push(Arc::clone(&table.redactors[number]));
+                        redactors.push(Arc::clone(&ready.redactor));
                     }
                 }
                 Ok(false) => {}
@@ -293,10 +294,11 @@ mod tests {
 
     fn loaded(id: &str, spec: serde_json::Value) -> LoadedSecret {
         let (spec, value) = SecretSpec::from_json(&spec).unwrap();
+        let value = Arc::new(LiveValue::fixed(value.unwrap(), &spec.rules));
         LoadedSecret {
             id: id.into(),
             spec,
-            value: value.unwrap(),
+            value,
         }
     }
 

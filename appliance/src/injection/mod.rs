@@ -7,6 +7,7 @@ mod agents;
 mod apply;
 mod decode;
 mod index;
+mod live;
 mod redact;
 mod websocket;
 
@@ -14,6 +15,7 @@ pub use agents::AgentDirectory;
 pub use apply::ApplyError;
 pub use decode::{decode, DecodeError, DecodedBody};
 pub use index::{HostTable, LoadedSecret, SecretInjector};
+pub use live::{LiveValue, Ready, ValueState};
 pub use redact::{redact_headers, redact_reason_phrase, RedactingBody, Redactor};
 pub use websocket::{FrameError, FrameRedactor};
 
@@ -44,6 +46,13 @@ pub enum Verdict {
     /// Refuse with 403; the request never reaches the upstream.
     Block {
         /// Shown to the client.
+        reason: String,
+    },
+    /// Answer 502: a secret the request needs has no usable value (its source fails).
+    Unavailable {
+        /// The secret.
+        secret: SecretUse,
+        /// Shown to the client: the secret's name and the source's error, never a value.
         reason: String,
     },
 }

@@ -10,6 +10,7 @@ pub mod agent;
 mod error;
 pub mod pattern;
 pub mod secret;
+pub mod source;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -20,9 +21,10 @@ pub use agent::{AgentInput, AgentRecord, AgentSpec};
 pub use error::{from_json, from_value, ValidationError};
 pub use pattern::{HostPattern, PathPattern};
 pub use secret::{
-    HeaderInjection, Injection, InjectionView, Provider, Rule, SecretInput, SecretRecord,
-    SecretSpec, SecretValue, SecretView, ValueFormat,
+    HeaderInjection, Injection, InjectionView, Provider, Rule, SecretCheck, SecretInput,
+    SecretRecord, SecretSpec, SecretValue, SecretView, ValueFormat,
 };
+pub use source::{OpRef, SourceKind, ValueSource};
 
 use error::invalid;
 

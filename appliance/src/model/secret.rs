@@ -10,6 +10,7 @@ use zeroize::Zeroizing;
 
 use super::error::invalid;
 use super::pattern::{HostPattern, PathPattern};
+use super::source::{SourceFields, SourceKind, ValueSource};
 use super::{check_name, ValidationError};
 
 /// Longest secret value accepted, in bytes.
@@ -211,6 +212,8 @@ pub struct SecretSpec {
     pub rules: Vec<Rule>,
     /// The agent it is bound to; global when absent.
     pub agent: Option<String>,
+    /// Where its value comes from.
+    pub source: ValueSource,
 }
 
 fn header_rule(host: &str, header: &'static str, format: ValueFormat) -> Rule {
@@ -351,9 +354,24 @@ pub struct SecretInput {
     /// ...under its other name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub provider: Option<Provider>,
-    /// The real credential; never serialized.
+    /// The real credential, inline; never serialized.
     #[serde(skip_serializing)]
     pub value: Option<SecretValue>,
+    /// Where the value comes from; inferred from the one source field given when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value_source: Option<SourceKind>,
+    /// A 1Password reference, `op://<vault>/<item>/[<section>/]<field>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub op_ref: Option<String>,
+    /// A file the daemon reads the value from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value_file: Option<String>,
+    /// A command the daemon runs for the value: an absolute program path and its arguments.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value_command: Option<Vec<String>>,
+    /// A systemd credential of the daemon's service that holds the value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value_credential: Option<String>,
     /// The one rule, inline.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_pattern: Option<String>,
@@ -636,6 +654,15 @@ impl SecretInput {
         if let Some(value) = &self.value {
             value.check_length()?;
         }
+        let source = SourceFields {
+            kind: self.value_source,
+            value_given: self.value.is_some(),
+            op_ref: self.op_ref.as_deref(),
+            file: self.value_file.as_deref(),
+            command: self.value_command.as_deref(),
+            credential: self.value_credential.as_deref(),
+        }
+        .validate()?;
         let agent = self
             .agent
             .as_deref()
@@ -682,6 +709,7 @@ impl SecretInput {
             provider,
             rules,
             agent,
+            source,
         };
         if let Some(value) = &self.value {
             spec.check_value(value)?;
@@ -737,8 +765,9 @@ pub struct SecretRecord {
     pub name: String,
     /// The definition as given, without the value.
     pub definition: SecretInput,
-    /// Masked value, e.g. `sk-pro••••789`.
-    pub preview: String,
+    /// Masked value, e.g. `sk-pro••••789`; inline values only (a fetched value is never
+    /// kept, so there is nothing to preview).
+    pub preview: Option<String>,
     /// RFC 3339.
     pub created_at: String,
     /// RFC 3339.
@@ -758,10 +787,33 @@ pub struct SecretView {
     pub provider: Provider,
     /// The agent it is bound to; global when absent.
     pub agent: Option<String>,
+    /// Where its value comes from.
+    pub value_source: SourceKind,
+    /// The 1Password reference, for `onepassword` values.
+    pub op_ref: Option<String>,
     /// Its rules, shortcuts filled in.
     pub rules: Vec<RuleView>,
     /// RFC 3339, when an injection last used it.
     pub last_used_at: Option<String>,
+}
+
+/// What `appliance secret check` reports: whether the value resolves now and fits where
+/// the secret injects it. Never the value.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretCheck {
+    /// The secret's id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Where its value comes from.
+    pub value_source: SourceKind,
+    /// The source, described (`1Password op://…`, `file /run/…`).
+    pub source: String,
+    /// Whether the value resolved and can be injected.
+    pub ok: bool,
+    /// Why not, when not.
+    pub error: Option<String>,
 }
 
 /// One rule of a [`SecretView`].
@@ -867,6 +919,11 @@ impl SecretView {
         Self {
             provider: spec.provider,
             agent: spec.agent.clone(),
+            value_source: spec.source.kind(),
+            op_ref: match &spec.source {
+                ValueSource::OnePassword(reference) => Some(reference.to_string()),
+                _ => None,
+            },
             rules: spec
                 .rules
                 .iter()
@@ -929,6 +986,36 @@ mod tests {
         assert_eq!(
             spec.rules[0].hosts,
             vec![HostPattern::Exact("api.anthropic.com".into())]
+        );
+    }
+
+    #[test]
+    fn each_value_source_parses_from_its_field() {
+        use crate::model::source::OpRef;
+        let source = |extra: Value| {
+            let mut json = json!({"name": "s", "type": "openai"});
+            json.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            parse(json).unwrap().source
+        };
+        assert_eq!(source(json!({"value": "v"})), ValueSource::Inline);
+        assert_eq!(source(json!({})), ValueSource::Inline);
+        assert_eq!(
+            source(json!({"valueSource": "onepassword", "opRef": "op://v/i/s/f"})),
+            ValueSource::OnePassword(OpRef::parse("op://v/i/s/f").unwrap())
+        );
+        assert_eq!(
+            source(json!({"valueFile": "/run/keys/openai"})),
+            ValueSource::File("/run/keys/openai".into())
+        );
+        assert_eq!(
+            source(json!({"valueCommand": ["/usr/bin/pass", "show", "openai"]})),
+            ValueSource::Command(vec!["/usr/bin/pass".into(), "show".into(), "openai".into()])
+        );
+        assert_eq!(
+            source(json!({"valueCredential": "openai-key"})),
+            ValueSource::Credential("openai-key".into())
         );
     }
 
@@ -1053,6 +1140,42 @@ mod tests {
             (
                 json!({"name": "s", "agent": "has space", "hostPattern": "a.b", "injection": {"headerName": "a"}}),
                 "agent",
+            ),
+            (
+                json!({"name": "s", "type": "openai", "value": "v", "opRef": "op://v/i/f"}),
+                "opRef",
+            ),
+            (
+                json!({"name": "s", "type": "openai", "valueSource": "file", "opRef": "op://v/i/f"}),
+                "valueSource",
+            ),
+            (
+                json!({"name": "s", "type": "openai", "valueSource": "onepassword"}),
+                "opRef",
+            ),
+            (
+                json!({"name": "s", "type": "openai", "opRef": "vault/item"}),
+                "opRef",
+            ),
+            (
+                json!({"name": "s", "type": "openai", "valueFile": "keys/openai"}),
+                "valueFile",
+            ),
+            (
+                json!({"name": "s", "type": "openai", "valueCommand": []}),
+                "valueCommand",
+            ),
+            (
+                json!({"name": "s", "type": "openai", "valueCommand": ["pass", "show"]}),
+                "valueCommand[0]",
+            ),
+            (
+                json!({"name": "s", "type": "openai", "valueCredential": "../key"}),
+                "valueCredential",
+            ),
+            (
+                json!({"name": "s", "type": "openai", "valueSource": "vault"}),
+                "valueSource",
             ),
         ];
         for (input, field) in cases {

@@ -61,7 +61,8 @@ enum Disposition {
     Misdirected,
     /// Blocked by an access rule, or a secret that could not be injected.
     Blocked,
-    /// The upstream failed, or its answer was refused.
+    /// The upstream failed, its answer was refused, or a secret it needs has no usable
+    /// value.
     Failed,
 }
 
@@ -227,6 +228,12 @@ async fn respond(
                 return (
                     plain(StatusCode::FORBIDDEN, &reason),
                     Outcome::new(Disposition::Blocked, &path, Vec::new()),
+                );
+            }
+            Verdict::Unavailable { secret, reason } => {
+                return (
+                    plain(StatusCode::BAD_GATEWAY, &reason),
+                    Outcome::new(Disposition::Failed, &path, vec![secret]),
                 );
             }
         };

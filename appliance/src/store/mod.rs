@@ -252,13 +252,13 @@ impl Store {
         }
     }
 
-    /// Stores a new secret and its value; its name must be free.
+    /// Stores a new secret and, for an inline one, its value; its name must be free.
     pub fn create_secret(
         &self,
         record: &SecretRecord,
-        value: &SecretValue,
+        value: Option<&SecretValue>,
     ) -> Result<(), StoreError> {
-        let sealed = self.sealer.seal(record.id.as_bytes(), value.expose());
+        let sealed = value.map(|value| self.sealer.seal(record.id.as_bytes(), value.expose()));
         let serialized = Versioned::serialize(record);
         (&self.secrets, &self.names, &self.values)
             .transaction(|(secrets, names, values)| {
@@ -267,7 +267,9 @@ impl Store {
                 }
                 names.insert(record.name.as_bytes(), record.id.as_bytes())?;
                 secrets.insert(record.id.as_bytes(), serialized.as_slice())?;
-                values.insert(record.id.as_bytes(), sealed.as_slice())?;
+                if let Some(sealed) = &sealed {
+                    values.insert(record.id.as_bytes(), sealed.as_slice())?;
+                }
                 Ok(())
             })
             .map_err(|error| self.transaction_error(error))?;
@@ -299,15 +301,21 @@ impl Store {
         Ok(records)
     }
 
-    /// Replaces the secret `record.id`, which was named `previous_name`, and its value when
-    /// one is given. A new name must be free.
+    /// Replaces the secret `record.id`, which was named `previous_name`, and changes its
+    /// sealed value as `value` says. A new name must be free.
     pub fn replace_secret(
         &self,
         previous_name: &str,
         record: &SecretRecord,
-        value: Option<&SecretValue>,
+        value: ValueChange<'_>,
     ) -> Result<(), StoreError> {
-        let sealed = value.map(|value| self.sealer.seal(record.id.as_bytes(), value.expose()));
+        let sealed = match value {
+            ValueChange::Replace(value) => {
+                Some(Some(self.sealer.seal(record.id.as_bytes(), value.expose())))
+            }
+            ValueChange::Remove => Some(None),
+            ValueChange::Keep => None,
+        };
         let serialized = Versioned::serialize(record);
         (&self.secrets, &self.names, &self.values)
             .transaction(|(secrets, names, values)| {
@@ -322,8 +330,14 @@ impl Store {
                     names.insert(record.name.as_bytes(), record.id.as_bytes())?;
                 }
                 secrets.insert(record.id.as_bytes(), serialized.as_slice())?;
-                if let Some(sealed) = &sealed {
-                    values.insert(record.id.as_bytes(), sealed.as_slice())?;
+                match &sealed {
+                    Some(Some(sealed)) => {
+                        values.insert(record.id.as_bytes(), sealed.as_slice())?;
+                    }
+                    Some(None) => {
+                        values.remove(record.id.as_bytes())?;
+                    }
+                    None => {}
                 }
                 Ok(())
             })
@@ -404,12 +418,16 @@ impl Store {
         SecretValue::new(plain.to_vec()).map_err(|error| corrupt(error.to_string()))
     }
 
-    /// Every secret with its decrypted value, by name.
-    pub fn load_secrets(&self) -> Result<Vec<(SecretRecord, SecretValue)>, StoreError> {
+    /// Every secret with its decrypted value (inline secrets have one), by name.
+    pub fn load_secrets(&self) -> Result<Vec<(SecretRecord, Option<SecretValue>)>, StoreError> {
         self.list_secrets()?
             .into_iter()
             .map(|record| {
-                let value = self.secret_value(&record.id)?;
+                let sealed = self
+                    .values
+                    .contains_key(record.id.as_bytes())
+                    .map_err(|e| self.database(e))?;
+                let value = sealed.then(|| self.secret_value(&record.id)).transpose()?;
                 Ok((record, value))
             })
             .collect()
@@ -479,6 +497,17 @@ impl Store {
     }
 }
 
+/// What an update does to a secret's sealed value.
+#[derive(Clone, Copy)]
+pub enum ValueChange<'a> {
+    /// Leave it.
+    Keep,
+    /// Seal this one instead.
+    Replace(&'a SecretValue),
+    /// Remove it (the value comes from a source now).
+    Remove,
+}
+
 /// An agent is stored under its name.
 fn agent_key(record: &AgentRecord) -> &str {
     record.definition.name.as_deref().unwrap_or_default()
@@ -507,7 +536,7 @@ mod tests {
                 kind: Some(Provider::Openai),
                 ..SecretInput::default()
             },
-            preview: "••••".into(),
+            preview: Some("••••".into()),
             created_at: STAMP.into(),
             updated_at: STAMP.into(),
         }
@@ -535,13 +564,13 @@ mod tests {
         let dir = temp_dir("store-plain");
         let store = open(&dir);
         store
-            .create_secret(&record("sec_a", "a"), &value(VALUE))
+            .create_secret(&record("sec_a", "a"), Some(&value(VALUE)))
             .unwrap();
         store
             .replace_secret(
                 "a",
                 &record("sec_a", "a"),
-                Some(&value(&format!("{VALUE}-rotated"))),
+                ValueChange::Replace(&value(&format!("{VALUE}-rotated"))),
             )
             .unwrap();
         drop(store);
@@ -563,11 +592,11 @@ mod tests {
     fn data_survives_reopening_and_a_wrong_key_changes_nothing() {
         let dir = temp_dir("store-reopen");
         open(&dir)
-            .create_secret(&record("sec_a", "a"), &value(VALUE))
+            .create_secret(&record("sec_a", "a"), Some(&value(VALUE)))
             .unwrap();
         let loaded = open(&dir).load_secrets().unwrap();
         assert_eq!(loaded.len(), 1);
-        assert_eq!(loaded[0].1.expose(), VALUE.as_bytes());
+        assert_eq!(loaded[0].1.as_ref().unwrap().expose(), VALUE.as_bytes());
         assert_eq!(loaded[0].0.id, "sec_a");
 
         let other = temp_dir("store-other-key");
@@ -599,7 +628,7 @@ mod tests {
     fn a_store_made_before_the_key_check_file_is_checked_without_writing_to_it() {
         let dir = temp_dir("store-legacy");
         open(&dir)
-            .create_secret(&record("sec_a", "a"), &value(VALUE))
+            .create_secret(&record("sec_a", "a"), Some(&value(VALUE)))
             .unwrap();
         std::fs::remove_file(dir.join("store/key-check")).unwrap();
         let before = snapshot(&dir.join("store"));
@@ -631,21 +660,21 @@ mod tests {
         let dir = temp_dir("store-names");
         let store = open(&dir);
         store
-            .create_secret(&record("sec_a", "a"), &value(VALUE))
+            .create_secret(&record("sec_a", "a"), Some(&value(VALUE)))
             .unwrap();
         let duplicate = store
-            .create_secret(&record("sec_other", "a"), &value(VALUE))
+            .create_secret(&record("sec_other", "a"), Some(&value(VALUE)))
             .unwrap_err();
         assert!(matches!(duplicate, StoreError::Duplicate { .. }));
         store
-            .create_secret(&record("sec_b", "b"), &value("x"))
+            .create_secret(&record("sec_b", "b"), Some(&value("x")))
             .unwrap();
         let rename = store
-            .replace_secret("b", &record("sec_b", "a"), None)
+            .replace_secret("b", &record("sec_b", "a"), ValueChange::Keep)
             .unwrap_err();
         assert!(matches!(rename, StoreError::Duplicate { .. }));
         store
-            .replace_secret("b", &record("sec_b", "c"), None)
+            .replace_secret("b", &record("sec_b", "c"), ValueChange::Keep)
             .unwrap();
         assert!(matches!(
             store.get_secret("b"),
@@ -658,9 +687,16 @@ mod tests {
             store.get_secret("sec_b"),
             Err(StoreError::NotFound { .. })
         ));
-        store
-            .create_secret(&record("sec_c", "c"), &value("y"))
+        store.create_secret(&record("sec_c", "c"), None).unwrap();
+        let loaded = store.load_secrets().unwrap();
+        let c = loaded
+            .iter()
+            .find(|(record, _)| record.name == "c")
             .unwrap();
+        assert!(
+            c.1.is_none(),
+            "a secret created without a value has none sealed"
+        );
     }
 
     #[test]
@@ -675,7 +711,7 @@ mod tests {
         store.agents_tree().insert("lab", agent.as_slice()).unwrap();
         let record = store.get_secret("old").unwrap();
         assert_eq!(record.definition.kind, Some(Provider::Openai));
-        assert_eq!(record.preview, "sk-pro••••789");
+        assert_eq!(record.preview.as_deref(), Some("sk-pro••••789"));
         let agent = store.get_agent("lab").unwrap();
         assert_eq!(
             agent.definition.cgroups,
@@ -745,11 +781,11 @@ mod tests {
             .map(|n| {
                 let store = std::sync::Arc::clone(&store);
                 std::thread::spawn(move || {
-                    let same =
-                        store.create_secret(&record(&format!("sec_same{n}"), "same"), &value("v"));
+                    let same = store
+                        .create_secret(&record(&format!("sec_same{n}"), "same"), Some(&value("v")));
                     let own = store.create_secret(
                         &record(&format!("sec_own{n}"), &format!("own{n}")),
-                        &value("v"),
+                        Some(&value("v")),
                     );
                     (same.is_ok(), own.is_ok())
                 })

@@ -158,12 +158,12 @@ mod tests {
                 serde_json::json!({"name": "openai", "type": "openai"}),
             )
             .unwrap(),
-            preview: "••••".into(),
+            preview: Some("••••".into()),
             created_at: "2026-12-01T00:00:00Z".into(),
             updated_at: "2026-12-01T00:00:00Z".into(),
         };
         let value = SecretValue::new(VALUE.as_bytes().to_vec()).unwrap();
-        store.create_secret(&record, &value).unwrap();
+        store.create_secret(&record, Some(&value)).unwrap();
         (dir.join("store"), dir.join(KEY_FILE))
     }
 
@@ -174,7 +174,7 @@ mod tests {
             .load_secrets()
             .unwrap()
             .iter()
-            .map(|(_, value)| String::from_utf8(value.expose().to_vec()).unwrap())
+            .map(|(_, value)| String::from_utf8(value.as_ref().unwrap().expose().to_vec()).unwrap())
             .collect()
     }
 
