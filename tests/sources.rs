@@ -427,15 +427,22 @@ fn sources_that_cannot_give_a_usable_value_are_refused_at_creation() {
     let dir = std::env::temp_dir().join(unique(43, "sources"));
     std::fs::create_dir_all(&dir).unwrap();
     let connect = Connect::start(&dir);
-    let host = format!("http://127.0.0.1:{}", connect.port);
+    // Configured in the file this time, the token as a systemd credential beside the
+    // master key, as the shipped unit gives them (and the token is wrong).
+    let credentials = dir.join("credentials");
+    std::fs::create_dir_all(&credentials).unwrap();
+    std::fs::write(credentials.join("master.key"), "ab".repeat(32)).unwrap();
+    std::fs::write(credentials.join("op-connect-token"), "a-wrong-token\n").unwrap();
+    std::fs::write(credentials.join("openai-key"), "sk-credential-0123456789\n").unwrap();
+    let config = format!(
+        "[onepassword]\nconnect_host = \"http://127.0.0.1:{}\"\n",
+        connect.port
+    );
     let setup = setup_configured(
         43,
-        "",
+        &config,
         &[],
-        &[
-            ("OP_CONNECT_HOST", Path::new(&host)),
-            ("OP_CONNECT_TOKEN", Path::new("a-wrong-token")),
-        ],
+        &[("CREDENTIALS_DIRECTORY", credentials.as_path())],
     );
     let daemon = &setup.daemon;
     let create = |extra: &[&str]| {
@@ -473,11 +480,36 @@ fn sources_that_cannot_give_a_usable_value_are_refused_at_creation() {
         "{error}"
     );
     assert!(!error.contains("sk-line-one"), "{error}");
-    let error = create(&["--value-credential", "openai-key"]);
-    assert!(error.contains("$CREDENTIALS_DIRECTORY is unset"), "{error}");
+    let error = create(&["--value-credential", "missing-key"]);
+    assert!(
+        error.contains("valueCredential: cannot be read now") && error.contains("missing-key"),
+        "{error}"
+    );
     let listed = cli(daemon, &["--json", "secret", "list"], None);
     assert_ok(&listed);
     let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
     assert_eq!(listed["secrets"], json!([]), "nothing refused was stored");
+
+    // A credential that is there is a value like any other.
+    assert_ok(&cli(
+        daemon,
+        &[
+            "secret",
+            "create",
+            "openai",
+            "--type",
+            "openai",
+            "--value-credential",
+            "openai-key",
+        ],
+        None,
+    ));
+    assert_ok(&cli(daemon, &["secret", "check", "openai"], None));
+    let (status, _) = call(&setup, "api.openai.com");
+    assert_eq!(status, "200");
+    assert_eq!(
+        setup.last_request("api.openai.com").headers["authorization"],
+        "Bearer sk-credential-0123456789"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
