@@ -24,12 +24,13 @@ use crate::config::{
     Config, ContainerSelectionConfig, ForeignNetns, OnePasswordConfig, UninterceptedConfig,
     ValuesConfig,
 };
-use crate::control::Control;
+use crate::control::{Control, Parts};
 use crate::engine::Engine;
 use crate::injection::SecretInjector;
 use crate::proxy::{Proxy, ProxySettings, Unintercepted};
 use crate::store::{KeySource, MasterKey, Store};
 use crate::tls::{CertificateAuthority, LeafCache, UpstreamTls};
+use crate::trust::TrustFiles;
 use crate::values::{ConnectSettings, SourceSettings, Sources};
 
 /// Everything the daemon needs to run.
@@ -303,15 +304,22 @@ pub async fn run(
         own_mark: settings.proxy.own_mark,
         tls: Some(Arc::clone(&value_source_tls.http11_only)),
     }));
-    let control = Arc::new(Control::new(
+    let trust = Arc::new(TrustFiles::new(crate::trust::dir_for_socket(
+        &settings.api.socket,
+    )));
+    if let Err(error) = trust.write(api_leaves.ca().certificate_pem()) {
+        warn!(error = %format!("{:#}", anyhow::Error::new(error)), "writing the trust files failed; appliance exec cannot make clients trust the CA");
+    }
+    let control = Arc::new(Control::new(Parts {
         store,
         injector,
-        api_leaves,
+        leaves: api_leaves,
         ca_dir,
-        Arc::clone(&events),
-        Box::new(capture),
-        Arc::clone(&sources),
-    ));
+        events: Arc::clone(&events),
+        capture: Box::new(capture),
+        sources: Arc::clone(&sources),
+        trust: Arc::clone(&trust),
+    }));
     let loaded = control
         .reload()
         .context("loading the secrets, access rules and agents of the store")?;
@@ -347,6 +355,11 @@ pub async fn run(
     let api_task = tokio::spawn(admin_api.serve(Arc::clone(&control), stop_rx.clone()));
     let served = tokio::spawn(engine.serve(stop_rx.clone(), settings.drain));
     tokio::spawn(Arc::clone(&sources).run(stop_rx.clone()));
+    tokio::spawn(follow_system_roots(
+        trust,
+        Arc::clone(&control),
+        stop_rx.clone(),
+    ));
     if let Some(listener) = metrics_listener {
         tokio::spawn(serve_metrics(
             listener,
@@ -459,6 +472,35 @@ async fn follow_containers(
                 warn!(error = %format!("{:#}", anyhow::Error::new(error)), "following containers failed")
             }
             Err(error) => warn!(%error, "following containers panicked"),
+        }
+    }
+}
+
+/// How often the system's root bundle is looked at for changes.
+const SYSTEM_ROOTS_CHECK: Duration = Duration::from_secs(30);
+
+/// Rebuilds the trust files when the system's roots change (a CA package update, or
+/// `appliance trust install`), so the bundle clients get keeps the current roots.
+async fn follow_system_roots(
+    trust: Arc<TrustFiles>,
+    control: Arc<Control>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(SYSTEM_ROOTS_CHECK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = ticks.tick() => {}
+        }
+        if trust.system_roots_changed() {
+            info!("the system's root certificates changed; rebuilding the trust files");
+            let trust = Arc::clone(&trust);
+            let pem = control.ca_pem();
+            let written = tokio::task::spawn_blocking(move || trust.write(&pem)).await;
+            if let Ok(Err(error)) = written {
+                warn!(error = %format!("{:#}", anyhow::Error::new(error)), "rebuilding the trust files failed");
+            }
         }
     }
 }

@@ -1,4 +1,5 @@
-//! `appliance exec`: run a command inside a fresh intercepted cgroup.
+//! `appliance exec`: run a command inside a fresh intercepted cgroup, trusting the appliance
+//! CA through the daemon's trust files (see [`crate::trust`]) unless told not to.
 
 use std::ffi::{CString, OsString};
 use std::io;
@@ -8,6 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::capture::{self, CaptureError, Cgroup};
+use crate::trust;
 
 /// Errors of `appliance exec`.
 #[derive(Debug, thiserror::Error)]
@@ -52,15 +54,29 @@ fn valid_name(name: &str) -> bool {
             .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.'))
 }
 
-/// Runs `command` in `<agents_cgroup>/<name>` (default `exec-<pid>`) and returns its exit code
-/// (128 + signal number when it was killed by a signal). The cgroup is removed afterwards when
-/// this call created it and it is empty.
-pub fn run(
-    agents_cgroup: &Path,
-    name: Option<&str>,
-    command: &[OsString],
-    allow_unprotected: bool,
-) -> Result<i32, ExecError> {
+/// How `appliance exec` runs a command.
+pub struct ExecOptions<'a> {
+    /// The daemon's agents cgroup.
+    pub agents_cgroup: &'a Path,
+    /// The cgroup to create under it (default `exec-<pid>`).
+    pub name: Option<&'a str>,
+    /// Run even when the cgroup is not intercepted.
+    pub allow_unprotected: bool,
+    /// The daemon's trust directory, whose files the command is pointed at; `None` leaves
+    /// its environment as it is.
+    pub trust_dir: Option<&'a Path>,
+}
+
+/// Runs `command` in `<agents_cgroup>/<name>` and returns its exit code (128 + signal number
+/// when it was killed by a signal). The cgroup is removed afterwards when this call created
+/// it and it is empty.
+pub fn run(options: &ExecOptions<'_>, command: &[OsString]) -> Result<i32, ExecError> {
+    let ExecOptions {
+        agents_cgroup,
+        name,
+        allow_unprotected,
+        trust_dir,
+    } = *options;
     let name = name.map_or_else(|| format!("exec-{}", std::process::id()), str::to_owned);
     if !valid_name(&name) {
         return Err(ExecError::InvalidName { name });
@@ -72,7 +88,7 @@ pub fn run(
     let path = root.path().join(&name);
     let created = !path.exists();
     let cgroup = Cgroup::create(&path)?;
-    let outcome = run_in(&cgroup, command, allow_unprotected);
+    let outcome = run_in(&cgroup, command, allow_unprotected, trust_dir);
     if created {
         // Still busy when the command left background processes behind; leave it then.
         if let Err(error) = std::fs::remove_dir(cgroup.path()) {
@@ -82,10 +98,36 @@ pub fn run(
     outcome
 }
 
+/// The variables that make `command`'s runtimes trust the CA, from `trust_dir`. A variable
+/// the caller set stays as set (it is their choice); Java options are added to theirs.
+fn trust_environment(trust_dir: &Path) -> Vec<(&'static str, OsString)> {
+    if !trust::is_ready(trust_dir) {
+        eprintln!(
+            "appliance: warning: no trust files in {} (is the daemon running, with this --socket?); the command is not told to trust the appliance CA",
+            trust_dir.display()
+        );
+        return Vec::new();
+    }
+    trust::environment(trust_dir)
+        .into_iter()
+        .filter_map(|(key, value)| match std::env::var_os(key) {
+            None => Some((key, OsString::from(value))),
+            Some(theirs) if key == "JAVA_TOOL_OPTIONS" => {
+                let mut joined = theirs;
+                joined.push(" ");
+                joined.push(value);
+                Some((key, joined))
+            }
+            Some(_) => None,
+        })
+        .collect()
+}
+
 fn run_in(
     cgroup: &Cgroup,
     command: &[OsString],
     allow_unprotected: bool,
+    trust_dir: Option<&Path>,
 ) -> Result<i32, ExecError> {
     if !allow_unprotected && !capture::is_intercepted(cgroup)? {
         return Err(ExecError::NotIntercepted {
@@ -101,6 +143,9 @@ fn run_in(
     let (program, args) = command.split_first().expect("clap requires a command");
     let mut child = Command::new(program);
     child.args(args);
+    if let Some(dir) = trust_dir {
+        child.envs(trust_environment(dir));
+    }
     // SAFETY: the hook only makes async-signal-safe calls (open, write, close).
     unsafe {
         child.pre_exec(move || capture::cgroup::move_self_into(&procs));

@@ -30,6 +30,7 @@ pub mod request_path;
 pub mod store;
 mod swap;
 pub mod tls;
+pub mod trust;
 pub mod values;
 
 #[cfg(test)]

@@ -244,7 +244,10 @@ impl Daemon {
             agents_cgroup: cgroup2_mount().join(unique(slot, "agents")),
             bpffs_dir: PathBuf::from("/sys/fs/bpf").join(unique(slot, "pins")),
             state_dir: std::env::temp_dir().join(unique(slot, "state")),
-            socket: std::env::temp_dir().join(format!("{}.sock", unique(slot, "admin"))),
+            // In a directory of its own: the daemon keeps its trust files beside it.
+            socket: std::env::temp_dir()
+                .join(unique(slot, "run"))
+                .join("admin.sock"),
             config: std::env::temp_dir().join(format!("{}.toml", unique(slot, "config"))),
             config_text: config_text.to_owned(),
             extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
@@ -396,6 +399,9 @@ impl Drop for Daemon {
         let _ = fs::remove_file(&self.log);
         let _ = fs::remove_file(&self.config);
         let _ = fs::remove_dir_all(&self.state_dir);
+        if let Some(run_dir) = self.socket.parent() {
+            let _ = fs::remove_dir_all(run_dir);
+        }
     }
 }
 

@@ -69,7 +69,29 @@ const TOOLS: &[(&str, &str)] = &[
     // Scrapes the daemon's metrics and checks their exposition.
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
+    // Runtimes whose trust of the appliance CA the trust test checks: Go, a JDK (java runs
+    // the probe's source, keytool builds the daemon's Java trust store), Node.
+    ("go", "golang-go"),
+    ("java", "default-jdk-headless"),
+    ("javac", "default-jdk-headless"),
+    ("keytool", "default-jdk-headless"),
+    ("node", "nodejs"),
 ];
+
+/// Python modules of the system Python that tests import, and their Debian packages.
+const PYTHON_MODULES: &[(&str, &str)] = &[
+    ("requests", "python3-requests"),
+    ("httpx", "python3-httpx"),
+    // httpx's HTTP/2.
+    ("h2", "python3-h2"),
+    // python3 -m venv, for the SDKs' venv.
+    ("ensurepip", "python3-venv"),
+];
+
+/// The Python SDKs (from PyPI; Debian packages neither) the trust test runs, in a venv of
+/// their own under target/.
+const PYTHON_SDKS: &[&str] = &["anthropic", "openai"];
+const SDK_VENV: &str = "target/python-sdks";
 
 #[derive(Parser)]
 #[command(about = "Project tasks for the appliance")]
@@ -273,7 +295,8 @@ fn setup() -> anyhow::Result<()> {
     }
     install_bpf_linker()?;
     install_cargo_fuzz()?;
-    install_debian_packages()
+    install_debian_packages()?;
+    install_python_sdks()
 }
 
 fn install_cargo_fuzz() -> anyhow::Result<()> {
@@ -396,13 +419,56 @@ fn is_on_path(command: &str) -> bool {
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| executable(&dir.join(command))))
 }
 
-/// (command, package) of the tools whose command is not on PATH.
+/// (command or module, package) of the tools whose command is not on PATH, and the Python
+/// modules the system Python cannot import.
 fn missing_tools() -> Vec<(&'static str, &'static str)> {
+    let python_has = |module: &str| {
+        Command::new("/usr/bin/python3")
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .is_ok_and(|output| output.status.success())
+    };
     TOOLS
         .iter()
         .copied()
         .filter(|(command, _)| !is_on_path(command))
+        .chain(
+            PYTHON_MODULES
+                .iter()
+                .copied()
+                .filter(|(module, _)| !python_has(module)),
+        )
         .collect()
+}
+
+fn sdk_python() -> PathBuf {
+    workspace_root().join(SDK_VENV).join("bin/python")
+}
+
+/// Whether the SDK venv imports every SDK.
+fn sdks_installed() -> bool {
+    let imports = PYTHON_SDKS.join(", ");
+    Command::new(sdk_python())
+        .args(["-c", &format!("import {imports}")])
+        .output()
+        .is_ok_and(|output| output.status.success())
+}
+
+fn install_python_sdks() -> anyhow::Result<()> {
+    if sdks_installed() {
+        return Ok(());
+    }
+    step(&format!(
+        "installing the Python SDKs {PYTHON_SDKS:?} from PyPI into {SDK_VENV}"
+    ));
+    run(Command::new("/usr/bin/python3")
+        .args(["-m", "venv"])
+        .arg(workspace_root().join(SDK_VENV)))?;
+    run(
+        Command::new(workspace_root().join(SDK_VENV).join("bin/pip"))
+            .args(["install", "--quiet"])
+            .args(PYTHON_SDKS),
+    )
 }
 
 fn install_debian_packages() -> anyhow::Result<()> {
@@ -433,6 +499,11 @@ fn install_debian_packages() -> anyhow::Result<()> {
 
 /// Fails, naming each missing command and its package, when setup left one out.
 fn require_tools() -> anyhow::Result<()> {
+    if !sdks_installed() {
+        bail!(
+            "the Python SDKs {PYTHON_SDKS:?} are not installed in {SDK_VENV}; run cargo xtask setup"
+        );
+    }
     let missing = missing_tools();
     if missing.is_empty() {
         return Ok(());

@@ -13,6 +13,7 @@ mod output;
 mod remote;
 mod rule;
 mod secret;
+mod trust;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -60,6 +61,10 @@ enum Command {
     /// The appliance's certificate authority.
     #[command(subcommand)]
     Ca(events::CaCommand),
+    /// Make clients trust the appliance CA: the environment `appliance exec` gives commands,
+    /// for services and containers.
+    #[command(subcommand)]
+    Trust(trust::TrustCommand),
     /// The store's master key (run as root, with the daemon stopped).
     #[command(subcommand)]
     Key(admin::KeyCommand),
@@ -104,6 +109,10 @@ struct ExecArgs {
     /// Run even when the cgroup is not intercepted (no appliance protects the command).
     #[arg(long)]
     allow_unprotected: bool,
+    /// Leave the command's environment alone: do not point its runtimes (OpenSSL, Python,
+    /// curl, git, Go, Node, Java) at the appliance CA.
+    #[arg(long)]
+    no_trust: bool,
     /// The command and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<OsString>,
@@ -117,13 +126,7 @@ pub fn main() -> ExitCode {
     } else {
         Output::Table
     };
-    let remote = |command| {
-        let socket = cli
-            .socket
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
-        remote::run(&socket, output, command)
-    };
+    let remote = |command| remote::run(&socket_of(&cli.socket), output, command);
     match cli.command {
         Command::Secret(command) => remote(ClientCommand::Secret(command)),
         Command::Ca(command) => remote(ClientCommand::Ca(command)),
@@ -134,16 +137,16 @@ pub fn main() -> ExitCode {
         Command::Daemon(args) => exit(daemon::run(*args, cli.socket.clone()).map(|()| 0)),
         Command::Exec(args) => {
             logging::init(LogFormat::Text, "warn");
-            exit(
-                appliance::exec::run(
-                    &args.agents_cgroup,
-                    args.cgroup.as_deref(),
-                    &args.command,
-                    args.allow_unprotected,
-                )
-                .map_err(anyhow::Error::from),
-            )
+            let trust_dir = appliance::trust::dir_for_socket(&socket_of(&cli.socket));
+            let options = appliance::exec::ExecOptions {
+                agents_cgroup: &args.agents_cgroup,
+                name: args.cgroup.as_deref(),
+                allow_unprotected: args.allow_unprotected,
+                trust_dir: (!args.no_trust).then_some(trust_dir.as_path()),
+            };
+            exit(appliance::exec::run(&options, &args.command).map_err(anyhow::Error::from))
         }
+        Command::Trust(command) => exit(trust::run(command, &socket_of(&cli.socket))),
         Command::Key(command) => exit(admin::key(command)),
         Command::Install { root } => exit(admin::install(&root, &mut Cli::command())),
         Command::Uninstall { root, purge } => exit(admin::uninstall(&root, purge)),
@@ -158,6 +161,13 @@ pub fn main() -> ExitCode {
         }
         Command::Man => exit(admin::man(&mut Cli::command())),
     }
+}
+
+/// The admin socket: `--socket`, else the default.
+fn socket_of(socket: &Option<PathBuf>) -> PathBuf {
+    socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
 }
 
 fn exit(outcome: anyhow::Result<i32>) -> ExitCode {

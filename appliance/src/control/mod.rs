@@ -25,6 +25,7 @@ use crate::metrics::METRICS;
 use crate::model::{ValidationError, ValueSource};
 use crate::store::{Store, StoreError};
 use crate::tls::{CaError, CertificateAuthority, LeafCache};
+use crate::trust::TrustFiles;
 use crate::values::Sources;
 
 pub use agents::agent_cgroups;
@@ -153,6 +154,27 @@ pub struct Control {
     events: Arc<EventLog>,
     capture: Mutex<Box<dyn Interception>>,
     sources: Arc<Sources>,
+    trust: Arc<TrustFiles>,
+}
+
+/// What the control layer works on.
+pub struct Parts {
+    /// The store.
+    pub store: Store,
+    /// Where secrets, access rules and agents are made live.
+    pub injector: Arc<SecretInjector>,
+    /// The leaf cache, whose CA rotation replaces.
+    pub leaves: Arc<LeafCache>,
+    /// Where the CA lives.
+    pub ca_dir: PathBuf,
+    /// Audit events.
+    pub events: Arc<EventLog>,
+    /// Capture.
+    pub capture: Box<dyn Interception>,
+    /// Values fetched from their sources.
+    pub sources: Arc<Sources>,
+    /// The files clients trust the CA by, rebuilt when it rotates.
+    pub trust: Arc<TrustFiles>,
 }
 
 /// Store and capture calls touch the disk (sled flushes before answering) and the kernel:
@@ -182,26 +204,19 @@ fn new_id(prefix: &str) -> String {
 }
 
 impl Control {
-    /// Control over `store`, making changes live in `injector` and `capture`, with values
-    /// that live elsewhere fetched by `sources`. Nothing is loaded yet: call
-    /// [`Control::reload`].
-    pub fn new(
-        store: Store,
-        injector: Arc<SecretInjector>,
-        leaves: Arc<LeafCache>,
-        ca_dir: PathBuf,
-        events: Arc<EventLog>,
-        capture: Box<dyn Interception>,
-        sources: Arc<Sources>,
-    ) -> Self {
+    /// Control over `parts.store`, making changes live in the injection layer and capture,
+    /// with values that live elsewhere fetched by `parts.sources`. Nothing is loaded yet:
+    /// call [`Control::reload`].
+    pub fn new(parts: Parts) -> Self {
         Self {
-            store,
-            injector,
-            leaves,
-            ca_dir,
-            events,
-            capture: Mutex::new(capture),
-            sources,
+            store: parts.store,
+            injector: parts.injector,
+            leaves: parts.leaves,
+            ca_dir: parts.ca_dir,
+            events: parts.events,
+            capture: Mutex::new(parts.capture),
+            sources: parts.sources,
+            trust: parts.trust,
         }
     }
 
@@ -241,6 +256,10 @@ impl Control {
         let ca = CertificateAuthority::rotate(&self.ca_dir)?;
         let pem = ca.certificate_pem().to_owned();
         self.leaves.replace_ca(ca);
+        // Clients that trust the CA through the trust files keep doing so.
+        if let Err(error) = self.trust.write(&pem) {
+            warn!(error = %format!("{:#}", anyhow::Error::new(error)), "rewriting the trust files for the new CA failed; clients must be given it by hand");
+        }
         info!(target: "appliance::audit", event = "ca_rotated", "appliance CA rotated");
         Ok(pem)
     }

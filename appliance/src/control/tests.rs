@@ -69,15 +69,16 @@ fn fixture(dir: &Path) -> Fixture {
     let injector = Arc::new(SecretInjector::default());
     let ca = CertificateAuthority::load_or_create(&dir.join("ca")).unwrap();
     let reconciles = Arc::new(AtomicUsize::new(0));
-    let control = Control::new(
-        open_store(dir),
-        Arc::clone(&injector),
-        Arc::new(LeafCache::new(ca, 4)),
-        dir.join("ca"),
-        Arc::new(EventLog::new(16)),
-        Box::new(Recorder(Arc::clone(&reconciles))),
-        test_sources(),
-    );
+    let control = Control::new(Parts {
+        store: open_store(dir),
+        injector: Arc::clone(&injector),
+        leaves: Arc::new(LeafCache::new(ca, 4)),
+        ca_dir: dir.join("ca"),
+        events: Arc::new(EventLog::new(16)),
+        capture: Box::new(Recorder(Arc::clone(&reconciles))),
+        sources: test_sources(),
+        trust: Arc::new(crate::trust::TrustFiles::new(dir.join("trust"))),
+    });
     Fixture {
         control,
         injector,

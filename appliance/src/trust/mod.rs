@@ -1,0 +1,278 @@
+//! What clients need to trust the appliance CA without being told: files the daemon keeps in
+//! its trust directory (beside the admin socket, world-readable: a CA certificate is public)
+//! and the environment that points each runtime at them.
+//!
+//! - `appliance-ca.pem`: the CA alone (Node adds it to its built-in roots).
+//! - `ca-bundle.pem`: the system's roots plus the CA, for runtimes whose variable replaces
+//!   their roots (OpenSSL, Python, requests, httpx, curl, git, Go): hosts passed through keep
+//!   verifying against the real roots.
+//! - `truststore.p12`: the JVM's own trust store plus the CA, for Java, when a JDK's
+//!   `keytool` is installed.
+//! - `trust.env`: the variables, for `EnvironmentFile=` and `docker run --env-file`.
+//!
+//! They are rebuilt when the CA rotates and when the system's roots change.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::SystemTime;
+
+use tracing::{debug, info, warn};
+
+/// Where distributions keep their root bundle, most common first.
+pub const SYSTEM_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// Where a JVM's trust store may be.
+const JVM_TRUST_STORES: &[&str] = &["/etc/ssl/certs/java/cacerts"];
+
+/// The password of the JVM's default trust store, which the copy keeps (it protects
+/// nothing: a trust store holds public certificates).
+const TRUST_STORE_PASSWORD: &str = "changeit";
+
+const CA_FILE: &str = "appliance-ca.pem";
+const BUNDLE_FILE: &str = "ca-bundle.pem";
+const TRUST_STORE_FILE: &str = "truststore.p12";
+const ENV_FILE: &str = "trust.env";
+
+/// The trust directory that goes with the admin socket `socket`.
+pub fn dir_for_socket(socket: &Path) -> PathBuf {
+    socket
+        .parent()
+        .unwrap_or_else(|| Path::new("/run/appliance"))
+        .join("trust")
+}
+
+/// Writing the trust files failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{action} {} failed", path.display())]
+pub struct TrustError {
+    action: &'static str,
+    path: PathBuf,
+    #[source]
+    source: io::Error,
+}
+
+/// The trust directory, as the daemon keeps it.
+pub struct TrustFiles {
+    dir: PathBuf,
+    /// The system bundle and its modification time when the files were last built.
+    built_from: std::sync::Mutex<Option<(PathBuf, SystemTime)>>,
+}
+
+fn system_bundle() -> Option<(PathBuf, SystemTime)> {
+    SYSTEM_BUNDLES.iter().find_map(|path| {
+        let modified = fs::metadata(path).and_then(|meta| meta.modified()).ok()?;
+        Some((PathBuf::from(path), modified))
+    })
+}
+
+/// `keytool` of the installed JVM, and its trust store.
+fn jvm_trust_store() -> Option<(PathBuf, PathBuf)> {
+    let java = which("java")?;
+    let home = fs::canonicalize(java)
+        .ok()?
+        .parent()?
+        .parent()?
+        .to_path_buf();
+    let keytool = home.join("bin/keytool");
+    let store = JVM_TRUST_STORES
+        .iter()
+        .map(PathBuf::from)
+        .chain(std::iter::once(home.join("lib/security/cacerts")))
+        .find(|path| path.exists())?;
+    keytool.exists().then_some((keytool, store))
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(program))
+            .find(|candidate| candidate.is_file())
+    })
+}
+
+impl TrustFiles {
+    /// The trust directory `dir` (created when first written).
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            built_from: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> TrustError {
+        let path = path.to_path_buf();
+        move |source| TrustError {
+            action,
+            path,
+            source,
+        }
+    }
+
+    /// Writes `contents` to `name` in the directory, world-readable, replacing it whole.
+    fn publish(&self, name: &str, contents: &[u8]) -> Result<(), TrustError> {
+        let path = self.dir.join(name);
+        let partial = self.dir.join(format!(".{name}.partial"));
+        fs::write(&partial, contents).map_err(Self::error("writing", &partial))?;
+        fs::set_permissions(&partial, fs::Permissions::from_mode(0o644))
+            .map_err(Self::error("setting permissions of", &partial))?;
+        fs::rename(&partial, &path).map_err(Self::error("replacing", &path))
+    }
+
+    /// Builds every file for the CA certificate `ca_pem`.
+    pub fn write(&self, ca_pem: &str) -> Result<(), TrustError> {
+        fs::create_dir_all(&self.dir).map_err(Self::error("creating", &self.dir))?;
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o755))
+            .map_err(Self::error("setting permissions of", &self.dir))?;
+        self.publish(CA_FILE, ca_pem.as_bytes())?;
+        let system = system_bundle();
+        let mut bundle = match &system {
+            Some((path, _)) => fs::read(path).map_err(Self::error("reading", path))?,
+            None => {
+                warn!("no system root bundle found; the trust bundle holds the appliance CA alone, so hosts passed through will not verify for clients that use it");
+                Vec::new()
+            }
+        };
+        if !bundle.ends_with(b"\n") && !bundle.is_empty() {
+            bundle.push(b'\n');
+        }
+        bundle.extend_from_slice(ca_pem.as_bytes());
+        self.publish(BUNDLE_FILE, &bundle)?;
+        self.write_trust_store();
+        self.publish(ENV_FILE, env_file(&self.dir).as_bytes())?;
+        *self
+            .built_from
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = system;
+        info!(dir = %self.dir.display(), "trust files written for clients");
+        Ok(())
+    }
+
+    /// The JVM's trust store plus the CA, when a JDK is installed; without one, Java gets no
+    /// variable and an old store is removed.
+    fn write_trust_store(&self) {
+        let target = self.dir.join(TRUST_STORE_FILE);
+        let Some((keytool, store)) = jvm_trust_store() else {
+            debug!("no JVM with keytool found; Java gets no trust store");
+            let _ = fs::remove_file(&target);
+            return;
+        };
+        let partial = self.dir.join(format!(".{TRUST_STORE_FILE}.partial"));
+        let built = fs::copy(&store, &partial).is_ok()
+            && Command::new(&keytool)
+                .args([
+                    "-importcert",
+                    "-noprompt",
+                    "-alias",
+                    "appliance-ca",
+                    "-storepass",
+                ])
+                .arg(TRUST_STORE_PASSWORD)
+                .arg("-keystore")
+                .arg(&partial)
+                .arg("-file")
+                .arg(self.dir.join(CA_FILE))
+                .output()
+                .is_ok_and(|output| output.status.success())
+            && fs::set_permissions(&partial, fs::Permissions::from_mode(0o644)).is_ok()
+            && fs::rename(&partial, &target).is_ok();
+        if !built {
+            let _ = fs::remove_file(&partial);
+            warn!(keytool = %keytool.display(), store = %store.display(), "building the Java trust store failed; Java clients must be given the CA by hand");
+        }
+    }
+
+    /// Whether the system's roots changed since the files were built.
+    pub fn system_roots_changed(&self) -> bool {
+        let built = self
+            .built_from
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        built != system_bundle()
+    }
+}
+
+/// Each runtime's variable and the file it names, for a trust directory `dir` as it is now:
+/// the Java options only when the trust store exists.
+pub fn environment(dir: &Path) -> Vec<(&'static str, String)> {
+    let file = |name: &str| dir.join(name).display().to_string();
+    let mut variables = vec![
+        // OpenSSL and what links it: Python's ssl and urllib, httpx (the Anthropic and
+        // OpenAI SDKs), Ruby; Go reads it too.
+        ("SSL_CERT_FILE", file(BUNDLE_FILE)),
+        ("REQUESTS_CA_BUNDLE", file(BUNDLE_FILE)),
+        ("CURL_CA_BUNDLE", file(BUNDLE_FILE)),
+        ("GIT_SSL_CAINFO", file(BUNDLE_FILE)),
+        // Node adds these to its built-in roots.
+        ("NODE_EXTRA_CA_CERTS", file(CA_FILE)),
+    ];
+    if dir.join(TRUST_STORE_FILE).exists() {
+        variables.push((
+            "JAVA_TOOL_OPTIONS",
+            format!(
+                "-Djavax.net.ssl.trustStore={} -Djavax.net.ssl.trustStorePassword={TRUST_STORE_PASSWORD}",
+                file(TRUST_STORE_FILE)
+            ),
+        ));
+    }
+    variables
+}
+
+/// The variables as `KEY=VALUE` lines.
+pub fn env_file(dir: &Path) -> String {
+    environment(dir)
+        .into_iter()
+        .map(|(key, value)| format!("{key}={value}\n"))
+        .collect()
+}
+
+/// Whether `dir` holds a trust bundle (the daemon has written it).
+pub fn is_ready(dir: &Path) -> bool {
+    dir.join(BUNDLE_FILE).exists() && dir.join(CA_FILE).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::temp_dir;
+
+    #[test]
+    fn the_bundle_keeps_the_system_roots_and_adds_the_ca() {
+        let dir = temp_dir("trust-files").join("trust");
+        let files = TrustFiles::new(dir.clone());
+        let ca = "-----BEGIN CERTIFICATE-----\nAPPLIANCE\n-----END CERTIFICATE-----\n";
+        files.write(ca).unwrap();
+        let bundle = fs::read_to_string(dir.join(BUNDLE_FILE)).unwrap();
+        assert!(bundle.ends_with(ca));
+        if let Some((system, _)) = system_bundle() {
+            assert!(bundle.starts_with(&fs::read_to_string(system).unwrap()));
+        }
+        assert_eq!(
+            fs::metadata(dir.join(BUNDLE_FILE))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o644
+        );
+        assert!(is_ready(&dir));
+        assert!(!files.system_roots_changed());
+        let lines = fs::read_to_string(dir.join(ENV_FILE)).unwrap();
+        assert!(lines.contains(&format!(
+            "SSL_CERT_FILE={}",
+            dir.join(BUNDLE_FILE).display()
+        )));
+        assert!(lines.contains(&format!(
+            "NODE_EXTRA_CA_CERTS={}",
+            dir.join(CA_FILE).display()
+        )));
+    }
+}

@@ -1,0 +1,296 @@
+//! Zero-configuration trust: under `appliance exec`, with none of the trust variables set,
+//! real clients of every common runtime trust the appliance CA and get their credential
+//! injected over the real redirect. Each runs with a private /etc/hosts (its own mount
+//! namespace) that sends api.openai.com to the loopback upstream.
+
+mod common;
+mod https;
+mod redirect;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::*;
+use redirect::*;
+
+const REAL_KEY: &str = "sk-REAL-TRUST-0123456789";
+
+/// Every variable a user might have set to trust a CA by hand: a new user has none.
+const TRUST_VARIABLES: &[&str] = &[
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "GIT_SSL_CAINFO",
+    "NODE_EXTRA_CA_CERTS",
+    "JAVA_TOOL_OPTIONS",
+];
+
+const GO_PROBE: &str = r#"package main
+
+import (
+	"fmt"
+	"net/http"
+	"os"
+)
+
+func main() {
+	response, err := http.Get(os.Args[1])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	fmt.Println(response.StatusCode)
+}
+"#;
+
+const JAVA_PROBE: &str = r#"
+import java.net.URI;
+import java.net.http.HttpClient;
+import java.net.http.HttpRequest;
+import java.net.http.HttpResponse;
+
+public class Probe {
+    public static void main(String[] args) throws Exception {
+        HttpResponse<String> response = HttpClient.newHttpClient().send(
+            HttpRequest.newBuilder(URI.create(args[0])).header("authorization", "Bearer placeholder").build(),
+            HttpResponse.BodyHandlers.ofString());
+        System.out.println(response.statusCode());
+    }
+}
+"#;
+
+/// The Anthropic and OpenAI SDKs, installed by `cargo xtask setup` from PyPI.
+fn sdk_python() -> PathBuf {
+    let python = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/python-sdks/bin/python"
+    ));
+    assert!(
+        python.exists(),
+        "{} is missing; run cargo xtask setup",
+        python.display()
+    );
+    python
+}
+
+struct Sandbox<'a> {
+    setup: &'a Setup,
+    hosts: PathBuf,
+    home: PathBuf,
+}
+
+impl Sandbox<'_> {
+    /// `program args` under `appliance exec` (trusting the CA unless `no_trust`), in its own
+    /// mount namespace with the private /etc/hosts, and none of the trust variables.
+    fn run(&self, no_trust: bool, program: &str, args: &[&str]) -> Output {
+        let daemon = &self.setup.daemon;
+        let mut command = test_command(APPLIANCE);
+        command.arg("--socket").arg(&daemon.socket).arg("exec");
+        if no_trust {
+            command.arg("--no-trust");
+        }
+        command
+            .arg("--agents-cgroup")
+            .arg(&daemon.agents_cgroup)
+            .args(["--", "unshare", "--mount", "--", "sh", "-c"])
+            .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
+            .arg(&self.hosts)
+            .arg(program)
+            .args(args)
+            .env("HOME", &self.home)
+            .env("OPENAI_API_KEY", "placeholder")
+            .env("ANTHROPIC_API_KEY", "placeholder");
+        for variable in TRUST_VARIABLES {
+            command.env_remove(variable);
+        }
+        command.output().unwrap()
+    }
+
+    /// Runs a client and checks that the upstream got the real key for `path`.
+    fn injected(&self, what: &str, program: &str, args: &[&str], path: &str) {
+        let output = self.run(false, program, args);
+        let arrived = self
+            .setup
+            .upstream
+            .seen
+            .requests()
+            .into_iter()
+            .rev()
+            .find(|request| request.target.starts_with(path));
+        assert!(
+            arrived.as_ref().is_some_and(|request| request.headers.get("authorization")
+                == Some(&format!("Bearer {REAL_KEY}"))),
+            "{what}: the upstream did not get the credential for {path} ({arrived:?}); exit {:?}\nstdout: {}\nstderr: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+fn assert_success(output: &Output) {
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn build_go_probe(dir: &Path) -> PathBuf {
+    let source = dir.join("probe.go");
+    std::fs::write(&source, GO_PROBE).unwrap();
+    let binary = dir.join("go-probe");
+    let output = test_command("go")
+        .arg("build")
+        .arg("-o")
+        .arg(&binary)
+        .arg(&source)
+        .env("GOCACHE", dir.join("gocache"))
+        .env("GOPATH", dir.join("gopath"))
+        .env("HOME", dir)
+        .env("GO111MODULE", "off")
+        .output()
+        .unwrap();
+    assert_success(&output);
+    binary
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
+fn clients_of_every_common_runtime_trust_the_appliance_under_exec_without_configuration() {
+    let setup = setup(44, &[]);
+    create_secret(&setup.daemon, &["openai", "--type", "openai"], REAL_KEY);
+    let hosts = setup.dir.join("hosts");
+    std::fs::write(&hosts, format!("{} api.openai.com\n", setup.upstream_ip)).unwrap();
+    let home = setup.dir.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let sandbox = Sandbox {
+        setup: &setup,
+        hosts,
+        home,
+    };
+    let url = |path: &str| format!("https://api.openai.com{path}");
+
+    // Without the trust files the same client fails: they are what makes it work.
+    let untrusted = sandbox.run(true, "curl", &["-sS", &url("/untrusted")]);
+    assert_eq!(untrusted.status.code(), Some(60), "{untrusted:?}");
+
+    let h1 = url("/curl-h1");
+    sandbox.injected(
+        "curl over HTTP/1.1",
+        "curl",
+        &["-sSf", "--http1.1", &h1],
+        "/curl-h1",
+    );
+    let h2 = url("/curl-h2");
+    sandbox.injected(
+        "curl over HTTP/2",
+        "curl",
+        &["-sSf", "--http2", &h2],
+        "/curl-h2",
+    );
+    let urllib = format!(
+        "import urllib.request; urllib.request.urlopen(urllib.request.Request({:?}, headers={{'authorization': 'Bearer placeholder'}}))",
+        url("/urllib")
+    );
+    sandbox.injected(
+        "Python urllib",
+        "/usr/bin/python3",
+        &["-c", &urllib],
+        "/urllib",
+    );
+    let requests = format!(
+        "import requests; requests.get({:?}, headers={{'authorization': 'Bearer placeholder'}}).raise_for_status()",
+        url("/requests")
+    );
+    sandbox.injected(
+        "Python requests",
+        "/usr/bin/python3",
+        &["-c", &requests],
+        "/requests",
+    );
+    let httpx = format!(
+        "import httpx; r = httpx.Client(http2=True).get({:?}, headers={{'authorization': 'Bearer placeholder'}}); assert r.http_version == 'HTTP/2', r.http_version; r.raise_for_status()",
+        url("/httpx")
+    );
+    sandbox.injected(
+        "httpx over HTTP/2",
+        "/usr/bin/python3",
+        &["-c", &httpx],
+        "/httpx",
+    );
+    let python = sdk_python();
+    let python = python.to_str().unwrap();
+    let openai =
+        "import openai; openai.OpenAI(base_url='https://api.openai.com/openai-sdk').models.list()";
+    sandbox.injected("the OpenAI SDK", python, &["-c", openai], "/openai-sdk");
+    // Whatever the answer's shape, the request must reach the upstream with the key.
+    let anthropic = "import anthropic\ntry:\n    anthropic.Anthropic(base_url='https://api.openai.com/anthropic-sdk', default_headers={'authorization': 'Bearer placeholder'}, max_retries=0).models.list()\nexcept anthropic.APIStatusError:\n    pass";
+    sandbox.injected(
+        "the Anthropic SDK",
+        python,
+        &["-c", anthropic],
+        "/anthropic-sdk",
+    );
+    let node = format!(
+        "fetch({:?}, {{headers: {{authorization: 'Bearer placeholder'}}}}).then(r => process.exit(r.ok ? 0 : 1), e => {{ console.error(e.cause || e); process.exit(1) }})",
+        url("/node")
+    );
+    sandbox.injected("Node fetch", "node", &["-e", &node], "/node");
+    let git = sandbox.run(false, "git", &["ls-remote", &url("/git/repo.git")]);
+    assert!(
+        !String::from_utf8_lossy(&git.stderr).contains("SSL certificate problem"),
+        "{git:?}"
+    );
+    sandbox.injected(
+        "git",
+        "git",
+        &["ls-remote", &url("/git/repo.git")],
+        "/git/repo.git/info/refs",
+    );
+    let go = build_go_probe(&setup.dir);
+    sandbox.injected("Go net/http", go.to_str().unwrap(), &[&url("/go")], "/go");
+    let java = setup.dir.join("Probe.java");
+    std::fs::write(&java, JAVA_PROBE).unwrap();
+    sandbox.injected(
+        "Java HttpClient",
+        "java",
+        &[java.to_str().unwrap(), &url("/java")],
+        "/java",
+    );
+
+    // A new CA is in the trust files at once.
+    let rotated = cli(&setup.daemon, &["ca", "rotate"], None);
+    assert_success(&rotated);
+    let after = url("/after-rotation");
+    sandbox.injected(
+        "curl after a CA rotation",
+        "curl",
+        &["-sSf", &after],
+        "/after-rotation",
+    );
+
+    // For services and containers, the same variables.
+    let env = test_command(APPLIANCE)
+        .arg("--socket")
+        .arg(&setup.daemon.socket)
+        .args(["trust", "env"])
+        .output()
+        .unwrap();
+    assert_success(&env);
+    let env = String::from_utf8_lossy(&env.stdout);
+    for variable in [
+        "SSL_CERT_FILE=",
+        "REQUESTS_CA_BUNDLE=",
+        "NODE_EXTRA_CA_CERTS=",
+        "JAVA_TOOL_OPTIONS=",
+    ] {
+        assert!(env.contains(variable), "{env}");
+    }
+}
