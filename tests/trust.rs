@@ -276,6 +276,61 @@ fn clients_of_every_common_runtime_trust_the_appliance_under_exec_without_config
         "/after-rotation",
     );
 
+    // The doctor shakes hands with each runtime the same way and says so.
+    let doctor = |args: &[&str]| {
+        let mut command = test_command(APPLIANCE);
+        command
+            .arg("--socket")
+            .arg(&setup.daemon.socket)
+            .args(["trust", "doctor", "--agents-cgroup"])
+            .arg(&setup.daemon.agents_cgroup)
+            .args(args)
+            .env("HOME", &sandbox.home);
+        for variable in TRUST_VARIABLES {
+            command.env_remove(variable);
+        }
+        command.output().unwrap()
+    };
+    let report = doctor(&[]);
+    assert_success(&report);
+    let text = String::from_utf8_lossy(&report.stdout);
+    assert!(text.contains("handshakes with api.openai.com"), "{text}");
+    for runtime in [
+        "curl",
+        "python (urllib, ssl)",
+        "python requests",
+        "python httpx",
+        "node",
+        "git",
+        "go",
+        "java",
+    ] {
+        let line = text
+            .lines()
+            .find(|line| line.starts_with(runtime))
+            .unwrap_or_else(|| panic!("no line for {runtime}: {text}"));
+        assert!(
+            line.contains("trusted") && !line.contains("NOT TRUSTED"),
+            "{line}\n{text}"
+        );
+    }
+    // A client that insists on its own CA file is one the appliance cannot fix: it says so.
+    let upstream_ca = setup.upstream_ca.display().to_string();
+    let pinned = doctor(&[
+        "--",
+        "curl",
+        "-sS",
+        "--cacert",
+        &upstream_ca,
+        "https://api.openai.com/",
+    ]);
+    assert_eq!(pinned.status.code(), Some(1), "{pinned:?}");
+    let text = String::from_utf8_lossy(&pinned.stdout);
+    assert!(
+        text.contains("NOT TRUSTED") && text.contains("fix:"),
+        "{text}"
+    );
+
     // For services and containers, the same variables.
     let env = test_command(APPLIANCE)
         .arg("--socket")

@@ -71,11 +71,50 @@ pub struct ExecOptions<'a> {
 /// when it was killed by a signal). The cgroup is removed afterwards when this call created
 /// it and it is empty.
 pub fn run(options: &ExecOptions<'_>, command: &[OsString]) -> Result<i32, ExecError> {
+    in_cgroup(options, |cgroup| {
+        let (program, mut child) = prepared(cgroup, command, options)?;
+        let mut child = child.spawn().map_err(|source| ExecError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+        // The terminal's Ctrl-C reaches the child directly; stay alive to clean up after it.
+        // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
+        unsafe {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+        }
+        let status = child
+            .wait()
+            .map_err(|source| ExecError::Spawn { program, source })?;
+        Ok(status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    })
+}
+
+/// Runs `command` as [`run`] does, with its output captured.
+pub fn output(
+    options: &ExecOptions<'_>,
+    command: &[OsString],
+) -> Result<std::process::Output, ExecError> {
+    in_cgroup(options, |cgroup| {
+        let (program, mut child) = prepared(cgroup, command, options)?;
+        child
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|source| ExecError::Spawn { program, source })
+    })
+}
+
+/// Runs `work` with `<agents_cgroup>/<name>`, created for it and removed afterwards when it
+/// is empty.
+fn in_cgroup<T>(
+    options: &ExecOptions<'_>,
+    work: impl FnOnce(&Cgroup) -> Result<T, ExecError>,
+) -> Result<T, ExecError> {
     let ExecOptions {
         agents_cgroup,
         name,
-        allow_unprotected,
-        trust_dir,
+        ..
     } = *options;
     let name = name.map_or_else(|| format!("exec-{}", std::process::id()), str::to_owned);
     if !valid_name(&name) {
@@ -88,7 +127,7 @@ pub fn run(options: &ExecOptions<'_>, command: &[OsString]) -> Result<i32, ExecE
     let path = root.path().join(&name);
     let created = !path.exists();
     let cgroup = Cgroup::create(&path)?;
-    let outcome = run_in(&cgroup, command, allow_unprotected, trust_dir);
+    let outcome = work(&cgroup);
     if created {
         // Still busy when the command left background processes behind; leave it then.
         if let Err(error) = std::fs::remove_dir(cgroup.path()) {
@@ -123,13 +162,14 @@ fn trust_environment(trust_dir: &Path) -> Vec<(&'static str, OsString)> {
         .collect()
 }
 
-fn run_in(
+/// `command` made ready to start inside `cgroup`, with the trust environment: the program's
+/// name (for errors) and the command.
+fn prepared(
     cgroup: &Cgroup,
     command: &[OsString],
-    allow_unprotected: bool,
-    trust_dir: Option<&Path>,
-) -> Result<i32, ExecError> {
-    if !allow_unprotected && !capture::is_intercepted(cgroup)? {
+    options: &ExecOptions<'_>,
+) -> Result<(OsString, Command), ExecError> {
+    if !options.allow_unprotected && !capture::is_intercepted(cgroup)? {
         return Err(ExecError::NotIntercepted {
             path: cgroup.path().into(),
         });
@@ -143,29 +183,14 @@ fn run_in(
     let (program, args) = command.split_first().expect("clap requires a command");
     let mut child = Command::new(program);
     child.args(args);
-    if let Some(dir) = trust_dir {
+    if let Some(dir) = options.trust_dir {
         child.envs(trust_environment(dir));
     }
     // SAFETY: the hook only makes async-signal-safe calls (open, write, close).
     unsafe {
         child.pre_exec(move || capture::cgroup::move_self_into(&procs));
     }
-    let mut child = child.spawn().map_err(|source| ExecError::Spawn {
-        program: program.clone(),
-        source,
-    })?;
-    // The terminal's Ctrl-C reaches the child directly; stay alive to clean up after it.
-    // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
-    unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
-    }
-    let status = child.wait().map_err(|source| ExecError::Spawn {
-        program: program.clone(),
-        source,
-    })?;
-    Ok(status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    Ok((program.clone(), child))
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 mod admin;
 mod agent;
 mod daemon;
+mod doctor;
 mod events;
 mod output;
 mod remote;
