@@ -349,3 +349,182 @@ fn clients_of_every_common_runtime_trust_the_appliance_under_exec_without_config
         assert!(env.contains(variable), "{env}");
     }
 }
+
+/// How many certificates a PEM bundle holds.
+fn certificates_in(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .matches("BEGIN CERTIFICATE")
+        .count()
+}
+
+/// The entries of a Java trust store.
+fn java_entries(store: &Path) -> String {
+    let output = test_command("keytool")
+        .args(["-list", "-storepass", "changeit", "-keystore"])
+        .arg(store)
+        .output()
+        .unwrap();
+    assert_success(&output);
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
+fn trust_install_adds_the_ca_where_hosts_keep_trust_and_uninstall_takes_only_it_away() {
+    let setup = setup(45, &[]);
+    // A staging copy of this host's trust layout (Debian's), so the host's own is untouched.
+    let root = setup.dir.join("root");
+    for dir in [
+        "usr/local/share/ca-certificates",
+        "etc/ssl/certs/java",
+        "etc/ca-certificates/update.d",
+    ] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    std::fs::copy(
+        "/etc/ca-certificates.conf",
+        root.join("etc/ca-certificates.conf"),
+    )
+    .unwrap();
+    copy_tree(
+        Path::new("/usr/share/ca-certificates"),
+        &root.join("usr/share/ca-certificates"),
+    );
+    let java_store = std::fs::canonicalize(
+        std::fs::canonicalize(which("java"))
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("../lib/security/cacerts"),
+    )
+    .unwrap();
+    let staged_java = root.join(java_store.strip_prefix("/").unwrap());
+    std::fs::create_dir_all(staged_java.parent().unwrap()).unwrap();
+    std::fs::copy(&java_store, &staged_java).unwrap();
+    let nss = setup.dir.join("nssdb");
+    std::fs::create_dir_all(&nss).unwrap();
+    assert_success(
+        &test_command("certutil")
+            .args(["-N", "--empty-password", "-d"])
+            .arg(format!("sql:{}", nss.display()))
+            .output()
+            .unwrap(),
+    );
+    let java_before = java_entries(&staged_java);
+    let trust = |verb: &str| {
+        let output = test_command(APPLIANCE)
+            .arg("--socket")
+            .arg(&setup.daemon.socket)
+            .args(["trust", verb, "--root"])
+            .arg(&root)
+            .arg("--nss-db")
+            .arg(&nss)
+            .args(["--service", "agent-research"])
+            .output()
+            .unwrap();
+        assert_success(&output);
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let ca = String::from_utf8(appliance_ca_pem(&setup.daemon)).unwrap();
+    let ca_body: String = ca
+        .lines()
+        .filter(|line| !line.starts_with("-----"))
+        .collect();
+    let bundle = root.join("etc/ssl/certs/ca-certificates.crt");
+    let bundle_has_ca = || {
+        std::fs::read_to_string(&bundle)
+            .unwrap_or_default()
+            .lines()
+            .collect::<String>()
+            .matches(&ca_body)
+            .count()
+    };
+
+    let installed = trust("install");
+    assert!(
+        installed.contains("system store (Debian)") && installed.contains("added"),
+        "{installed}"
+    );
+    let with_ca = certificates_in(&bundle);
+    assert_eq!(
+        bundle_has_ca(),
+        1,
+        "the system bundle holds the appliance CA"
+    );
+    assert!(java_entries(&staged_java).contains("appliance-ca"));
+    let nss_list = test_command("certutil")
+        .args(["-L", "-n", "appliance-ca", "-d"])
+        .arg(format!("sql:{}", nss.display()))
+        .output()
+        .unwrap();
+    assert_success(&nss_list);
+    let env = std::fs::read_to_string(root.join("etc/appliance/trust.env")).unwrap();
+    assert!(env.contains("SSL_CERT_FILE="), "{env}");
+    let drop_in = std::fs::read_to_string(
+        root.join("etc/systemd/system/agent-research.service.d/appliance-trust.conf"),
+    )
+    .unwrap();
+    assert!(
+        drop_in.contains("EnvironmentFile=/etc/appliance/trust.env"),
+        "{drop_in}"
+    );
+
+    // Again: nothing more.
+    let again = trust("install");
+    assert!(again.contains("already there"), "{again}");
+    assert_eq!(certificates_in(&bundle), with_ca);
+    assert_eq!(bundle_has_ca(), 1);
+    assert_eq!(
+        java_entries(&staged_java).matches("appliance-ca").count(),
+        1
+    );
+
+    let removed = trust("uninstall");
+    assert!(removed.contains("removed"), "{removed}");
+    assert_eq!(bundle_has_ca(), 0);
+    assert_eq!(
+        certificates_in(&bundle),
+        with_ca - 1,
+        "only the appliance CA went"
+    );
+    assert_eq!(
+        java_entries(&staged_java),
+        java_before,
+        "the JVM's own entries stay"
+    );
+    let nss_list = test_command("certutil")
+        .args(["-L", "-n", "appliance-ca", "-d"])
+        .arg(format!("sql:{}", nss.display()))
+        .output()
+        .unwrap();
+    assert!(!nss_list.status.success(), "the NSS entry is gone");
+    assert!(!root.join("etc/appliance/trust.env").exists());
+    assert!(!root
+        .join("etc/systemd/system/agent-research.service.d/appliance-trust.conf")
+        .exists());
+    let twice = trust("uninstall");
+    assert!(twice.contains("not there"), "{twice}");
+}
+
+fn which(program: &str) -> PathBuf {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap())
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| panic!("{program} is not on PATH"))
+}

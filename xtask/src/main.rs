@@ -76,6 +76,9 @@ const TOOLS: &[(&str, &str)] = &[
     ("javac", "default-jdk-headless"),
     ("keytool", "default-jdk-headless"),
     ("node", "nodejs"),
+    // NSS databases, for appliance trust install.
+    ("certutil", "libnss3-tools"),
+    ("update-ca-certificates", "ca-certificates"),
 ];
 
 /// Python modules of the system Python that tests import, and their Debian packages.

@@ -18,6 +18,13 @@ pub enum TrustCommand {
     /// lines (for `EnvironmentFile=` or `docker run --env-file`; mount the trust directory
     /// at the same path in a container).
     Env,
+    /// Add the appliance CA to this host's trust: the system store (Debian/Ubuntu or
+    /// Fedora/RHEL), the JVM's cacerts, NSS databases, and an environment file
+    /// (/etc/appliance/trust.env) with a systemd drop-in per --service. Adds only entries
+    /// named appliance-ca; run again after `appliance ca rotate`.
+    Install(InstallArgs),
+    /// Remove what `trust install` added, and nothing else.
+    Uninstall(InstallArgs),
     /// Shake hands through the appliance with each installed runtime (curl, Python urllib,
     /// requests and httpx, Node, git, Go, Java), as `appliance exec` runs commands, and say
     /// per runtime whether it trusts the appliance CA, with the fix when not. With a command
@@ -35,6 +42,29 @@ pub enum TrustCommand {
         #[arg(last = true)]
         command: Vec<OsString>,
     },
+}
+
+/// Where `trust install` and `uninstall` work.
+#[derive(clap::Args)]
+pub struct InstallArgs {
+    /// Root of the file system to change (a staging directory, or / for this host).
+    #[arg(long, default_value = "/")]
+    root: PathBuf,
+    /// An NSS database (sql:) to change besides /etc/pki/nssdb, such as
+    /// ~user/.pki/nssdb; repeatable.
+    #[arg(long = "nss-db")]
+    nss_dbs: Vec<PathBuf>,
+    /// A systemd service to give the trust environment (a drop-in); repeatable.
+    #[arg(long = "service")]
+    services: Vec<String>,
+}
+
+fn print_steps(steps: &[appliance::trust::install::Step]) {
+    let rows: Vec<Vec<String>> = steps
+        .iter()
+        .map(|step| vec![step.place.clone(), step.outcome.clone()])
+        .collect();
+    print_table(&["WHERE", "WHAT"], &rows);
 }
 
 /// The first exact host of any secret, asked of the daemon.
@@ -66,6 +96,15 @@ fn intercepted_host(socket: &Path) -> anyhow::Result<String> {
         .context("no secret has an exact host to check with; give one with --host")
 }
 
+fn targets(args: InstallArgs, trust_dir: &Path) -> appliance::trust::install::Targets {
+    appliance::trust::install::Targets {
+        root: args.root,
+        nss_dbs: args.nss_dbs,
+        services: args.services,
+        trust_dir: trust_dir.to_path_buf(),
+    }
+}
+
 /// Runs `appliance trust ...` for the daemon at `socket`.
 pub fn run(command: TrustCommand, socket: &Path) -> anyhow::Result<i32> {
     let dir = appliance::trust::dir_for_socket(socket);
@@ -83,6 +122,24 @@ pub fn run(command: TrustCommand, socket: &Path) -> anyhow::Result<i32> {
         TrustCommand::Env => {
             require_files()?;
             print!("{}", appliance::trust::env_file(&dir));
+            Ok(0)
+        }
+        TrustCommand::Install(args) | TrustCommand::Uninstall(args)
+            if args.root == Path::new("/") && !nix::unistd::Uid::effective().is_root() =>
+        {
+            bail!("changing this host's trust needs root; run it with sudo, or give --root for a staging directory")
+        }
+        TrustCommand::Install(args) => {
+            require_files()?;
+            let targets = targets(args, &dir);
+            let steps =
+                appliance::trust::install::install(&targets, &dir.join(appliance::trust::CA_FILE))?;
+            print_steps(&steps);
+            Ok(0)
+        }
+        TrustCommand::Uninstall(args) => {
+            let steps = appliance::trust::install::uninstall(&targets(args, &dir))?;
+            print_steps(&steps);
             Ok(0)
         }
         TrustCommand::Doctor {

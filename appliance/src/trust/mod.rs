@@ -36,10 +36,13 @@ const JVM_TRUST_STORES: &[&str] = &["/etc/ssl/certs/java/cacerts"];
 /// nothing: a trust store holds public certificates).
 const TRUST_STORE_PASSWORD: &str = "changeit";
 
-const CA_FILE: &str = "appliance-ca.pem";
+/// The CA alone, in the trust directory.
+pub const CA_FILE: &str = "appliance-ca.pem";
 const BUNDLE_FILE: &str = "ca-bundle.pem";
 const TRUST_STORE_FILE: &str = "truststore.p12";
 const ENV_FILE: &str = "trust.env";
+
+pub mod install;
 
 /// The trust directory that goes with the admin socket `socket`.
 pub fn dir_for_socket(socket: &Path) -> PathBuf {
