@@ -10,7 +10,7 @@ mod redirect;
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -99,16 +99,6 @@ impl Connect {
             .map(|line| serde_json::from_str(line).unwrap())
             .collect()
     }
-}
-
-fn assert_ok(output: &Output) {
-    assert!(
-        output.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 /// `appliance secret create NAME ARGS`, refused by the daemon: its stderr.

@@ -129,16 +129,6 @@ impl Sandbox<'_> {
     }
 }
 
-fn assert_success(output: &Output) {
-    assert!(
-        output.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 fn build_go_probe(dir: &Path) -> PathBuf {
     let source = dir.join("probe.go");
     std::fs::write(&source, GO_PROBE).unwrap();
@@ -154,7 +144,7 @@ fn build_go_probe(dir: &Path) -> PathBuf {
         .env("GO111MODULE", "off")
         .output()
         .unwrap();
-    assert_success(&output);
+    assert_ok(&output);
     binary
 }
 
@@ -267,7 +257,7 @@ fn clients_of_every_common_runtime_trust_the_appliance_under_exec_without_config
 
     // A new CA is in the trust files at once.
     let rotated = cli(&setup.daemon, &["ca", "rotate"], None);
-    assert_success(&rotated);
+    assert_ok(&rotated);
     let after = url("/after-rotation");
     sandbox.injected(
         "curl after a CA rotation",
@@ -292,7 +282,7 @@ fn clients_of_every_common_runtime_trust_the_appliance_under_exec_without_config
         command.output().unwrap()
     };
     let report = doctor(&[]);
-    assert_success(&report);
+    assert_ok(&report);
     let text = String::from_utf8_lossy(&report.stdout);
     assert!(text.contains("handshakes with api.openai.com"), "{text}");
     for runtime in [
@@ -338,7 +328,7 @@ fn clients_of_every_common_runtime_trust_the_appliance_under_exec_without_config
         .args(["trust", "env"])
         .output()
         .unwrap();
-    assert_success(&env);
+    assert_ok(&env);
     let env = String::from_utf8_lossy(&env.stdout);
     for variable in [
         "SSL_CERT_FILE=",
@@ -365,7 +355,7 @@ fn java_entries(store: &Path) -> String {
         .arg(store)
         .output()
         .unwrap();
-    assert_success(&output);
+    assert_ok(&output);
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
@@ -419,7 +409,7 @@ fn trust_install_adds_the_ca_where_hosts_keep_trust_and_uninstall_takes_only_it_
     std::fs::copy(&java_store, &staged_java).unwrap();
     let nss = setup.dir.join("nssdb");
     std::fs::create_dir_all(&nss).unwrap();
-    assert_success(
+    assert_ok(
         &test_command("certutil")
             .args(["-N", "--empty-password", "-d"])
             .arg(format!("sql:{}", nss.display()))
@@ -438,7 +428,7 @@ fn trust_install_adds_the_ca_where_hosts_keep_trust_and_uninstall_takes_only_it_
             .args(["--service", "agent-research"])
             .output()
             .unwrap();
-        assert_success(&output);
+        assert_ok(&output);
         String::from_utf8_lossy(&output.stdout).into_owned()
     };
     let ca = String::from_utf8(appliance_ca_pem(&setup.daemon)).unwrap();
@@ -473,7 +463,7 @@ fn trust_install_adds_the_ca_where_hosts_keep_trust_and_uninstall_takes_only_it_
         .arg(format!("sql:{}", nss.display()))
         .output()
         .unwrap();
-    assert_success(&nss_list);
+    assert_ok(&nss_list);
     let env = std::fs::read_to_string(root.join("etc/appliance/trust.env")).unwrap();
     assert!(env.contains("SSL_CERT_FILE="), "{env}");
     let drop_in = std::fs::read_to_string(

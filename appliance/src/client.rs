@@ -48,6 +48,20 @@ pub enum Answer {
     Empty,
 }
 
+/// `text` percent-encoded but for unreserved characters: safe as a path segment and as a
+/// query value.
+pub fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|byte| {
+            if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+                (byte as char).to_string()
+            } else {
+                format!("%{byte:02X}")
+            }
+        })
+        .collect()
+}
+
 /// A client of one socket.
 pub struct Client {
     socket: PathBuf,

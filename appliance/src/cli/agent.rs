@@ -1,12 +1,12 @@
 //! `appliance agent ...`.
 
-use appliance::client::Client;
+use appliance::client::{percent_encode, Client};
 use appliance::model::{AgentInput, AgentRecord};
 use clap::Subcommand;
 use http::Method;
 use serde::Deserialize;
 
-use super::output::{percent_encode_segment, print_json, print_table, show_record, Output};
+use super::output::{print_json, print_table, show_record, Output};
 use super::remote::{get, plain, send, Failure};
 
 /// `appliance agent ...`
@@ -57,7 +57,7 @@ struct AgentList {
 }
 
 fn path_of(name: &str) -> String {
-    format!("/v1/agents/{}", percent_encode_segment(name))
+    format!("/v1/agents/{}", percent_encode(name))
 }
 
 /// Runs `appliance agent ...`.

@@ -1,11 +1,11 @@
 //! `appliance status`, `appliance ca` and `appliance events`.
 
-use appliance::client::Client;
+use appliance::client::{percent_encode, Client};
 use clap::{Args, Subcommand};
 use http::Method;
 use serde_json::Value;
 
-use super::output::{percent_encode_segment, print_json, text, Output};
+use super::output::{print_json, text, Output};
 use super::remote::{get, plain, Failure};
 
 /// `appliance ca ...`
@@ -156,7 +156,7 @@ pub async fn events(client: &Client, output: Output, args: EventsArgs) -> Result
         ("host", host),
     ]
     .into_iter()
-    .filter_map(|(key, value)| Some(format!("&{key}={}", percent_encode_segment(&value?))))
+    .filter_map(|(key, value)| Some(format!("&{key}={}", percent_encode(&value?))))
     .collect();
     let mut after = 0;
     loop {

@@ -69,18 +69,3 @@ pub fn show_record(output: Output, record: &impl Serialize) {
         }
     }
 }
-
-/// `segment` percent-encoded but for unreserved characters: safe as a path segment and as a
-/// query value.
-pub fn percent_encode_segment(segment: &str) -> String {
-    segment
-        .bytes()
-        .map(|byte| {
-            if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
-                (byte as char).to_string()
-            } else {
-                format!("%{byte:02X}")
-            }
-        })
-        .collect()
-}

@@ -1,15 +1,13 @@
 //! `appliance rule ...`: access rules.
 
-use appliance::client::Client;
+use appliance::client::{percent_encode, Client};
 use appliance::model::{AccessRuleInput, AccessRuleRecord, Action};
 use clap::{Args, Subcommand};
 use http::Method;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::output::{
-    or_dash, percent_encode_segment, print_json, print_table, show_record, Output,
-};
+use super::output::{or_dash, print_json, print_table, show_record, Output};
 use super::remote::{get, plain, send, Failure};
 
 /// What narrows an access rule beyond its host, for create and update.
@@ -73,7 +71,7 @@ struct RuleList {
 }
 
 fn path_of(id: &str) -> String {
-    format!("/v1/rules/{}", percent_encode_segment(id))
+    format!("/v1/rules/{}", percent_encode(id))
 }
 
 /// The body of a create or update. The action goes as typed: the daemon says what it must

@@ -3,7 +3,7 @@
 use std::io::Read as _;
 use std::path::PathBuf;
 
-use appliance::client::Client;
+use appliance::client::{percent_encode, Client};
 use appliance::model::secret::InjectionInput;
 use appliance::model::{self, Provider, SecretCheck, SecretInput, SecretView};
 use clap::{Args, Subcommand};
@@ -11,7 +11,7 @@ use http::Method;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::output::{or_dash, percent_encode_segment, print_json, print_table, Output};
+use super::output::{or_dash, print_json, print_table, Output};
 use super::remote::{get, local, plain, send, Failure};
 use serde_json::Value;
 
@@ -277,7 +277,7 @@ fn show_secret(output: Output, secret: &SecretView) {
 }
 
 fn path_of(name: &str) -> String {
-    format!("/v1/secrets/{}", percent_encode_segment(name))
+    format!("/v1/secrets/{}", percent_encode(name))
 }
 
 /// Runs `appliance secret ...`.

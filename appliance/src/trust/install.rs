@@ -182,6 +182,17 @@ fn jvm(root: &Path) -> Option<(PathBuf, PathBuf)> {
     (keytool.exists() && cacerts.exists()).then_some((keytool, cacerts))
 }
 
+/// What a step did, from whether it was adding and whether the entry was there before.
+fn outcome(adding: bool, was_there: bool) -> String {
+    match (adding, was_there) {
+        (true, true) => "replaced",
+        (true, false) => "added",
+        (false, true) => "removed",
+        (false, false) => "not there",
+    }
+    .into()
+}
+
 fn keytool(keytool: &Path, cacerts: &Path, args: &[&str]) -> Command {
     let mut command = Command::new(keytool);
     command
@@ -217,13 +228,7 @@ fn jvm_store(root: &Path, ca_file: Option<&Path>) -> Result<Option<Step>, Instal
     }
     Ok(Some(Step {
         place: format!("JVM cacerts {}", cacerts.display()),
-        outcome: match (ca_file.is_some(), present) {
-            (true, true) => "replaced",
-            (true, false) => "added",
-            (false, true) => "removed",
-            (false, false) => "not there",
-        }
-        .into(),
+        outcome: outcome(ca_file.is_some(), present),
     }))
 }
 
@@ -247,13 +252,7 @@ fn nss_db(db: &Path, ca_file: Option<&Path>) -> Result<Step, InstallError> {
     }
     Ok(Step {
         place: format!("NSS database {}", db.display()),
-        outcome: match (ca_file.is_some(), present) {
-            (true, true) => "replaced",
-            (true, false) => "added",
-            (false, true) => "removed",
-            (false, false) => "not there",
-        }
-        .into(),
+        outcome: outcome(ca_file.is_some(), present),
     })
 }
 

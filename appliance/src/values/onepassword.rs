@@ -13,6 +13,7 @@ use serde::Deserialize;
 use zeroize::Zeroizing;
 
 use crate::addr::UpstreamAddr;
+use crate::client::percent_encode as encode;
 use crate::model::OpRef;
 use crate::proxy::upstream::connect_marked;
 
@@ -167,19 +168,6 @@ fn looks_like_id(text: &str) -> bool {
         && text
             .bytes()
             .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit())
-}
-
-/// `text` percent-encoded for a query value or a path segment.
-fn encode(text: &str) -> String {
-    text.bytes()
-        .map(|byte| {
-            if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
-                (byte as char).to_string()
-            } else {
-                format!("%{byte:02X}")
-            }
-        })
-        .collect()
 }
 
 /// A SCIM `eq` filter on `attribute`, quoted as the API expects.
