@@ -99,6 +99,8 @@ impl Sandbox<'_> {
             .arg(program)
             .args(args)
             .env("HOME", &self.home)
+            // Where exec keeps the user's Java trust store: the test's own directory.
+            .env("TMPDIR", &self.home)
             .env("OPENAI_API_KEY", "placeholder")
             .env("ANTHROPIC_API_KEY", "placeholder");
         for variable in TRUST_VARIABLES {
@@ -275,7 +277,8 @@ fn clients_of_every_common_runtime_trust_the_appliance_under_exec_without_config
             .args(["trust", "doctor", "--agents-cgroup"])
             .arg(&setup.daemon.agents_cgroup)
             .args(args)
-            .env("HOME", &sandbox.home);
+            .env("HOME", &sandbox.home)
+            .env("TMPDIR", &sandbox.home);
         for variable in TRUST_VARIABLES {
             command.env_remove(variable);
         }
@@ -334,10 +337,11 @@ fn clients_of_every_common_runtime_trust_the_appliance_under_exec_without_config
         "SSL_CERT_FILE=",
         "REQUESTS_CA_BUNDLE=",
         "NODE_EXTRA_CA_CERTS=",
-        "JAVA_TOOL_OPTIONS=",
     ] {
         assert!(env.contains(variable), "{env}");
     }
+    // Java services take the CA from the JVM's own store (trust install), not a variable.
+    assert!(!env.contains("JAVA_TOOL_OPTIONS"), "{env}");
 }
 
 /// How many certificates a PEM bundle holds.

@@ -147,7 +147,8 @@ fn trust_environment(trust_dir: &Path) -> Vec<(&'static str, OsString)> {
         );
         return Vec::new();
     }
-    trust::environment(trust_dir)
+    let java_store = trust::java_trust_store(trust_dir);
+    trust::environment(trust_dir, java_store.as_deref())
         .into_iter()
         .filter_map(|(key, value)| match std::env::var_os(key) {
             None => Some((key, OsString::from(value))),

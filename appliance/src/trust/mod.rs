@@ -6,11 +6,12 @@
 //! - `ca-bundle.pem`: the system's roots plus the CA, for runtimes whose variable replaces
 //!   their roots (OpenSSL, Python, requests, httpx, curl, git, Go): hosts passed through keep
 //!   verifying against the real roots.
-//! - `truststore.p12`: the JVM's own trust store plus the CA, for Java, when a JDK's
-//!   `keytool` is installed.
 //! - `trust.env`: the variables, for `EnvironmentFile=` and `docker run --env-file`.
 //!
-//! They are rebuilt when the CA rotates and when the system's roots change.
+//! They are rebuilt when the CA rotates and when the system's roots change. Java wants a
+//! trust store of its own format, which only a JVM's `keytool` writes; the daemon runs with
+//! `MemoryDenyWriteExecute=` (no JIT can start there), so `appliance exec` builds it, as the
+//! user, once per CA and JVM store ([`java_trust_store`]).
 
 use std::fs;
 use std::io;
@@ -19,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::SystemTime;
 
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 /// Where distributions keep their root bundle, most common first.
 pub const SYSTEM_BUNDLES: &[&str] = &[
@@ -39,7 +40,6 @@ const TRUST_STORE_PASSWORD: &str = "changeit";
 /// The CA alone, in the trust directory.
 pub const CA_FILE: &str = "appliance-ca.pem";
 const BUNDLE_FILE: &str = "ca-bundle.pem";
-const TRUST_STORE_FILE: &str = "truststore.p12";
 const ENV_FILE: &str = "trust.env";
 
 pub mod install;
@@ -148,7 +148,6 @@ impl TrustFiles {
         }
         bundle.extend_from_slice(ca_pem.as_bytes());
         self.publish(BUNDLE_FILE, &bundle)?;
-        self.write_trust_store();
         self.publish(ENV_FILE, env_file(&self.dir).as_bytes())?;
         *self
             .built_from
@@ -156,40 +155,6 @@ impl TrustFiles {
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = system;
         info!(dir = %self.dir.display(), "trust files written for clients");
         Ok(())
-    }
-
-    /// The JVM's trust store plus the CA, when a JDK is installed; without one, Java gets no
-    /// variable and an old store is removed.
-    fn write_trust_store(&self) {
-        let target = self.dir.join(TRUST_STORE_FILE);
-        let Some((keytool, store)) = jvm_trust_store() else {
-            debug!("no JVM with keytool found; Java gets no trust store");
-            let _ = fs::remove_file(&target);
-            return;
-        };
-        let partial = self.dir.join(format!(".{TRUST_STORE_FILE}.partial"));
-        let built = fs::copy(&store, &partial).is_ok()
-            && Command::new(&keytool)
-                .args([
-                    "-importcert",
-                    "-noprompt",
-                    "-alias",
-                    "appliance-ca",
-                    "-storepass",
-                ])
-                .arg(TRUST_STORE_PASSWORD)
-                .arg("-keystore")
-                .arg(&partial)
-                .arg("-file")
-                .arg(self.dir.join(CA_FILE))
-                .output()
-                .is_ok_and(|output| output.status.success())
-            && fs::set_permissions(&partial, fs::Permissions::from_mode(0o644)).is_ok()
-            && fs::rename(&partial, &target).is_ok();
-        if !built {
-            let _ = fs::remove_file(&partial);
-            warn!(keytool = %keytool.display(), store = %store.display(), "building the Java trust store failed; Java clients must be given the CA by hand");
-        }
     }
 
     /// Whether the system's roots changed since the files were built.
@@ -203,9 +168,75 @@ impl TrustFiles {
     }
 }
 
-/// Each runtime's variable and the file it names, for a trust directory `dir` as it is now:
-/// the Java options only when the trust store exists.
-pub fn environment(dir: &Path) -> Vec<(&'static str, String)> {
+/// The JVM's trust store plus the CA of `trust_dir`, built with the JVM's `keytool` under
+/// a directory private to this user (`$TMPDIR/appliance-java-trust-<uid>`), once per CA and
+/// JVM store: `None` without a JVM, or when building fails (then Java is not told).
+pub fn java_trust_store(trust_dir: &Path) -> Option<PathBuf> {
+    use ring::digest::{Context, SHA256};
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+    let (keytool, store) = jvm_trust_store()?;
+    let ca = fs::read(trust_dir.join(CA_FILE)).ok()?;
+    let mut digest = Context::new(&SHA256);
+    digest.update(&ca);
+    digest.update(
+        fs::canonicalize(&store)
+            .ok()?
+            .as_os_str()
+            .as_encoded_bytes(),
+    );
+    let modified = fs::metadata(&store).ok()?.modified().ok()?;
+    digest.update(format!("{modified:?}").as_bytes());
+    let name: String = digest.finish().as_ref()[..12]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let dir = std::env::temp_dir().join(format!("appliance-java-trust-{uid}"));
+    match fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(_) => return None,
+    }
+    // Someone else's directory (or a link to one) in a shared /tmp is not ours to use.
+    let meta = fs::symlink_metadata(&dir).ok()?;
+    if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+        warn!(dir = %dir.display(), "not using a Java trust store directory this user does not own alone");
+        return None;
+    }
+    let target = dir.join(format!("truststore-{name}.p12"));
+    if target.exists() {
+        return Some(target);
+    }
+    let partial = dir.join(format!(".truststore-{name}.{}", std::process::id()));
+    let built = fs::copy(&store, &partial).is_ok()
+        && Command::new(&keytool)
+            .args([
+                "-importcert",
+                "-noprompt",
+                "-alias",
+                "appliance-ca",
+                "-storepass",
+            ])
+            .arg(TRUST_STORE_PASSWORD)
+            .arg("-keystore")
+            .arg(&partial)
+            .arg("-file")
+            .arg(trust_dir.join(CA_FILE))
+            .output()
+            .is_ok_and(|output| output.status.success())
+        && fs::rename(&partial, &target).is_ok();
+    if !built {
+        let _ = fs::remove_file(&partial);
+        warn!(keytool = %keytool.display(), store = %store.display(), "building the Java trust store failed; Java is not told to trust the appliance CA");
+        return None;
+    }
+    Some(target)
+}
+
+/// Each runtime's variable and the file it names, for a trust directory `dir`, and Java's
+/// options when a trust store for it is given.
+pub fn environment(dir: &Path, java_store: Option<&Path>) -> Vec<(&'static str, String)> {
     let file = |name: &str| dir.join(name).display().to_string();
     let mut variables = vec![
         // OpenSSL and what links it: Python's ssl and urllib, httpx (the Anthropic and
@@ -217,21 +248,22 @@ pub fn environment(dir: &Path) -> Vec<(&'static str, String)> {
         // Node adds these to its built-in roots.
         ("NODE_EXTRA_CA_CERTS", file(CA_FILE)),
     ];
-    if dir.join(TRUST_STORE_FILE).exists() {
+    if let Some(store) = java_store {
         variables.push((
             "JAVA_TOOL_OPTIONS",
             format!(
                 "-Djavax.net.ssl.trustStore={} -Djavax.net.ssl.trustStorePassword={TRUST_STORE_PASSWORD}",
-                file(TRUST_STORE_FILE)
+                store.display()
             ),
         ));
     }
     variables
 }
 
-/// The variables as `KEY=VALUE` lines.
+/// The variables as `KEY=VALUE` lines: every runtime but Java, whose services take the CA
+/// from the JVM's own store (`appliance trust install`).
 pub fn env_file(dir: &Path) -> String {
-    environment(dir)
+    environment(dir, None)
         .into_iter()
         .map(|(key, value)| format!("{key}={value}\n"))
         .collect()
