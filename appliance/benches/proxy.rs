@@ -237,11 +237,11 @@ async fn run(placement: Placement, appliance_runtime: Option<tokio::runtime::Han
     }))
     .unwrap();
     injector.replace(HostTable::new(
-        vec![LoadedSecret {
-            id: "sec_bench".into(),
-            value: Arc::new(LiveValue::fixed(value.unwrap(), &spec.rules)),
-            spec,
-        }],
+        vec![Arc::new(LoadedSecret::new(
+            "sec_bench".into(),
+            spec.clone(),
+            Arc::new(LiveValue::fixed(value.unwrap(), &spec.rules)),
+        ))],
         Vec::new(),
     ));
     let settings = ProxySettings {

@@ -208,6 +208,17 @@ fn main() -> anyhow::Result<()> {
         Task::Bench => {
             setup()?;
             run(cargo().args(["bench", "--package", "appliance", "--bench", "proxy"]))?;
+            run(cargo().args([
+                "bench",
+                "--package",
+                "appliance",
+                "--bench",
+                "secrets",
+                "--",
+                "100",
+                "1000",
+                "10000",
+            ]))?;
             if is_root() {
                 run(cargo().args(["bench", "--package", "appliance", "--bench", "containers"]))
             } else {

@@ -25,7 +25,7 @@ impl Control {
         &self,
         input: AccessRuleInput,
     ) -> Result<AccessRuleRecord, ControlError> {
-        input.validate()?;
+        let rule = input.validate()?;
         let stamp = now();
         let record = AccessRuleRecord {
             id: new_id("rule"),
@@ -34,7 +34,7 @@ impl Control {
             updated_at: stamp,
         };
         self.store.create_rule(&record)?;
-        self.rebuild_host_table()?;
+        self.set_access_rule(&record.id, Some(rule));
         info!(target: "appliance::audit", event = "rule_created", id = %record.id, "access rule created");
         Ok(record)
     }
@@ -47,7 +47,7 @@ impl Control {
     ) -> Result<AccessRuleRecord, ControlError> {
         let current = self.store.get_rule(id)?;
         let definition = model::patched(&current.definition, patch, BOOKKEEPING)?;
-        definition.validate()?;
+        let rule = definition.validate()?;
         let record = AccessRuleRecord {
             id: current.id,
             definition,
@@ -55,7 +55,7 @@ impl Control {
             updated_at: now(),
         };
         self.store.replace_rule(&record)?;
-        self.rebuild_host_table()?;
+        self.set_access_rule(&record.id, Some(rule));
         info!(target: "appliance::audit", event = "rule_updated", id = %record.id, "access rule updated");
         Ok(record)
     }
@@ -63,7 +63,7 @@ impl Control {
     /// Deletes an access rule.
     pub fn delete_access_rule(&self, id: &str) -> Result<(), ControlError> {
         self.store.delete_rule(id)?;
-        self.rebuild_host_table()?;
+        self.set_access_rule(id, None);
         info!(target: "appliance::audit", event = "rule_deleted", id = %id, "access rule deleted");
         Ok(())
     }

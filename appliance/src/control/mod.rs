@@ -8,6 +8,7 @@ mod access_rules;
 mod agents;
 mod secrets;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -22,7 +23,7 @@ use crate::capture::containers::ContainerError;
 use crate::capture::{CaptureControl, CaptureError, Cgroup};
 use crate::injection::{AgentDirectory, HostTable, LiveValue, LoadedSecret, SecretInjector};
 use crate::metrics::METRICS;
-use crate::model::{ValidationError, ValueSource};
+use crate::model::{AccessRule, SecretSpec, SecretValue, ValidationError, ValueSource};
 use crate::store::{Store, StoreError};
 use crate::tls::{CaError, CertificateAuthority, LeafCache};
 use crate::trust::TrustFiles;
@@ -155,6 +156,15 @@ pub struct Control {
     capture: Mutex<Box<dyn Interception>>,
     sources: Arc<Sources>,
     trust: Arc<TrustFiles>,
+    live: Mutex<LiveSet>,
+}
+
+/// What is live in the injection layer, kept here so that a change rebuilds the host table
+/// from memory: one secret's change decrypts and parses that secret only.
+#[derive(Default)]
+struct LiveSet {
+    secrets: BTreeMap<String, Arc<LoadedSecret>>,
+    access: BTreeMap<String, AccessRule>,
 }
 
 /// What the control layer works on.
@@ -217,6 +227,7 @@ impl Control {
             capture: Mutex::new(parts.capture),
             sources: parts.sources,
             trust: parts.trust,
+            live: Mutex::new(LiveSet::default()),
         }
     }
 
@@ -297,59 +308,105 @@ impl Control {
         })
     }
 
-    /// Rebuilds the host table from the store; returns how many secrets and rules it holds.
+    /// The secret of `record`, whose definition validated as `spec`, with its value: the
+    /// sealed one for an inline secret, else the cached or pending one of its source.
+    fn loaded_secret(
+        &self,
+        id: &str,
+        spec: SecretSpec,
+        sealed: Option<SecretValue>,
+    ) -> Result<LoadedSecret, ControlError> {
+        let value = match (&spec.source, sealed) {
+            (ValueSource::Inline, Some(value)) => Arc::new(LiveValue::fixed(value, &spec.rules)),
+            (ValueSource::Inline, None) => {
+                return Err(ControlError::Store(StoreError::Corrupt {
+                    id: id.to_owned(),
+                    reason: "its value is missing".into(),
+                }))
+            }
+            (_, _) => self.sources.live(id, &spec),
+        };
+        Ok(LoadedSecret::new(id.to_owned(), spec, value))
+    }
+
+    fn live(&self) -> MutexGuard<'_, LiveSet> {
+        self.live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Makes `live` the injection layer's: a new host table over the same secrets.
+    fn publish(&self, live: &LiveSet) {
+        METRICS
+            .secrets
+            .set(i64::try_from(live.secrets.len()).unwrap_or(i64::MAX));
+        self.injector.replace(HostTable::new(
+            live.secrets.values().cloned().collect(),
+            live.access
+                .iter()
+                .map(|(id, rule)| (id.clone(), rule.clone()))
+                .collect(),
+        ));
+    }
+
+    /// Puts `secret` live, in place of the one with its id.
+    fn set_secret(&self, secret: LoadedSecret) {
+        if secret.spec.source == ValueSource::Inline {
+            self.sources.forget(&secret.id);
+        }
+        let mut live = self.live();
+        live.secrets.insert(secret.id.clone(), Arc::new(secret));
+        self.publish(&live);
+    }
+
+    /// Takes the secret `id` out of the injection layer.
+    fn drop_secret(&self, id: &str) {
+        self.sources.forget(id);
+        let mut live = self.live();
+        live.secrets.remove(id);
+        self.publish(&live);
+    }
+
+    /// Puts the access rule `id` live, or takes it out (`None`).
+    fn set_access_rule(&self, id: &str, rule: Option<AccessRule>) {
+        let mut live = self.live();
+        match rule {
+            Some(rule) => live.access.insert(id.to_owned(), rule),
+            None => live.access.remove(id),
+        };
+        self.publish(&live);
+    }
+
+    /// Loads every secret and access rule from the store and makes them live; returns how
+    /// many of each.
     fn rebuild_host_table(&self) -> Result<(usize, usize), ControlError> {
-        let secrets = self
-            .store
-            .load_secrets()?
-            .into_iter()
-            .map(|(record, sealed)| {
-                let spec = record
-                    .definition
-                    .validate()
-                    .map_err(ControlError::damaged("secret", &record.id))?;
-                let value = match (&spec.source, sealed) {
-                    (ValueSource::Inline, Some(value)) => {
-                        Arc::new(LiveValue::fixed(value, &spec.rules))
-                    }
-                    (ValueSource::Inline, None) => {
-                        return Err(ControlError::Store(StoreError::Corrupt {
-                            id: record.id,
-                            reason: "its value is missing".into(),
-                        }))
-                    }
-                    (_, _) => self.sources.live(&record.id, &spec),
-                };
-                Ok(LoadedSecret {
-                    id: record.id,
-                    spec,
-                    value,
-                })
-            })
-            .collect::<Result<Vec<_>, ControlError>>()?;
-        let fetched: std::collections::HashSet<&str> = secrets
-            .iter()
+        let mut fresh = LiveSet::default();
+        for (record, sealed) in self.store.load_secrets()? {
+            let spec = record
+                .definition
+                .validate()
+                .map_err(ControlError::damaged("secret", &record.id))?;
+            let secret = self.loaded_secret(&record.id, spec, sealed)?;
+            fresh.secrets.insert(record.id, Arc::new(secret));
+        }
+        let fetched: std::collections::HashSet<&str> = fresh
+            .secrets
+            .values()
             .filter(|secret| secret.spec.source != ValueSource::Inline)
             .map(|secret| secret.id.as_str())
             .collect();
         self.sources.retain(&fetched);
-        let rules = self
-            .store
-            .list_rules()?
-            .into_iter()
-            .map(|record| {
-                let rule = record
-                    .definition
-                    .validate()
-                    .map_err(ControlError::damaged("rule", &record.id))?;
-                Ok((record.id, rule))
-            })
-            .collect::<Result<Vec<_>, ControlError>>()?;
-        let counts = (secrets.len(), rules.len());
-        METRICS
-            .secrets
-            .set(i64::try_from(counts.0).unwrap_or(i64::MAX));
-        self.injector.replace(HostTable::new(secrets, rules));
+        for record in self.store.list_rules()? {
+            let rule = record
+                .definition
+                .validate()
+                .map_err(ControlError::damaged("rule", &record.id))?;
+            fresh.access.insert(record.id, rule);
+        }
+        let counts = (fresh.secrets.len(), fresh.access.len());
+        let mut live = self.live();
+        *live = fresh;
+        self.publish(&live);
         Ok(counts)
     }
 

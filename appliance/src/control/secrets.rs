@@ -91,7 +91,7 @@ impl Control {
         if let Some(value) = fetched {
             self.sources.remember(&record.id, &spec.source, value);
         }
-        blocking(|| self.rebuild_host_table())?;
+        self.set_secret(self.loaded_secret(&record.id, spec.clone(), inline)?);
         info!(target: "appliance::audit", event = "secret_created", id = %record.id, name = %record.name, value_source = spec.source.kind().as_str(), "secret created");
         Ok(SecretView::new(record, &spec, None))
     }
@@ -113,22 +113,30 @@ impl Control {
                 (ValueChange::Replace(value), Some(value.preview()), None)
             }
             (ValueSource::Inline, None) => {
-                let stored = blocking(|| self.store.load_secrets())?
-                    .into_iter()
-                    .find(|(record, _)| record.id == current.id)
-                    .and_then(|(_, value)| value)
-                    .ok_or_else(|| ValidationError {
-                        field: "value".into(),
-                        message: "is required when the value stops coming from a source: give the real credential".into(),
-                    })?;
+                let stored = match current.definition.validate().map(|spec| spec.source) {
+                    Ok(ValueSource::Inline) => blocking(|| self.store.secret_value(&current.id))?,
+                    _ => {
+                        return Err(ValidationError {
+                            field: "value".into(),
+                            message: "is required when the value stops coming from a source: give the real credential".into(),
+                        }
+                        .into())
+                    }
+                };
                 spec.check_value(&stored)?;
-                (ValueChange::Keep, current.preview.clone(), None)
+                (ValueChange::Keep, current.preview.clone(), Some(stored))
             }
             (_, _) => (
                 ValueChange::Remove,
                 None,
                 Some(self.fetched_value(&spec).await?),
             ),
+        };
+        // The value the secret is live with: the new or stored inline one, or the fetched.
+        let (sealed, fetched) = match (&spec.source, inline.clone(), fetched) {
+            (ValueSource::Inline, Some(value), _) => (Some(value), None),
+            (ValueSource::Inline, None, stored) => (stored, None),
+            (_, _, fetched) => (None, fetched),
         };
         let record = SecretRecord {
             id: current.id,
@@ -142,7 +150,7 @@ impl Control {
         if let Some(value) = fetched {
             self.sources.remember(&record.id, &spec.source, value);
         }
-        blocking(|| self.rebuild_host_table())?;
+        self.set_secret(self.loaded_secret(&record.id, spec.clone(), sealed)?);
         info!(target: "appliance::audit", event = "secret_updated", id = %record.id, name = %record.name, value_source = spec.source.kind().as_str(), "secret updated");
         let last_used = self.events.last_used(&record.id);
         Ok(SecretView::new(record, &spec, last_used))
@@ -151,7 +159,7 @@ impl Control {
     /// Deletes a secret, by id or name.
     pub fn delete_secret(&self, id_or_name: &str) -> Result<(), ControlError> {
         let record = self.store.delete_secret(id_or_name)?;
-        self.rebuild_host_table()?;
+        self.drop_secret(&record.id);
         info!(target: "appliance::audit", event = "secret_deleted", id = %record.id, name = %record.name, "secret deleted");
         Ok(())
     }

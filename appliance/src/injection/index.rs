@@ -27,6 +27,24 @@ pub struct LoadedSecret {
     pub spec: SecretSpec,
     /// Its value, current.
     pub value: Arc<LiveValue>,
+    /// How it appears in audit events, made once.
+    usage: SecretUse,
+}
+
+impl LoadedSecret {
+    /// The secret `id` with `spec`, whose value is `value`.
+    pub fn new(id: String, spec: SecretSpec, value: Arc<LiveValue>) -> Self {
+        let usage = SecretUse {
+            id: Arc::from(id.as_str()),
+            name: Arc::from(spec.name.as_str()),
+        };
+        Self {
+            id,
+            spec,
+            value,
+            usage,
+        }
+    }
 }
 
 /// What a host leads to: one rule of a secret, or an access rule.
@@ -45,9 +63,7 @@ struct Candidate {
 /// Secrets and access rules, indexed by host.
 #[derive(Default)]
 pub struct HostTable {
-    secrets: Vec<LoadedSecret>,
-    /// How each secret appears in audit events, built once rather than per request.
-    uses: Vec<SecretUse>,
+    secrets: Vec<Arc<LoadedSecret>>,
     /// `(rule id, rule)`.
     access: Vec<(String, AccessRule)>,
     exact: HashMap<String, Vec<Entry>>,
@@ -55,8 +71,10 @@ pub struct HostTable {
 }
 
 impl HostTable {
-    /// Indexes `secrets` and the access rules `(id, rule)`.
-    pub fn new(secrets: Vec<LoadedSecret>, access: Vec<(String, AccessRule)>) -> Self {
+    /// Indexes `secrets` and the access rules `(id, rule)`. The secrets are shared with the
+    /// previous table: a change rebuilds the index, never the secrets (their values, parsed
+    /// definitions and redactors).
+    pub fn new(secrets: Vec<Arc<LoadedSecret>>, access: Vec<(String, AccessRule)>) -> Self {
         let mut table = Self::default();
         for (secret_number, secret) in secrets.iter().enumerate() {
             for (rule_number, rule) in secret.spec.rules.iter().enumerate() {
@@ -74,13 +92,6 @@ impl HostTable {
         for (number, (_, rule)) in access.iter().enumerate() {
             table.insert(&rule.host, Entry::Access(number));
         }
-        table.uses = secrets
-            .iter()
-            .map(|secret| SecretUse {
-                id: Arc::from(secret.id.as_str()),
-                name: Arc::from(secret.spec.name.as_str()),
-            })
-            .collect();
         table.secrets = secrets;
         table.access = access;
         table
@@ -255,7 +266,7 @@ impl Injector for SecretInjector {
                 let reason = secret.value.unavailable(&state).unwrap_or_default();
                 warn!(secret = %secret.spec.name, %reason, "secret has no usable value; refusing the request");
                 return Verdict::Unavailable {
-                    secret: table.uses[number].clone(),
+                    secret: secret.usage.clone(),
                     reason: format!("secret {}: {reason}", secret.spec.name),
                 };
             };
@@ -266,7 +277,7 @@ impl Injector for SecretInjector {
                         .iter()
                         .any(|used: &SecretUse| *used.id == *secret.id)
                     {
-                        injected.push(table.uses[number].clone());
+                        injected.push(secret.usage.clone());
                         redactors.push(Arc::clone(&ready.redactor));
                     }
                 }
@@ -292,17 +303,13 @@ mod tests {
     use crate::capture::CgroupId;
     use serde_json::json;
 
-    fn loaded(id: &str, spec: serde_json::Value) -> LoadedSecret {
+    fn loaded(id: &str, spec: serde_json::Value) -> Arc<LoadedSecret> {
         let (spec, value) = SecretSpec::from_json(&spec).unwrap();
         let value = Arc::new(LiveValue::fixed(value.unwrap(), &spec.rules));
-        LoadedSecret {
-            id: id.into(),
-            spec,
-            value,
-        }
+        Arc::new(LoadedSecret::new(id.into(), spec, value))
     }
 
-    fn injector(secrets: Vec<LoadedSecret>) -> SecretInjector {
+    fn injector(secrets: Vec<Arc<LoadedSecret>>) -> SecretInjector {
         let injector = SecretInjector::default();
         injector.replace(HostTable::new(secrets, Vec::new()));
         injector
@@ -447,7 +454,7 @@ mod tests {
 
     #[test]
     fn lookup_cost_does_not_depend_on_the_number_of_secrets() {
-        let secrets: Vec<LoadedSecret> = (0..5000)
+        let secrets: Vec<Arc<LoadedSecret>> = (0..5000)
             .map(|n| {
                 loaded(
                     &n.to_string(),

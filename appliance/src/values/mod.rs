@@ -272,6 +272,11 @@ impl Sources {
         live
     }
 
+    /// Forgets the secret `id` (deleted, or inline now).
+    pub fn forget(&self, id: &str) {
+        self.entries().remove(id);
+    }
+
     /// Forgets the secrets not in `ids` (deleted, or inline now).
     pub fn retain(&self, ids: &HashSet<&str>) {
         self.entries().retain(|id, _| ids.contains(id.as_str()));
