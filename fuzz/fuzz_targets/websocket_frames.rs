@@ -22,14 +22,14 @@ fn payloads(mut stream: &[u8]) -> Vec<Vec<u8>> {
     let mut message = Vec::new();
     while stream.len() >= 2 {
         let (first, second) = (stream[0], stream[1]);
-        let (header, length) = match second & 0x7f {
+        let (header, length): (usize, u64) = match second & 0x7f {
             126 if stream.len() >= 4 => (4, u64::from(u16::from_be_bytes([stream[2], stream[3]]))),
             127 if stream.len() >= 10 => (10, u64::from_be_bytes(stream[2..10].try_into().unwrap())),
             126 | 127 => break,
             short => (2, u64::from(short)),
         };
         let end = usize::try_from(length).map_or(stream.len(), |length| {
-            (header + length).min(stream.len())
+            header.saturating_add(length).min(stream.len())
         });
         let payload = &stream[header..end];
         if first & 0x08 != 0 {
