@@ -108,9 +108,13 @@ impl Control {
         let mut input = model::patched(&current.definition, patch, &[])?;
         let spec = input.validate()?;
         let inline = input.value.take();
-        let (change, preview, fetched) = match (&spec.source, &inline) {
+        let replaced = inline.is_some();
+        // The value the secret is live with: the new or the stored inline one (sealed), or
+        // the one fetched from its source now.
+        let (sealed, fetched, preview) = match (&spec.source, inline) {
             (ValueSource::Inline, Some(value)) => {
-                (ValueChange::Replace(value), Some(value.preview()), None)
+                let preview = Some(value.preview());
+                (Some(value), None, preview)
             }
             (ValueSource::Inline, None) => {
                 let stored = match current.definition.validate().map(|spec| spec.source) {
@@ -124,19 +128,14 @@ impl Control {
                     }
                 };
                 spec.check_value(&stored)?;
-                (ValueChange::Keep, current.preview.clone(), Some(stored))
+                (Some(stored), None, current.preview.clone())
             }
-            (_, _) => (
-                ValueChange::Remove,
-                None,
-                Some(self.fetched_value(&spec).await?),
-            ),
+            (_, _) => (None, Some(self.fetched_value(&spec).await?), None),
         };
-        // The value the secret is live with: the new or stored inline one, or the fetched.
-        let (sealed, fetched) = match (&spec.source, inline.clone(), fetched) {
-            (ValueSource::Inline, Some(value), _) => (Some(value), None),
-            (ValueSource::Inline, None, stored) => (stored, None),
-            (_, _, fetched) => (None, fetched),
+        let change = match (&sealed, replaced) {
+            (Some(value), true) => ValueChange::Replace(value),
+            (Some(_), false) => ValueChange::Keep,
+            (None, _) => ValueChange::Remove,
         };
         let record = SecretRecord {
             id: current.id,
