@@ -182,8 +182,7 @@ fn installed(command: &str) -> bool {
     if command.starts_with('/') {
         return Path::new(command).exists();
     }
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(command).is_file()))
+    appliance::trust::which(command).is_some()
 }
 
 fn python_has(module: &str) -> bool {

@@ -101,8 +101,7 @@ fn run_tool(command: &mut Command) -> Result<String, InstallError> {
 }
 
 fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+    super::which(program).is_some()
 }
 
 /// Debian's update-ca-certificates, pointed at `root`'s layout.
@@ -166,16 +165,7 @@ fn system_store(root: &Path, ca_pem: Option<&str>) -> Result<Option<Step>, Insta
 
 /// The JVM's `keytool` and `cacerts` under `root`, when a JVM is installed.
 fn jvm(root: &Path) -> Option<(PathBuf, PathBuf)> {
-    let java = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("java"))
-            .find(|candidate| candidate.is_file())
-    })?;
-    let home = fs::canonicalize(java)
-        .ok()?
-        .parent()?
-        .parent()?
-        .to_path_buf();
+    let home = super::java_home()?;
     let keytool = home.join("bin/keytool");
     let cacerts = fs::canonicalize(home.join("lib/security/cacerts")).ok()?;
     let cacerts = under(root, &cacerts.display().to_string());

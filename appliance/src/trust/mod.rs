@@ -76,14 +76,21 @@ fn system_bundle() -> Option<(PathBuf, SystemTime)> {
     })
 }
 
+/// The installed JVM's home: where `java` on PATH really lives, two levels up.
+fn java_home() -> Option<PathBuf> {
+    let java = which("java")?;
+    Some(
+        fs::canonicalize(java)
+            .ok()?
+            .parent()?
+            .parent()?
+            .to_path_buf(),
+    )
+}
+
 /// `keytool` of the installed JVM, and its trust store.
 fn jvm_trust_store() -> Option<(PathBuf, PathBuf)> {
-    let java = which("java")?;
-    let home = fs::canonicalize(java)
-        .ok()?
-        .parent()?
-        .parent()?
-        .to_path_buf();
+    let home = java_home()?;
     let keytool = home.join("bin/keytool");
     let store = JVM_TRUST_STORES
         .iter()
@@ -93,7 +100,8 @@ fn jvm_trust_store() -> Option<(PathBuf, PathBuf)> {
     keytool.exists().then_some((keytool, store))
 }
 
-fn which(program: &str) -> Option<PathBuf> {
+/// Where `program` is on PATH, if it is.
+pub fn which(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|path| {
         std::env::split_paths(&path)
             .map(|dir| dir.join(program))

@@ -134,8 +134,8 @@ async fn read_file(path: &Path, what: &str) -> Result<SecretValue, SourceError> 
 /// What the cache knows of one secret's fetched value.
 struct Entry {
     source: ValueSource,
-    /// The value in the current host table.
-    live: Arc<LiveValue>,
+    /// The value in the current host table, once one holds the secret.
+    live: Option<Arc<LiveValue>>,
     /// The last value fetched, and when.
     good: Option<(SecretValue, Instant)>,
     /// When to fetch next.
@@ -213,12 +213,11 @@ impl Sources {
     /// table starts with it instead of fetching again.
     pub fn remember(&self, id: &str, source: &ValueSource, value: SecretValue) {
         let now = Instant::now();
-        let live = Arc::new(LiveValue::pending(&source.describe(), &[]));
         self.entries().insert(
             id.to_owned(),
             Entry {
                 source: source.clone(),
-                live,
+                live: None,
                 good: Some((value, now)),
                 due: now + self.refresh_after(),
                 failing: None,
@@ -244,7 +243,7 @@ impl Sources {
         let mut entries = self.entries();
         let entry = entries.entry(id.to_owned()).or_insert_with(|| Entry {
             source: spec.source.clone(),
-            live: Arc::clone(&live),
+            live: None,
             good: None,
             due: now,
             failing: None,
@@ -255,7 +254,7 @@ impl Sources {
             entry.due = now;
             entry.failing = None;
         }
-        entry.live = Arc::clone(&live);
+        entry.live = Some(Arc::clone(&live));
         match (&entry.good, &entry.failing) {
             (Some((value, fetched)), _)
                 if now < *fetched + self.settings.ttl + self.settings.max_stale =>
@@ -306,7 +305,9 @@ impl Sources {
                     if entry.failing.take().is_some() {
                         info!(secret_id = %id, source = %source.describe(), "value source answers again");
                     }
-                    entry.live.set(value.clone());
+                    if let Some(live) = &entry.live {
+                        live.set(value.clone());
+                    }
                     entry.good = Some((value, now));
                     entry.due = now + self.refresh_after();
                 }
@@ -321,7 +322,9 @@ impl Sources {
                         warn!(secret_id = %id, source = %source.describe(), error = %reason, using_last_good = !stale, "fetching a secret's value failed");
                     }
                     if stale {
-                        entry.live.fail(reason.clone());
+                        if let Some(live) = &entry.live {
+                            live.fail(reason.clone());
+                        }
                         entry.good = None;
                     }
                     entry.failing = Some(reason);
