@@ -290,7 +290,8 @@ impl Daemon {
             .arg(&self.socket)
             .args(&self.extra_args)
             .envs(self.extra_env.iter().map(|(name, value)| (name, value)))
-            .env("RUST_LOG", "info")
+            // Request events are debug lines; tests read them.
+            .env("RUST_LOG", "info,appliance::audit=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

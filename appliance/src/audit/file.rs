@@ -4,8 +4,9 @@
 //! retention are deleted. Beside them, `last-used.json` keeps when each secret was last
 //! injected, written at most once a minute and when the log closes.
 //!
-//! A line is written with a single `write` on a file opened for appending, so a killed
-//! daemon leaves whole lines; a torn last line (a crash of the machine) is skipped when read.
+//! Lines are written in batches, each batch of whole lines with a single `write` on a file
+//! opened for appending, so a killed daemon leaves whole lines; a torn last line (a crash of
+//! the machine) is skipped when read.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -28,6 +29,11 @@ const CURRENT: &str = "events.jsonl";
 const LAST_USED: &str = "last-used.json";
 /// How often `last-used.json` is rewritten at most while events come in.
 const LAST_USED_EVERY: Duration = Duration::from_secs(60);
+/// How long the writer gathers events after the first of a batch. The writer shares the
+/// cores with the engine: waking it and writing once per request cost a fifth of a core
+/// under load (docs/benchmarks.md); once per window costs nothing measurable. An event
+/// reaches the file at most this much later.
+const BATCH_WINDOW: Duration = Duration::from_millis(10);
 
 /// Where and how much the audit log keeps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -140,7 +146,12 @@ pub(super) fn open(settings: AuditFileSettings) -> io::Result<(Writer, Arc<LastU
             let mut saved = Instant::now();
             loop {
                 match incoming.recv_timeout(LAST_USED_EVERY) {
-                    Ok(recorded) => file.append(&recorded.to_json().to_string()),
+                    Ok(first) => {
+                        std::thread::sleep(BATCH_WINDOW);
+                        let batch: Vec<Arc<Recorded>> =
+                            std::iter::once(first).chain(incoming.try_iter()).collect();
+                        file.append(&batch);
+                    }
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
@@ -183,16 +194,30 @@ impl Appender {
         })
     }
 
-    fn append(&mut self, line: &str) {
-        let mut bytes = Vec::with_capacity(line.len() + 1);
-        bytes.extend_from_slice(line.as_bytes());
-        bytes.push(b'\n');
-        if self.size > 0 && self.size + bytes.len() as u64 > self.settings.max_file_bytes {
-            if let Err(error) = self.rotate() {
-                tracing::warn!(%error, dir = %self.settings.dir.display(), "cannot rotate the audit log; appending to the current file");
+    /// Appends the events' lines, rotating before a line that would take the file past its
+    /// size: each write holds whole lines.
+    fn append(&mut self, batch: &[Arc<Recorded>]) {
+        let mut pending = Vec::new();
+        for recorded in batch {
+            let line = recorded.to_json().to_string();
+            let size = self.size + pending.len() as u64;
+            if size > 0 && size + line.len() as u64 + 1 > self.settings.max_file_bytes {
+                self.write(&std::mem::take(&mut pending));
+                if let Err(error) = self.rotate() {
+                    tracing::warn!(%error, dir = %self.settings.dir.display(), "cannot rotate the audit log; appending to the current file");
+                }
             }
+            pending.extend_from_slice(line.as_bytes());
+            pending.push(b'\n');
         }
-        match self.file.write_all(&bytes) {
+        self.write(&pending);
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        match self.file.write_all(bytes) {
             Ok(()) => self.size += bytes.len() as u64,
             Err(error) => {
                 tracing::warn!(%error, dir = %self.settings.dir.display(), "cannot append to the audit log")

@@ -243,7 +243,9 @@ impl EventLog {
             &secrets,
             event.outcome,
         );
-        tracing::info!(
+        // Debug, not info: the durable log is the record of requests, and a journal line per
+        // request cost a tenth of the engine's CPU (docs/benchmarks.md).
+        tracing::debug!(
             target: "appliance::audit",
             event = "request",
             outcome = event.outcome,
