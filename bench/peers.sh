@@ -16,8 +16,8 @@
 # the appliance's RSS: fresh and idle, under 10,000 idle intercepted connections.
 #
 # Root, in the project checkout, release binary built. Env: PEERS_SECONDS (keep-alive
-# figure, default 6), PEERS_ROUNDS (default 5), PEERS_PERF=<file> to `perf record` the
-# appliance during its keep-alive figure, PEERS_PATHS="appliance nginx" to measure only some
+# figure, default 6), PEERS_ROUNDS (default 5), PEERS_PERF=<prefix> to `perf record` each
+# proxy during its keep-alive figure (into <prefix>.<path>), PEERS_PATHS="appliance nginx" to measure only some
 # paths (the table alone: rounds and the 10,000 connections need every path).
 #
 # Names resolve through a private /etc/hosts in a mount namespace of this script's own: the
@@ -207,8 +207,8 @@ PATHS=${PEERS_PATHS:-$ALL_PATHS}
 for p in $PATHS; do
   pid=$(pid_of $p)
   c0=0; [ -n "$pid" ] && c0=$(ticks "$pid")
-  if [ $p = appliance ] && [ -n "${PEERS_PERF:-}" ]; then
-    perf record -e cpu-clock -F 999 -g -p $APD -o "$PEERS_PERF" -- sleep "$SECONDS_KA" >/dev/null 2>&1 &
+  if [ -n "$pid" ] && [ -n "${PEERS_PERF:-}" ]; then
+    perf record -e cpu-clock -F 999 -g -p "$pid" -o "$PEERS_PERF.$p" -- sleep "$SECONDS_KA" >/dev/null 2>&1 &
     perf_pid=$!
   fi
   out=$(keepalive $p "$SECONDS_KA")

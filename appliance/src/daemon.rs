@@ -226,9 +226,13 @@ pub fn remove_container_host_side(config: &Config) -> anyhow::Result<()> {
 
 /// Runs the daemon until SIGTERM or SIGINT. SIGHUP calls `reload` for fresh settings and
 /// applies what can change without dropping connections.
+///
+/// `ready` is called once, when the daemon serves: the binary gives back to the system what
+/// start-up freed (its allocator is the binary's choice).
 pub async fn run(
     settings: DaemonSettings,
     reload: impl Fn() -> anyhow::Result<DaemonSettings>,
+    ready: impl FnOnce(),
 ) -> anyhow::Result<()> {
     let (key, key_source) =
         MasterKey::load_or_create(settings.credentials_dir.as_deref(), &settings.state_dir)
@@ -383,6 +387,7 @@ pub async fn run(
     );
 
     notify("READY=1\nSTATUS=intercepting");
+    ready();
 
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
