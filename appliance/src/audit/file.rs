@@ -199,7 +199,7 @@ impl Appender {
     fn append(&mut self, batch: &[Arc<Recorded>]) {
         let mut pending = Vec::new();
         for recorded in batch {
-            let line = recorded.to_json().to_string();
+            let line = recorded.to_line();
             let size = self.size + pending.len() as u64;
             if size > 0 && size + line.len() as u64 + 1 > self.settings.max_file_bytes {
                 self.write(&std::mem::take(&mut pending));

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 pub use file::AuditFileSettings;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::watch;
@@ -99,22 +99,38 @@ pub(crate) struct Recorded {
 impl Recorded {
     /// The event as `/v1/events` and the durable log show it.
     fn to_json(&self) -> Value {
+        serde_json::to_value(self.line()).unwrap_or_default()
+    }
+
+    /// The event as one line of the durable log.
+    fn to_line(&self) -> String {
+        serde_json::to_string(&self.line()).unwrap_or_default()
+    }
+
+    fn line(&self) -> EventLine<'_> {
         let event = &self.event;
-        json!({
-            "seq": self.sequence,
-            "time": rfc3339(self.time),
-            "agent": event.agent.as_deref(),
-            "cgroupId": event.cgroup_id,
-            "pid": event.pid,
-            "netnsCookie": event.netns_cookie,
-            "container": event.container.as_deref(),
-            "secrets": event.secrets.iter().map(|s| json!({"id": &*s.id, "name": &*s.name})).collect::<Vec<_>>(),
-            "host": &*event.host,
-            "method": event.method.as_str(),
-            "path": event.path,
-            "status": event.status,
-            "outcome": event.outcome,
-        })
+        EventLine {
+            agent: event.agent.as_deref(),
+            cgroup_id: event.cgroup_id,
+            container: event.container.as_deref(),
+            host: &event.host,
+            method: event.method.as_str(),
+            netns_cookie: event.netns_cookie,
+            outcome: event.outcome,
+            path: &event.path,
+            pid: event.pid,
+            secrets: event
+                .secrets
+                .iter()
+                .map(|secret| SecretLine {
+                    id: &secret.id,
+                    name: &secret.name,
+                })
+                .collect(),
+            seq: self.sequence,
+            status: event.status,
+            time: rfc3339(self.time),
+        }
     }
 
     /// Reads back what [`Recorded::to_json`] wrote; `None` for anything else.
@@ -150,6 +166,33 @@ impl Recorded {
             },
         })
     }
+}
+
+/// An event as the API and the durable log show it, borrowed from the event: rendered by
+/// serde straight to text, with no intermediate JSON tree (a fifth of the audit writer's
+/// time went to building and dropping one). Fields in alphabetical order, as written before.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EventLine<'a> {
+    agent: Option<&'a str>,
+    cgroup_id: u64,
+    container: Option<&'a str>,
+    host: &'a str,
+    method: &'a str,
+    netns_cookie: u64,
+    outcome: &'a str,
+    path: &'a str,
+    pid: u32,
+    secrets: Vec<SecretLine<'a>>,
+    seq: u64,
+    status: u16,
+    time: String,
+}
+
+#[derive(serde::Serialize)]
+struct SecretLine<'a> {
+    id: &'a str,
+    name: &'a str,
 }
 
 /// A bounded log of recent events with increasing sequence numbers. Events are rendered as
@@ -324,6 +367,7 @@ fn rfc3339(time: OffsetDateTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn event(path: &str) -> AuditEvent {
         AuditEvent {

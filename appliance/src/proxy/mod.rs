@@ -215,7 +215,9 @@ impl Proxy {
         };
         match (accepted, server_name) {
             (Some(accepted), Some(name)) if self.injector.intercepts(&name, agent.as_deref()) => {
-                info!(event = "intercepted", server_name = %name, "terminating TLS");
+                // Debug: one line per connection is the journal's load at handshake rates;
+                // the audit log has every request with its connection's facts.
+                debug!(event = "intercepted", server_name = %name, "terminating TLS");
                 metrics::count(&METRICS.connections, &["intercepted"]);
                 let _open = OpenConnection::of("intercepted");
                 let connection = Connection {
