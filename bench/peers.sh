@@ -17,7 +17,8 @@
 #
 # Root, in the project checkout, release binary built. Env: PEERS_SECONDS (keep-alive
 # figure, default 6), PEERS_ROUNDS (default 5), PEERS_PERF=<prefix> to `perf record` each
-# proxy during its keep-alive figure (into <prefix>.<path>), PEERS_PATHS="appliance nginx" to measure only some
+# proxy during its keep-alive and handshake figures (into <prefix>.<path>[.handshakes]; build with frame pointers and set
+# PEERS_APPLIANCE=<binary> for call graphs), PEERS_PATHS="appliance nginx" to measure only some
 # paths (the table alone: rounds and the 10,000 connections need every path).
 #
 # Names resolve through a private /etc/hosts in a mount namespace of this script's own: the
@@ -29,7 +30,7 @@ if [ -z "${PEERS_IN_NAMESPACE:-}" ]; then
 fi
 
 ROOT=$(pwd)
-APP=$ROOT/target/release/appliance
+APP=${PEERS_APPLIANCE:-$ROOT/target/release/appliance}
 [ -x "$APP" ] || { echo "build first: cargo build --release -p appliance" >&2; exit 2; }
 for tool in nginx haproxy wrk h2load python3 openssl taskset; do
   command -v "$tool" >/dev/null || { echo "$tool is missing: run cargo xtask setup" >&2; exit 2; }
@@ -224,10 +225,15 @@ for p in $PATHS; do
   KA[$p]=$ka; P50[$p]=$p50
   added="–"; [ $p != direct ] && [ -n "${P50[direct]:-}" ] && added=$((p50 - P50[direct]))
   hs=0
+  if [ -n "$pid" ] && [ -n "${PEERS_PERF:-}" ]; then
+    perf record -e cpu-clock -F 999 -g -p "$pid" -o "$PEERS_PERF.$p.handshakes" >/dev/null 2>&1 &
+    perf_pid=$!
+  fi
   for _ in 1 2 3 4 5; do
     r=$(client $p taskset -c 0 h2load --h1 -c 200 -n 200 "$(url_of $p)" 2>&1 | awk '/^finished in/{gsub(",","",$4); print int($4)}')
     [ "${r:-0}" -gt "$hs" ] && hs=$r
   done
+  [ -n "${perf_pid:-}" ] && { kill -INT "$perf_pid"; wait "$perf_pid"; perf_pid=""; }
   idle="–"
   if [ -n "$pid" ]; then
     read -r before after < <(idle_conns $p 500)

@@ -79,6 +79,14 @@ const TOOLS: &[(&str, &str)] = &[
     // NSS databases, for appliance trust install.
     ("certutil", "libnss3-tools"),
     ("update-ca-certificates", "ca-certificates"),
+    // The peers bench (bench/peers.sh): the proxies the appliance is measured against, the
+    // nginx upstream, the load generators, and the pinning and namespace tools it runs.
+    ("nginx", "nginx"),
+    ("haproxy", "haproxy"),
+    ("wrk", "wrk"),
+    ("h2load", "nghttp2-client"),
+    ("taskset", "util-linux"),
+    ("ss", "iproute2"),
 ];
 
 /// Python modules of the system Python that tests import, and their Debian packages.
@@ -130,8 +138,13 @@ enum Task {
     },
     /// Measure the engine against a direct connection on loopback, and, as root, the
     /// container path against the host path through the real daemon (BENCH_SECONDS per
-    /// figure).
-    Bench,
+    /// figure). With --peers: the release daemon against nginx and HAProxy doing the same
+    /// work, and direct (bench/peers.sh, root).
+    Bench {
+        /// Run the peers comparison (bench/peers.sh) instead.
+        #[arg(long)]
+        peers: bool,
+    },
     /// Show the appliance at work: an agent with a placeholder key calls a local stand-in
     /// for api.anthropic.com; the upstream receives the real key (needs root).
     Demo,
@@ -205,7 +218,15 @@ fn main() -> anyhow::Result<()> {
             };
             fuzz(&targets, seconds, Build::Optimized)
         }
-        Task::Bench => {
+        Task::Bench { peers: true } => {
+            setup()?;
+            require_root("the peers bench (eBPF capture, a private mount namespace)")?;
+            build_release()?;
+            run(Command::new("bash")
+                .arg(workspace_root().join("bench/peers.sh"))
+                .current_dir(workspace_root()))
+        }
+        Task::Bench { peers: false } => {
             setup()?;
             run(cargo().args(["bench", "--package", "appliance", "--bench", "proxy"]))?;
             run(cargo().args([
