@@ -460,6 +460,49 @@ async fn a_second_upstream_connection_resumes_the_tls_session() {
     );
 }
 
+#[tokio::test]
+async fn one_client_connection_keeps_reusing_one_upstream_connection() {
+    let fixture = start("reuse").await;
+    // One kept-alive client connection: answers with a body, without one (HEAD), and a POST.
+    python(&format!(
+        r#"
+import http.client, socket, ssl
+context = ssl.create_default_context(cafile="{ca}")
+connection = http.client.HTTPSConnection("api.test", {port}, context=context)
+opened = []
+def connect(*args, **kwargs):
+    opened.append(1)
+    return socket.create_connection(("127.0.0.1", {port}))
+connection._create_connection = connect
+for method, body in [("GET", None), ("HEAD", None), ("POST", b"hello"), ("GET", None)]:
+    connection.request(method, "/echo", body=body, headers={{"Host": "api.test"}})
+    answer = connection.getresponse()
+    answer.read()
+    assert answer.status == 200, (method, answer.status)
+assert len(opened) == 1, "the client had to reconnect %d times" % (len(opened) - 1)
+"#,
+        ca = fixture.appliance_ca.display(),
+        port = fixture.engine_addr.port(),
+    ))
+    .await;
+    let seen: Vec<(String, u64)> = fixture
+        .seen
+        .requests()
+        .into_iter()
+        .map(|request| (request.method, request.connection))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("GET".to_owned(), 0),
+            ("HEAD".to_owned(), 0),
+            ("POST".to_owned(), 0),
+            ("GET".to_owned(), 0)
+        ],
+        "each answer, with a body or without, gives the upstream connection back for the next request"
+    );
+}
+
 fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap()

@@ -210,6 +210,8 @@ pub struct SeenRequest {
     pub headers: BTreeMap<String, String>,
     /// Whether the TLS connection it came on resumed an earlier session.
     pub resumed: bool,
+    /// Which of the upstream's connections it came on, counted from 0 as accepted.
+    pub connection: u64,
 }
 
 /// What an upstream received (nothing, for an upstream started without recording).
@@ -246,7 +248,7 @@ fn full(text: impl Into<Bytes>) -> UpstreamBody {
 async fn service(
     mut request: Request<Incoming>,
     server_name: String,
-    resumed: bool,
+    (resumed, connection): (bool, u64),
     seen: Seen,
     release_sse: Arc<Notify>,
 ) -> Result<Response<UpstreamBody>, Infallible> {
@@ -271,6 +273,7 @@ async fn service(
         target: target.clone(),
         headers: headers.clone(),
         resumed,
+        connection,
     };
     if let Some(requests) = &seen.0 {
         requests.lock().unwrap().push(record);
@@ -468,10 +471,13 @@ impl Upstream {
         let release_sse = Arc::new(Notify::new());
         let (task_seen, task_release) = (seen.clone(), Arc::clone(&release_sse));
         tokio::spawn(async move {
+            let mut accepted = 0u64;
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
+                let connection = accepted;
+                accepted += 1;
                 let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let seen = task_seen.clone();
@@ -487,7 +493,7 @@ impl Upstream {
                         service(
                             request,
                             server_name.clone(),
-                            resumed,
+                            (resumed, connection),
                             seen.clone(),
                             Arc::clone(&release_sse),
                         )

@@ -44,6 +44,11 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
 /// upgrade handshake (`Connection: upgrade`, `Upgrade`) survives so it can reach the upstream.
 /// `TE: trailers` is kept: it is the one TE value that concerns the message.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass over the names instead of a dozen hashed removals
+    // (2% of the engine's CPU per request, twice).
+    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<String> = connection_tokens(headers).collect();
     for name in &named {
         if keep_upgrade && name == "upgrade" {
@@ -76,6 +81,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if trailers_wanted {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+/// Whether [`strip_hop_by_hop`] removes `name` whatever `Connection` lists (`Connection`
+/// itself among them, so a message without these has nothing to strip).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+        || name == header::UPGRADE
+        || [KEEP_ALIVE, PROXY_CONNECTION, HTTP2_SETTINGS].contains(&name.as_str())
 }
 
 /// The host a request is addressed to (`:authority`, else `Host`), lower-cased, with its port.

@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use tracing::{info, warn};
 
 use super::headers::{is_websocket_upgrade, request_host, strip_hop_by_hop};
-use super::upstream::{self, PoolKey, Sender, UpstreamError, UpstreamPool};
+use super::upstream::{self, GivenBack, PoolKey, Sender, UpstreamError, UpstreamPool};
 use crate::addr::UpstreamAddr;
 use crate::audit::{AuditEvent, EventLog, SecretUse};
 use crate::injection::{
@@ -268,12 +268,14 @@ async fn respond(
         METRICS
             .upstream_latency
             .observe(sent.elapsed().as_secs_f64());
-        if let Sender::Http1(sender) = sender {
-            if !upgrade {
-                context.pool.recycle(key, sender);
+        let (parts, body) = response.into_parts();
+        let body = match sender {
+            Sender::Http1(sender) if !upgrade => {
+                GivenBack::lent(body, Arc::clone(&context.pool), key, sender)
             }
-        }
-        Ok::<_, UpstreamError>(response)
+            _ => GivenBack::kept(body),
+        };
+        Ok::<_, UpstreamError>(Response::from_parts(parts, body))
     }
     .await;
     let mut response = match result {
@@ -352,7 +354,7 @@ async fn respond(
 /// `headers` lose Content-Encoding and Content-Length), so that what the agent reads is what
 /// was inspected; a content-coding that cannot be decoded is returned as the error.
 fn inspected_body(
-    body: Incoming,
+    body: GivenBack,
     headers: &mut http::HeaderMap,
     redactors: Vec<Arc<Redactor>>,
 ) -> Result<ProxyBody, String> {
