@@ -159,12 +159,14 @@ pub struct Control {
     live: Mutex<LiveSet>,
 }
 
-/// What is live in the injection layer, kept here so that a change rebuilds the host table
-/// from memory: one secret's change decrypts and parses that secret only.
+/// What is live in the injection layer, kept here so that a change touches only what it
+/// changes: one secret's change decrypts and parses that secret, and re-indexes its hosts.
 #[derive(Default)]
 struct LiveSet {
     secrets: BTreeMap<String, Arc<LoadedSecret>>,
     access: BTreeMap<String, AccessRule>,
+    /// The index over both, changed with them.
+    table: HostTable,
 }
 
 /// What the control layer works on.
@@ -340,13 +342,7 @@ impl Control {
         METRICS
             .secrets
             .set(i64::try_from(live.secrets.len()).unwrap_or(i64::MAX));
-        self.injector.replace(HostTable::new(
-            live.secrets.values().cloned().collect(),
-            live.access
-                .iter()
-                .map(|(id, rule)| (id.clone(), rule.clone()))
-                .collect(),
-        ));
+        self.injector.replace(live.table.clone());
     }
 
     /// Puts `secret` live, in place of the one with its id.
@@ -354,8 +350,12 @@ impl Control {
         if secret.spec.source == ValueSource::Inline {
             self.sources.forget(&secret.id);
         }
+        let secret = Arc::new(secret);
         let mut live = self.live();
-        live.secrets.insert(secret.id.clone(), Arc::new(secret));
+        if let Some(old) = live.secrets.insert(secret.id.clone(), Arc::clone(&secret)) {
+            live.table.remove_secret(&old);
+        }
+        live.table.add_secret(&secret);
         self.publish(&live);
     }
 
@@ -363,17 +363,22 @@ impl Control {
     fn drop_secret(&self, id: &str) {
         self.sources.forget(id);
         let mut live = self.live();
-        live.secrets.remove(id);
+        if let Some(old) = live.secrets.remove(id) {
+            live.table.remove_secret(&old);
+        }
         self.publish(&live);
     }
 
     /// Puts the access rule `id` live, or takes it out (`None`).
     fn set_access_rule(&self, id: &str, rule: Option<AccessRule>) {
         let mut live = self.live();
-        match rule {
-            Some(rule) => live.access.insert(id.to_owned(), rule),
-            None => live.access.remove(id),
-        };
+        if let Some(old) = live.access.remove(id) {
+            live.table.remove_access_rule(id, &old);
+        }
+        if let Some(rule) = rule {
+            live.table.add_access_rule(id.to_owned(), rule.clone());
+            live.access.insert(id.to_owned(), rule);
+        }
         self.publish(&live);
     }
 
@@ -404,6 +409,14 @@ impl Control {
             fresh.access.insert(record.id, rule);
         }
         let counts = (fresh.secrets.len(), fresh.access.len());
+        fresh.table = HostTable::new(
+            fresh.secrets.values().cloned().collect(),
+            fresh
+                .access
+                .iter()
+                .map(|(id, rule)| (id.clone(), rule.clone()))
+                .collect(),
+        );
         let mut live = self.live();
         *live = fresh;
         self.publish(&live);

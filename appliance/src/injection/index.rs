@@ -2,7 +2,6 @@
 //! once per change, so deciding a request costs two hash lookups (exact host, then the parent
 //! domain for `*.` patterns) whatever the number of secrets and rules.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::request::Parts;
@@ -48,61 +47,147 @@ impl LoadedSecret {
 }
 
 /// What a host leads to: one rule of a secret, or an access rule.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 enum Entry {
-    Secret { secret: usize, rule: usize },
-    Access(usize),
+    Secret {
+        secret: Arc<LoadedSecret>,
+        rule: usize,
+    },
+    Access(Arc<AccessEntry>),
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Candidate {
-    entry: Entry,
+/// An access rule and its id.
+struct AccessEntry {
+    id: String,
+    rule: AccessRule,
+}
+
+impl Entry {
+    /// Where the entry sits among its host's: secrets by id and rule, then access rules by id.
+    /// A table built whole and one changed step by step order alike, so ties between equally
+    /// specific rules resolve the same either way.
+    fn order(&self) -> (u8, &str, usize) {
+        match self {
+            Entry::Secret { secret, rule } => (0, &secret.id, *rule),
+            Entry::Access(access) => (1, &access.id, 0),
+        }
+    }
+
+    fn agent(&self) -> Option<&str> {
+        match self {
+            Entry::Secret { secret, .. } => secret.spec.agent.as_deref(),
+            Entry::Access(access) => access.rule.agent.as_deref(),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Candidate<'a> {
+    entry: &'a Entry,
     exact_host: bool,
 }
 
-/// Secrets and access rules, indexed by host.
-#[derive(Default)]
+/// The entries of one host, shared by successive tables until that host changes.
+type Bucket = Arc<Vec<Entry>>;
+
+/// Secrets and access rules, indexed by host. The maps are persistent: cloning a table is
+/// O(1) and a change copies only the buckets of the hosts it touches, so a change costs the
+/// same with 10 secrets as with 10,000, while requests in flight keep the table they took.
+#[derive(Clone, Default)]
 pub struct HostTable {
-    secrets: Vec<Arc<LoadedSecret>>,
-    /// `(rule id, rule)`.
-    access: Vec<(String, AccessRule)>,
-    exact: HashMap<String, Vec<Entry>>,
-    wildcard: HashMap<String, Vec<Entry>>,
+    exact: imbl::HashMap<String, Bucket>,
+    wildcard: imbl::HashMap<String, Bucket>,
 }
 
 impl HostTable {
-    /// Indexes `secrets` and the access rules `(id, rule)`. The secrets are shared with the
-    /// previous table: a change rebuilds the index, never the secrets (their values, parsed
-    /// definitions and redactors).
+    /// Indexes `secrets` and the access rules `(id, rule)`.
     pub fn new(secrets: Vec<Arc<LoadedSecret>>, access: Vec<(String, AccessRule)>) -> Self {
         let mut table = Self::default();
-        for (secret_number, secret) in secrets.iter().enumerate() {
-            for (rule_number, rule) in secret.spec.rules.iter().enumerate() {
-                for host in &rule.hosts {
-                    table.insert(
-                        host,
-                        Entry::Secret {
-                            secret: secret_number,
-                            rule: rule_number,
-                        },
-                    );
-                }
-            }
+        for secret in &secrets {
+            table.add_secret(secret);
         }
-        for (number, (_, rule)) in access.iter().enumerate() {
-            table.insert(&rule.host, Entry::Access(number));
+        for (id, rule) in access {
+            table.add_access_rule(id, rule);
         }
-        table.secrets = secrets;
-        table.access = access;
         table
     }
 
-    fn insert(&mut self, host: &HostPattern, entry: Entry) {
-        let (map, key) = match host {
+    /// Adds every rule of `secret` under its hosts.
+    pub fn add_secret(&mut self, secret: &Arc<LoadedSecret>) {
+        for (number, rule) in secret.spec.rules.iter().enumerate() {
+            for host in &rule.hosts {
+                self.insert(
+                    host,
+                    Entry::Secret {
+                        secret: Arc::clone(secret),
+                        rule: number,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Takes `secret` (as it was added) out.
+    pub fn remove_secret(&mut self, secret: &LoadedSecret) {
+        for rule in &secret.spec.rules {
+            for host in &rule.hosts {
+                self.remove(host, |entry| {
+                    matches!(entry, Entry::Secret { secret: other, .. } if other.id == secret.id)
+                });
+            }
+        }
+    }
+
+    /// Adds the access rule `id`.
+    pub fn add_access_rule(&mut self, id: String, rule: AccessRule) {
+        let host = rule.host.clone();
+        self.insert(&host, Entry::Access(Arc::new(AccessEntry { id, rule })));
+    }
+
+    /// Takes the access rule `id` (as it was added, `rule`) out.
+    pub fn remove_access_rule(&mut self, id: &str, rule: &AccessRule) {
+        self.remove(
+            &rule.host,
+            |entry| matches!(entry, Entry::Access(access) if access.id == id),
+        );
+    }
+
+    fn map<'a>(
+        &'a mut self,
+        host: &'a HostPattern,
+    ) -> (&'a mut imbl::HashMap<String, Bucket>, &'a String) {
+        match host {
             HostPattern::Exact(name) => (&mut self.exact, name),
             HostPattern::Wildcard(suffix) => (&mut self.wildcard, suffix),
+        }
+    }
+
+    fn insert(&mut self, host: &HostPattern, entry: Entry) {
+        let (map, key) = self.map(host);
+        let mut bucket: Vec<Entry> = map
+            .get(key)
+            .map(|bucket| bucket.to_vec())
+            .unwrap_or_default();
+        let position = bucket.partition_point(|other| other.order() <= entry.order());
+        bucket.insert(position, entry);
+        map.insert(key.clone(), Arc::new(bucket));
+    }
+
+    fn remove(&mut self, host: &HostPattern, unwanted: impl Fn(&Entry) -> bool) {
+        let (map, key) = self.map(host);
+        let Some(bucket) = map.get(key) else {
+            return;
         };
-        map.entry(key.clone()).or_default().push(entry);
+        let kept: Vec<Entry> = bucket
+            .iter()
+            .filter(|entry| !unwanted(entry))
+            .cloned()
+            .collect();
+        if kept.is_empty() {
+            map.remove(key);
+        } else {
+            map.insert(key.clone(), Arc::new(kept));
+        }
     }
 
     /// What applies to `host` for a workload of `agent`: secrets bound to another agent, and
@@ -111,13 +196,13 @@ impl HostTable {
         &'a self,
         host: &str,
         agent: Option<&'a str>,
-    ) -> impl Iterator<Item = Candidate> + 'a {
+    ) -> impl Iterator<Item = Candidate<'a>> + 'a {
         let exact = self
             .exact
             .get(host)
             .into_iter()
-            .flatten()
-            .map(|&entry| Candidate {
+            .flat_map(|bucket| bucket.iter())
+            .map(|entry| Candidate {
                 entry,
                 exact_host: true,
             });
@@ -125,78 +210,79 @@ impl HostTable {
         let wildcard = parent
             .and_then(|parent| self.wildcard.get(parent))
             .into_iter()
-            .flatten()
-            .map(|&entry| Candidate {
+            .flat_map(|bucket| bucket.iter())
+            .map(|entry| Candidate {
                 entry,
                 exact_host: false,
             });
-        exact
-            .chain(wildcard)
-            .filter(move |candidate| self.in_scope(candidate.entry, agent))
-    }
-
-    fn in_scope(&self, entry: Entry, agent: Option<&str>) -> bool {
-        let bound = match entry {
-            Entry::Secret { secret, .. } => self.secrets[secret].spec.agent.as_deref(),
-            Entry::Access(number) => self.access[number].1.agent.as_deref(),
-        };
-        bound.is_none_or(|bound| agent == Some(bound))
+        exact.chain(wildcard).filter(move |candidate| {
+            candidate
+                .entry
+                .agent()
+                .is_none_or(|bound| agent == Some(bound))
+        })
     }
 
     /// The deciding access rule among `candidates` for a request, if any: `(rule id,
     /// action)`. The most specific matching rule decides.
-    fn decide(
-        &self,
-        candidates: &[Candidate],
+    fn decide<'a>(
+        candidates: &[Candidate<'a>],
         path: &str,
         method: &Method,
-    ) -> Option<(&str, Action)> {
+    ) -> Option<(&'a str, Action)> {
         candidates
             .iter()
             .filter_map(|candidate| match candidate.entry {
-                Entry::Access(number) => Some(&self.access[number]),
+                Entry::Access(access) => Some(&**access),
                 Entry::Secret { .. } => None,
             })
-            .filter(|(_, rule)| {
-                rule.path
+            .filter(|access| {
+                access
+                    .rule
+                    .path
                     .as_ref()
                     .is_none_or(|pattern| pattern.matches(path))
             })
-            .filter(|(_, rule)| rule.method.as_ref().is_none_or(|wanted| wanted == method))
-            .max_by_key(|(_, rule)| rule.specificity())
-            .map(|(id, rule)| (id.as_str(), rule.action))
+            .filter(|access| {
+                access
+                    .rule
+                    .method
+                    .as_ref()
+                    .is_none_or(|wanted| wanted == method)
+            })
+            .max_by_key(|access| access.rule.specificity())
+            .map(|access| (access.id.as_str(), access.rule.action))
     }
 
     /// The secret rules among `candidates` that apply to `path`, least specific first, so
     /// that the most specific one is applied last and wins any conflict. An agent's own
     /// secrets for a host replace the global ones. A rule's path pattern must match `path`
     /// and, when the path has encoded slashes, its `decoded` reading too.
-    fn matching(
-        &self,
-        candidates: &[Candidate],
+    fn matching<'a>(
+        candidates: &[Candidate<'a>],
         path: &str,
         decoded: Option<&str>,
-    ) -> Vec<(usize, usize, bool)> {
-        let mut matched: Vec<(usize, usize, bool)> = candidates
+    ) -> Vec<(&'a LoadedSecret, usize, bool)> {
+        let mut matched: Vec<(&LoadedSecret, usize, bool)> = candidates
             .iter()
             .filter_map(|candidate| match candidate.entry {
-                Entry::Secret { secret, rule } => Some((secret, rule, candidate.exact_host)),
+                Entry::Secret { secret, rule } => Some((&**secret, *rule, candidate.exact_host)),
                 Entry::Access(_) => None,
             })
             .filter(|&(secret, rule, _)| {
-                let rule = &self.secrets[secret].spec.rules[rule];
+                let rule = &secret.spec.rules[rule];
                 rule.path.as_ref().is_none_or(|pattern| {
                     pattern.matches(path) && decoded.is_none_or(|decoded| pattern.matches(decoded))
                 })
             })
             .collect();
         let agent_bound =
-            |&(secret, _, _): &(usize, usize, bool)| self.secrets[secret].spec.agent.is_some();
+            |&(secret, _, _): &(&LoadedSecret, usize, bool)| secret.spec.agent.is_some();
         if matched.iter().any(agent_bound) {
             matched.retain(agent_bound);
         }
         matched.sort_by_key(|&(secret, rule, exact_host)| {
-            let rule = &self.secrets[secret].spec.rules[rule];
+            let rule = &secret.spec.rules[rule];
             (
                 exact_host,
                 rule.path
@@ -249,7 +335,8 @@ impl Injector for SecretInjector {
         let table = self.table.load();
         let candidates: Vec<Candidate> = table.candidates(host, agent).collect();
         for reading in std::iter::once(path.as_str()).chain(decoded.as_deref()) {
-            if let Some((rule, Action::Block)) = table.decide(&candidates, reading, &request.method)
+            if let Some((rule, Action::Block)) =
+                HostTable::decide(&candidates, reading, &request.method)
             {
                 return Verdict::Block {
                     reason: format!("blocked by rule {rule}"),
@@ -258,8 +345,7 @@ impl Injector for SecretInjector {
         }
         let mut injected = Vec::new();
         let mut redactors: Vec<Arc<Redactor>> = Vec::new();
-        for (number, rule, _) in table.matching(&candidates, &path, decoded.as_deref()) {
-            let secret = &table.secrets[number];
+        for (secret, rule, _) in HostTable::matching(&candidates, &path, decoded.as_deref()) {
             let rule = &secret.spec.rules[rule];
             let state = secret.value.state();
             let ValueState::Ready(ready) = &*state else {
@@ -340,6 +426,71 @@ mod tests {
             Verdict::Forward { .. }
         ));
         parts
+    }
+
+    /// What `table` has for each of `hosts`, in order, as `(kind, id, rule)`.
+    fn entries(table: &HostTable, hosts: &[&str]) -> Vec<Vec<(u8, String, usize)>> {
+        hosts
+            .iter()
+            .map(|host| {
+                table
+                    .candidates(host, None)
+                    .map(|candidate| {
+                        let (kind, id, rule) = candidate.entry.order();
+                        (kind, id.to_owned(), rule)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_table_changed_step_by_step_equals_one_built_whole() {
+        let secret = |id: &str, hosts: &str| {
+            loaded(
+                id,
+                json!({"name": format!("n{id}"), "hostPattern": hosts, "value": "v",
+                "injection": {"headerName": "x-key"}}),
+            )
+        };
+        let rule = |id: &str, host: &str| access_rule(id, json!({"host": host, "action": "block"}));
+        let (s1, s2, s3, s4) = (
+            secret("s1", "api.example.com"),
+            secret("s2", "*.example.com"),
+            secret("s3", "api.example.com"),
+            secret("s4", "api.example.com"),
+        );
+        let s1_moved = secret("s1", "*.example.com");
+        let mut table = HostTable::default();
+        table.add_secret(&s3);
+        table.add_secret(&s1);
+        let (r2_id, r2) = rule("r2", "api.example.com");
+        table.add_access_rule(r2_id.clone(), r2.clone());
+        table.add_secret(&s4);
+        table.add_secret(&s2);
+        table.remove_secret(&s4);
+        let (r1_id, r1) = rule("r1", "api.example.com");
+        table.add_access_rule(r1_id.clone(), r1.clone());
+        table.remove_secret(&s1);
+        table.add_secret(&s1_moved);
+        let (r3_id, r3) = rule("r3", "other.example.com");
+        table.add_access_rule(r3_id.clone(), r3.clone());
+        table.remove_access_rule(&r3_id, &r3);
+
+        let whole = HostTable::new(vec![s1_moved, s2, s3], vec![(r1_id, r1), (r2_id, r2)]);
+        let hosts = ["api.example.com", "www.example.com", "other.example.com"];
+        assert_eq!(entries(&table, &hosts), entries(&whole, &hosts));
+        assert_eq!(
+            entries(&table, &hosts)[0],
+            [
+                (0, "s3".to_owned(), 0),
+                (1, "r1".to_owned(), 0),
+                (1, "r2".to_owned(), 0),
+                (0, "s1".to_owned(), 0),
+                (0, "s2".to_owned(), 0),
+            ],
+            "exact host first (secrets by id, then rules by id), then the parent's wildcards"
+        );
     }
 
     #[test]
@@ -490,9 +641,7 @@ mod tests {
         );
         let decide = |host: &str, path: &str, method: &Method, agent: Option<&str>| {
             let candidates: Vec<Candidate> = table.candidates(host, agent).collect();
-            table
-                .decide(&candidates, path, method)
-                .map(|(id, action)| (id.to_owned(), action))
+            HostTable::decide(&candidates, path, method).map(|(id, action)| (id.to_owned(), action))
         };
         let get = Method::GET;
         let decided = |id: &str, action| Some((id.to_owned(), action));
