@@ -1,6 +1,7 @@
-//! Which secrets and access rules apply to a request. Both are indexed together by host,
-//! once per change, so deciding a request costs two hash lookups (exact host, then the parent
-//! domain for `*.` patterns) whatever the number of secrets and rules.
+//! Which secrets and access rules apply to a request. Both are indexed together by host, and
+//! a change re-indexes only the hosts it touches, so deciding a request costs two hash
+//! lookups (exact host, then the parent domain for `*.` patterns) and a change costs the same
+//! whatever the number of secrets and rules.
 
 use std::sync::Arc;
 
