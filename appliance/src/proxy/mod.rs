@@ -2,9 +2,11 @@
 //! connection through untouched or terminate TLS and serve HTTP through the injection layer.
 //!
 //! Stages, each testable alone: [`read_client_hello`] (classify), [`Proxy::pass_through`]
-//! (byte copy), TLS termination with leaves from [`crate::tls::LeafCache`], [`request::serve`]
-//! (one request), [`upstream::UpstreamPool`] (verified upstream connections).
+//! (byte copy), TLS termination with leaves from [`crate::tls::LeafCache`],
+//! [`connection::serve`] (HTTP on the client connection), [`request::serve`] (one request),
+//! [`upstream::UpstreamPool`] (verified upstream connections).
 
+pub mod connection;
 pub mod headers;
 pub mod request;
 pub mod upstream;
@@ -13,7 +15,6 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::server::{Accepted, Acceptor};
 use rustls::ServerConfig;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -29,6 +30,7 @@ use crate::injection::{Injector, Workload};
 use crate::metrics::{self, OpenConnection, METRICS};
 use crate::swap::Swappable;
 use crate::tls::{LeafCache, TlsConfigError, UpstreamTls};
+use connection::HttpSettings;
 use request::ConnectionContext;
 use upstream::{PoolSettings, UpstreamPool};
 
@@ -77,21 +79,23 @@ enum Opening {
 /// will not be intercepted can be replayed upstream unchanged.
 async fn read_client_hello(stream: &mut TcpStream) -> io::Result<Opening> {
     let mut acceptor = Acceptor::default();
+    // Read straight into `seen`: a buffer on the stack would stay in every connection's
+    // task for the connection's whole life.
     let mut seen = Vec::new();
-    let mut chunk = [0u8; 4096];
     loop {
-        let read = stream.read(&mut chunk).await?;
+        let start = seen.len();
+        seen.reserve(4096);
+        let read = stream.read_buf(&mut seen).await?;
         if read == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        seen.extend_from_slice(&chunk[..read]);
         if seen.len() > MAX_CLIENT_HELLO {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "ClientHello too large",
             ));
         }
-        let mut fresh = &chunk[..read];
+        let mut fresh = &seen[start..];
         while !fresh.is_empty() {
             if acceptor.read_tls(&mut fresh)? == 0 {
                 break;
@@ -183,7 +187,8 @@ impl Proxy {
         let upstream = UpstreamAddr::from(redirect.original_dst);
         let opening = match tokio::time::timeout(
             runtime.settings.handshake_timeout,
-            read_client_hello(&mut stream),
+            // Boxed: rustls' acceptor is large, and only needed until the ClientHello.
+            Box::pin(read_client_hello(&mut stream)),
         )
         .await
         {
@@ -215,6 +220,8 @@ impl Proxy {
         };
         match (accepted, server_name) {
             (Some(accepted), Some(name)) if self.injector.intercepts(&name, agent.as_deref()) => {
+                // Only a replay needs them, and this connection may stay open for hours.
+                drop(seen);
                 // Debug: one line per connection is the journal's load at handshake rates;
                 // the audit log has every request with its connection's facts.
                 debug!(event = "intercepted", server_name = %name, "terminating TLS");
@@ -228,7 +235,7 @@ impl Proxy {
                     netns_cookie: redirect.netns_cookie,
                     container: redirect.container,
                 };
-                self.intercept(&runtime, stream, *accepted, connection, shutdown)
+                self.intercept(&runtime, stream, accepted, connection, shutdown)
                     .await;
             }
             (_, name) => match runtime.settings.unintercepted {
@@ -286,7 +293,8 @@ impl Proxy {
         &self,
         runtime: &Runtime,
         stream: TcpStream,
-        accepted: Accepted,
+        // Boxed: an async fn keeps its arguments for its whole life.
+        accepted: Box<Accepted>,
         connection: Connection,
         mut shutdown: watch::Receiver<bool>,
     ) {
@@ -298,10 +306,14 @@ impl Proxy {
             netns_cookie,
             container,
         } = connection;
-        let handshake = StartHandshake::from_parts(accepted, stream)
-            .into_stream(Arc::clone(&self.server_config));
+        // Boxed, as is the stream it yields: an idle connection's task then holds pointers,
+        // not the TLS state twice over.
+        let handshake = Box::pin(
+            StartHandshake::from_parts(*accepted, stream)
+                .into_stream(Arc::clone(&self.server_config)),
+        );
         let tls = match tokio::time::timeout(runtime.settings.handshake_timeout, handshake).await {
-            Ok(Ok(tls)) => tls,
+            Ok(Ok(tls)) => Box::new(tls),
             Ok(Err(error)) => {
                 // Typically a client that does not trust the appliance CA.
                 warn!(%server_name, %error, "client TLS handshake failed; does the client trust the appliance CA?");
@@ -326,39 +338,17 @@ impl Proxy {
             pool: Arc::clone(&runtime.pool),
             events: Arc::clone(&self.events),
         });
-        let service = hyper::service::service_fn(move |request| {
-            request::serve(Arc::clone(&context), request)
-        });
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(runtime.settings.header_read_timeout)
-            .max_buf_size(runtime.settings.max_header_bytes.max(8192));
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(
-                u32::try_from(runtime.settings.max_header_bytes).unwrap_or(u32::MAX),
-            )
-            .keep_alive_interval(Some(Duration::from_secs(30)))
-            .keep_alive_timeout(Duration::from_secs(20));
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-        tokio::pin!(connection);
-        let finished = tokio::select! {
-            result = connection.as_mut() => Some(result),
-            () = stop_requested(&mut shutdown) => None,
+        let handler = move |request| request::serve(Arc::clone(&context), request);
+        let settings = HttpSettings {
+            header_read_timeout: runtime.settings.header_read_timeout,
+            max_header_bytes: runtime.settings.max_header_bytes,
         };
-        let result = match finished {
-            Some(result) => result,
-            None => {
-                connection.as_mut().graceful_shutdown();
-                connection.await
-            }
-        };
-        if let Err(error) = result {
-            debug!(%error, "client HTTP connection ended with an error");
-        }
+        let served = connection::serve(tls, settings, handler, &mut shutdown).await;
+        debug!(
+            requests = served.requests,
+            idle_releases = served.idle_releases,
+            "client connection closed"
+        );
     }
 }
 

@@ -10,9 +10,9 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full};
-use hyper::body::Incoming;
 use tracing::{info, warn};
 
+use super::connection::{ClientUpgrade, RequestBody, UpgradedClient};
 use super::headers::{is_websocket_upgrade, request_host, strip_hop_by_hop};
 use super::upstream::{self, GivenBack, PoolKey, Sender, UpstreamError, UpstreamPool};
 use crate::addr::UpstreamAddr;
@@ -146,8 +146,8 @@ fn plain(status: StatusCode, message: &str) -> Response<ProxyBody> {
 /// Serves one request. Never fails: problems become error responses.
 pub async fn serve(
     context: Arc<ConnectionContext>,
-    request: Request<Incoming>,
-) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+    request: Request<RequestBody>,
+) -> Response<ProxyBody> {
     let started = std::time::Instant::now();
     let method = request.method().clone();
     let (response, outcome) = respond(&context, request).await;
@@ -155,12 +155,12 @@ pub async fn serve(
         .request_duration
         .observe(started.elapsed().as_secs_f64());
     context.audit(method, response.status(), outcome);
-    Ok(response)
+    response
 }
 
 async fn respond(
     context: &ConnectionContext,
-    mut request: Request<Incoming>,
+    mut request: Request<RequestBody>,
 ) -> (Response<ProxyBody>, Outcome) {
     // CONNECT would turn the connection into a tunnel the proxy cannot inspect, and TRACE
     // echoes the request, injected credentials included: neither has a place here.
@@ -199,7 +199,11 @@ async fn respond(
     }
     let version = request.version();
     let upgrade = version == Version::HTTP_11 && is_websocket_upgrade(request.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let client_upgrade = if upgrade {
+        request.extensions_mut().remove::<ClientUpgrade>()
+    } else {
+        None
+    };
     let (mut parts, body) = request.into_parts();
     let method = parts.method.clone();
     // Decide on, and forward, one normalized path: what the rules see is what the upstream
@@ -313,7 +317,7 @@ async fn respond(
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             tokio::spawn(splice_upgraded(
-                client_upgrade,
+                client_upgrade.claim(),
                 upstream_upgrade,
                 redactors.clone(),
             ));
@@ -399,10 +403,10 @@ fn normalized_target(uri: &mut Uri) -> Result<String, PathError> {
 
 fn upstream_request(
     mut parts: http::request::Parts,
-    body: Incoming,
+    body: RequestBody,
     sender: &Sender,
     context: &ConnectionContext,
-) -> Result<Request<Incoming>, UpstreamError> {
+) -> Result<Request<RequestBody>, UpstreamError> {
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -453,18 +457,21 @@ fn upstream_failure(error: &UpstreamError) -> Response<ProxyBody> {
 /// Relays an upgraded (WebSocket) connection. When the request carried secrets, the
 /// upstream's frames pass through a [`FrameRedactor`]; the client's go out as they are.
 async fn splice_upgraded(
-    client: hyper::upgrade::OnUpgrade,
+    client: tokio::sync::oneshot::Receiver<UpgradedClient>,
     upstream: hyper::upgrade::OnUpgrade,
     redactors: Vec<Arc<Redactor>>,
 ) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(both) => both,
+    let upstream = match upstream.await {
+        Ok(upstream) => upstream,
         Err(error) => {
             warn!(%error, "protocol upgrade failed");
             return;
         }
     };
-    let mut client = hyper_util::rt::TokioIo::new(client);
+    let Ok(mut client) = client.await else {
+        tracing::debug!("the client connection ended before its upgrade");
+        return;
+    };
     let mut upstream = hyper_util::rt::TokioIo::new(upstream);
     if redactors.is_empty() {
         if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {

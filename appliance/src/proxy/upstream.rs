@@ -15,6 +15,7 @@ use rustls_pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 
+use super::connection::RequestBody;
 use crate::addr::UpstreamAddr;
 use crate::metrics::{self, OpenConnection, METRICS};
 use crate::tls::{UpstreamTls, ALPN_H2};
@@ -106,9 +107,9 @@ pub struct PoolKey {
 /// A ready connection's request handle.
 pub enum Sender {
     /// HTTP/1.1: one request at a time.
-    Http1(http1::SendRequest<Incoming>),
+    Http1(http1::SendRequest<RequestBody>),
     /// HTTP/2: shared by concurrent requests.
-    Http2(http2::SendRequest<Incoming>),
+    Http2(http2::SendRequest<RequestBody>),
 }
 
 impl Sender {
@@ -164,7 +165,9 @@ impl UpstreamPool {
             }
             return Ok(sender);
         }
-        self.connect(key).await
+        // Boxed: the TCP and TLS handshakes' state would otherwise be part of every
+        // request's future, which is allocated and moved for each request.
+        Box::pin(self.connect(key)).await
     }
 
     fn take_idle(&self, key: &PoolKey) -> Option<Sender> {
@@ -193,7 +196,7 @@ impl UpstreamPool {
     }
 
     /// Takes an HTTP/1.1 connection back once the answer it carried was read to its end.
-    fn give_back(&self, key: PoolKey, sender: http1::SendRequest<Incoming>) {
+    fn give_back(&self, key: PoolKey, sender: http1::SendRequest<RequestBody>) {
         let mut idle = self.lock();
         let senders = idle.entry(key).or_default();
         if senders.len() < self.settings.max_idle_per_key {
@@ -295,7 +298,7 @@ fn classify_tls_error(
 /// connection goes with it: hyper cannot reuse a connection with an unread answer.
 pub struct GivenBack {
     body: Incoming,
-    lent: Option<(Arc<UpstreamPool>, PoolKey, http1::SendRequest<Incoming>)>,
+    lent: Option<(Arc<UpstreamPool>, PoolKey, http1::SendRequest<RequestBody>)>,
 }
 
 impl GivenBack {
@@ -304,7 +307,7 @@ impl GivenBack {
         body: Incoming,
         pool: Arc<UpstreamPool>,
         key: PoolKey,
-        sender: http1::SendRequest<Incoming>,
+        sender: http1::SendRequest<RequestBody>,
     ) -> Self {
         let mut given = Self {
             body,
@@ -358,7 +361,7 @@ impl hyper::body::Body for GivenBack {
 /// Sends `request` on `sender`.
 pub async fn send(
     sender: &mut Sender,
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
 ) -> Result<Response<Incoming>, UpstreamError> {
     Ok(match sender {
         Sender::Http1(sender) => sender.send_request(request).await?,
