@@ -99,9 +99,14 @@ impl RequestBody {
 
     fn note_end(&mut self) {
         if self.incoming.is_end_stream() {
-            if let Some(activity) = self.activity.take() {
-                activity.bodies_read.fetch_add(1, Ordering::Release);
-            }
+            self.count_read();
+        }
+    }
+
+    /// Tells the driver, once, that this body was read to its end.
+    fn count_read(&mut self) {
+        if let Some(activity) = self.activity.take() {
+            activity.bodies_read.fetch_add(1, Ordering::Release);
         }
     }
 }
@@ -116,9 +121,7 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let frame = ready!(Pin::new(&mut self.incoming).poll_frame(cx));
         if frame.is_none() {
-            if let Some(activity) = self.activity.take() {
-                activity.bodies_read.fetch_add(1, Ordering::Release);
-            }
+            self.count_read();
         } else {
             self.note_end();
         }
