@@ -53,6 +53,38 @@ pub struct Served {
 pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for T {}
 
+/// Answers one request; any `Fn(Request<RequestBody>) -> impl Future<Output = Response<_>>`
+/// that can be shared across the connection's requests is one.
+pub trait Handler: Clone + Unpin + Send + Sync + 'static {
+    /// The answer's body.
+    type Body: Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Unpin
+        + Send
+        + 'static;
+    /// The answer, once the request has been served.
+    type Answer: Future<Output = Response<Self::Body>> + Send + 'static;
+
+    /// Starts serving `request`.
+    fn handle(&self, request: Request<RequestBody>) -> Self::Answer;
+}
+
+impl<H, F, B> Handler for H
+where
+    H: Fn(Request<RequestBody>) -> F + Clone + Unpin + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Unpin
+        + Send
+        + 'static,
+{
+    type Body = B;
+    type Answer = F;
+
+    fn handle(&self, request: Request<RequestBody>) -> F {
+        self(request)
+    }
+}
+
 /// The stream an upgraded client connection continues on, bytes the client sent after its
 /// request included.
 pub type UpgradedClient = Box<dyn ClientStream>;
@@ -327,19 +359,12 @@ async fn opening<T: AsyncRead + Unpin>(stream: &mut T) -> io::Result<Option<(Byt
 
 /// Serves HTTP on `stream` with `handler` until the client is done, the connection is
 /// idle longer than allowed, or `shutdown` asks it to finish its requests and close.
-pub async fn serve<T, H, F, B>(
+pub async fn serve<T: ClientStream + 'static, H: Handler>(
     mut stream: T,
     settings: HttpSettings,
     handler: H,
     shutdown: &mut watch::Receiver<bool>,
-) -> Served
-where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Fn(Request<RequestBody>) -> F + Clone + Unpin + Send + Sync + 'static,
-    F: Future<Output = Response<B>> + Send + 'static,
-    B: Body<Data = Bytes> + Unpin + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) -> Served {
     let opened = tokio::select! {
         opened = tokio::time::timeout(settings.header_read_timeout, opening(&mut stream)) => opened,
         () = stop_requested(shutdown) => return Served::default(),
@@ -370,20 +395,14 @@ where
     }
 }
 
-async fn serve_http2<T, H, F, B>(
+async fn serve_http2<T: ClientStream + 'static, H: Handler>(
     stream: Rewind<T>,
     settings: HttpSettings,
     handler: H,
     shutdown: &mut watch::Receiver<bool>,
-) where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Fn(Request<RequestBody>) -> F + Clone + Unpin + Send + Sync + 'static,
-    F: Future<Output = Response<B>> + Send + 'static,
-    B: Body<Data = Bytes> + Unpin + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) {
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let answer = handler(request.map(RequestBody::untracked));
+        let answer = handler.handle(request.map(RequestBody::untracked));
         async move { Ok::<_, Infallible>(answer.await) }
     });
     let mut builder = http2::Builder::new(TokioExecutor::new());
@@ -410,20 +429,13 @@ async fn serve_http2<T, H, F, B>(
     }
 }
 
-async fn serve_http1<T, H, F, B>(
+async fn serve_http1<T: ClientStream + 'static, H: Handler>(
     stream: T,
     mut prefix: Bytes,
     settings: HttpSettings,
     handler: H,
     shutdown: &mut watch::Receiver<bool>,
-) -> Served
-where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Fn(Request<RequestBody>) -> F + Clone + Unpin + Send + Sync + 'static,
-    F: Future<Output = Response<B>> + Send + 'static,
-    B: Body<Data = Bytes> + Unpin + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) -> Served {
     let activity = Arc::new(Activity::default());
     let service = {
         let activity = Arc::clone(&activity);
@@ -434,7 +446,7 @@ where
                 .extensions
                 .insert(ClientUpgrade(Arc::clone(&activity)));
             let request = Request::from_parts(parts, RequestBody::tracked(body, &activity));
-            let answer = handler(request);
+            let answer = handler.handle(request);
             let activity = Arc::clone(&activity);
             async move { Ok::<_, Infallible>(answer.await.map(|body| Answered { body, activity })) }
         })
