@@ -20,7 +20,6 @@ use rustls::ServerConfig;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio_rustls::StartHandshake;
 use tracing::{debug, info, warn};
 
 use crate::addr::UpstreamAddr;
@@ -220,8 +219,8 @@ impl Proxy {
         };
         match (accepted, server_name) {
             (Some(accepted), Some(name)) if self.injector.intercepts(&name, agent.as_deref()) => {
-                // Only a replay needs them, and this connection may stay open for hours.
-                drop(seen);
+                // The handshake starts over from the bytes received, on a connection of our own.
+                drop(accepted);
                 // Debug: one line per connection is the journal's load at handshake rates;
                 // the audit log has every request with its connection's facts.
                 debug!(event = "intercepted", server_name = %name, "terminating TLS");
@@ -235,7 +234,7 @@ impl Proxy {
                     netns_cookie: redirect.netns_cookie,
                     container: redirect.container,
                 };
-                self.intercept(&runtime, stream, accepted, connection, shutdown)
+                self.intercept(&runtime, stream, seen, connection, shutdown)
                     .await;
             }
             (_, name) => match runtime.settings.unintercepted {
@@ -293,8 +292,8 @@ impl Proxy {
         &self,
         runtime: &Runtime,
         stream: TcpStream,
-        // Boxed: an async fn keeps its arguments for its whole life.
-        accepted: Box<Accepted>,
+        // Taken by the TLS stream, which frees it once the handshake has consumed it.
+        received: Vec<u8>,
         connection: Connection,
         mut shutdown: watch::Receiver<bool>,
     ) {
@@ -308,10 +307,11 @@ impl Proxy {
         } = connection;
         // Boxed, as is the stream it yields: an idle connection's task then holds pointers,
         // not the TLS state twice over.
-        let handshake = Box::pin(
-            StartHandshake::from_parts(*accepted, stream)
-                .into_stream(Arc::clone(&self.server_config)),
-        );
+        let handshake = Box::pin(crate::tls::stream::accept(
+            stream,
+            Arc::clone(&self.server_config),
+            received,
+        ));
         let tls = match tokio::time::timeout(runtime.settings.handshake_timeout, handshake).await {
             Ok(Ok(tls)) => Box::new(tls),
             Ok(Err(error)) => {

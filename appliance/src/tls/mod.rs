@@ -2,6 +2,7 @@
 
 pub mod ca;
 pub mod leaf;
+pub mod stream;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
