@@ -1,9 +1,9 @@
 //! The server side of an intercepted client connection's TLS, on rustls' unbuffered API.
 //!
 //! rustls' buffered connection keeps a 4 KiB record buffer for the connection's whole life,
-//! empty or not; agents keep many kept-alive connections idle. Here every buffer (records
-//! received, records to send, plaintext not yet read) is freed as soon as it is empty, and a
-//! read that finds nothing waiting allocates nothing: an idle connection holds rustls'
+//! empty or not; agents keep many kept-alive connections idle. Here the buffers (records
+//! received, records to send, plaintext not yet read) are freed whenever a read finds
+//! nothing waiting, and such a read allocates nothing: an idle connection holds rustls'
 //! session state and the socket, no buffer.
 
 use std::io;
@@ -167,6 +167,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerTls<IO> {
     /// close_notify, for `Some(&[])` once closing) once the handshake allows it.
     fn advance(&mut self, write: Option<Write<'_>>) -> io::Result<Reached> {
         let mut write = write;
+        // Records already sent make room before more are queued: a socket that always takes
+        // part of them would otherwise let the buffer grow without end.
+        if self.sent > 0 {
+            self.outgoing.drain(..self.sent);
+            self.sent = 0;
+        }
         loop {
             let status = self.connection.process_tls_records(&mut self.incoming);
             let mut discard = status.discard;
@@ -267,8 +273,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerTls<IO> {
             return;
         }
         if discard >= self.incoming.len() {
-            // Empty: give the memory back rather than keep it for the next record.
-            self.incoming = Vec::new();
+            self.incoming.clear();
         } else {
             self.incoming.drain(..discard);
         }
@@ -284,10 +289,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerTls<IO> {
             }
             self.sent += written;
         }
-        if !self.outgoing.is_empty() {
-            self.outgoing = Vec::new();
-            self.sent = 0;
-        }
+        self.outgoing.clear();
+        self.sent = 0;
         Poll::Ready(Ok(()))
     }
 
@@ -321,10 +324,26 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerTls<IO> {
         buf.put_slice(&waiting[..taken]);
         self.read += taken;
         if self.read == self.plaintext.len() {
-            self.plaintext = Vec::new();
+            self.plaintext.clear();
             self.read = 0;
         }
         true
+    }
+
+    /// Gives back the memory of every empty buffer. Called when a read finds nothing: a
+    /// busy connection keeps reusing its buffers, an idle one holds none.
+    fn release_empty_buffers(&mut self) {
+        if self.incoming.is_empty() {
+            self.incoming = Vec::new();
+        }
+        if self.sent == self.outgoing.len() {
+            self.outgoing = Vec::new();
+            self.sent = 0;
+        }
+        if self.read == self.plaintext.len() {
+            self.plaintext = Vec::new();
+            self.read = 0;
+        }
     }
 }
 
@@ -356,7 +375,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for ServerTls<IO> {
             if this.take_plaintext(buf) || this.read_closed {
                 return Poll::Ready(Ok(()));
             }
-            if !ready!(this.poll_receive(cx))? {
+            let received = match this.poll_receive(cx) {
+                Poll::Ready(received) => received?,
+                Poll::Pending => {
+                    this.release_empty_buffers();
+                    return Poll::Pending;
+                }
+            };
+            if !received {
                 if !this.incoming.is_empty() {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -512,6 +538,36 @@ mod tests {
         echo.await.unwrap();
         assert_eq!(received.len(), sent.len());
         assert!(received == sent);
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_holds_the_writer_to_bounded_memory() {
+        let fixture = Fixture::new("slow");
+        // The pipe takes 4 KiB at a time: every send of queued records is partial.
+        let (mut client, mut server) = fixture.pair(4096).await;
+        let reading = tokio::spawn(async move {
+            let mut total = 0;
+            let mut buffer = vec![0u8; 1000];
+            loop {
+                let read = client.read(&mut buffer).await.unwrap();
+                if read == 0 {
+                    return total;
+                }
+                total += read;
+            }
+        });
+        let chunk = vec![7u8; 64 * 1024];
+        let mut largest = 0;
+        for _ in 0..64 {
+            server.write_all(&chunk).await.unwrap();
+            largest = largest.max(server.outgoing.capacity());
+        }
+        server.shutdown().await.unwrap();
+        assert_eq!(reading.await.unwrap(), 64 * chunk.len());
+        assert!(
+            largest <= 2 * (MAX_UNSENT + MAX_WRITE),
+            "{largest} bytes queued"
+        );
     }
 
     #[tokio::test]
