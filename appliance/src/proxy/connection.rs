@@ -11,6 +11,7 @@
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,7 +25,7 @@ use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::sync::{oneshot, watch};
 use tracing::debug;
 
@@ -333,8 +334,16 @@ const FIRST_READ: usize = 1024;
 
 /// Reads the first bytes of the next request; empty at the end of the stream.
 async fn first_bytes<T: AsyncRead + Unpin>(stream: &mut T, into: &mut BytesMut) -> io::Result<()> {
-    into.reserve(FIRST_READ);
-    stream.read_buf(into).await.map(drop)
+    poll_fn(|cx| {
+        // On the stack of one poll, then copied: a buffer reserved before the read would be
+        // held by every idle connection for as long as it waits.
+        let mut chunk = [MaybeUninit::<u8>::uninit(); FIRST_READ];
+        let mut chunk = ReadBuf::uninit(&mut chunk);
+        ready!(Pin::new(&mut *stream).poll_read(cx, &mut chunk))?;
+        into.extend_from_slice(chunk.filled());
+        Poll::Ready(Ok(()))
+    })
+    .await
 }
 
 /// Reads until the bytes either are the HTTP/2 preface or cannot be; returns them and
@@ -575,7 +584,7 @@ async fn serve_http1<T: ClientStream + 'static, H: Handler>(
 mod tests {
     use super::*;
     use http_body_util::{BodyExt as _, Full};
-    use tokio::io::{duplex, DuplexStream};
+    use tokio::io::{duplex, AsyncReadExt as _, DuplexStream};
 
     const SETTINGS: HttpSettings = HttpSettings {
         header_read_timeout: Duration::from_secs(5),
