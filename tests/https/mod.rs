@@ -389,18 +389,30 @@ async fn service(
                 .insert("content-encoding", coding.parse().unwrap());
             response
         }
-        // Everything else echoes what arrived.
-        _ => Response::new(full(
-            json!({
-                "server_name": server_name,
-                "method": request.method().as_str(),
-                "target": target,
-                "headers": headers,
-                "authorization": headers.get("authorization"),
-                "version": format!("{:?}", request.version()),
-            })
-            .to_string(),
-        )),
+        // Everything else echoes what arrived, once all of it has: a server that answers
+        // before the request body is in cannot keep the connection, and whether the body
+        // beats the answer would be a race.
+        _ => {
+            let method = request.method().as_str().to_owned();
+            let version = format!("{:?}", request.version());
+            let body_length = request
+                .into_body()
+                .collect()
+                .await
+                .map_or(0, |body| body.to_bytes().len());
+            Response::new(full(
+                json!({
+                    "server_name": server_name,
+                    "method": method,
+                    "target": target,
+                    "headers": headers,
+                    "authorization": headers.get("authorization"),
+                    "version": version,
+                    "body_length": body_length,
+                })
+                .to_string(),
+            ))
+        }
     };
     Ok(response)
 }
