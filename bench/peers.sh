@@ -260,7 +260,7 @@ printf "\n%s rounds of 3 s, keep-alive: pass-through / direct median %s (%s–%s
 
 read -r before after < <(idle_conns appliance 10000)
 printf "appliance: started in %s ms; RSS fresh %s KiB, %s KiB with 10,000 idle intercepted connections (%s KiB each)\n" \
-  "$START_MS" "$FRESH_RSS" "$after" $(((after - before) / 10000))
+  "$START_MS" "$FRESH_RSS" "$after" "$(awk -v a="$after" -v b="$before" 'BEGIN{printf "%.1f", (a - b) / 10000}')"
 printf "idle RSS: nginx %s KiB (master + worker), HAProxy %s KiB\n" "$NGX_IDLE" "$HAP_IDLE"
 printf "machine: %s, %s CPUs, Linux %s, %s\n" "$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)" \
   "$(nproc)" "$(uname -r)" "$(date -u +%F)"
