@@ -19,7 +19,8 @@
 # figure, default 6), PEERS_ROUNDS (default 5), PEERS_PERF=<prefix> to `perf record` each
 # proxy during its keep-alive and handshake figures (into <prefix>.<path>[.handshakes]; build with frame pointers and set
 # PEERS_APPLIANCE=<binary> for call graphs), PEERS_PATHS="appliance nginx" to measure only some
-# paths (the table alone: rounds and the 10,000 connections need every path).
+# paths (the table alone: rounds and the 10,000 connections need every path), PEERS_IDLE_ONLY=1
+# for the 10,000 idle connections alone, on a daemon that served no load before them.
 #
 # Names resolve through a private /etc/hosts in a mount namespace of this script's own: the
 # host's file is never touched.
@@ -201,10 +202,13 @@ PY
 }
 
 declare -A KA P50
-printf "\n| path | keep-alive r/s | p99 c=32 | p50 c=1 | p99 c=1 | added p50 | CPU µs/req | full handshakes/s | KiB/idle conn |\n"
-printf "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
 ALL_PATHS="direct nginx haproxy appliance pass-through"
 PATHS=${PEERS_PATHS:-$ALL_PATHS}
+[ -n "${PEERS_IDLE_ONLY:-}" ] && PATHS=""
+if [ -n "$PATHS" ]; then
+  printf "\n| path | keep-alive r/s | p99 c=32 | p50 c=1 | p99 c=1 | added p50 | CPU µs/req | full handshakes/s | KiB/idle conn |\n"
+  printf "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+fi
 for p in $PATHS; do
   pid=$(pid_of $p)
   c0=0; [ -n "$pid" ] && c0=$(ticks "$pid")
@@ -252,11 +256,13 @@ ratio_rounds() { # a b -> "median min max" of b/a keep-alive
   done
   printf "%s\n" "${ratios[@]}" | sort -n | awk '{v[NR]=$1} END{printf "%s %s %s", v[int((NR+1)/2)], v[1], v[NR]}'
 }
-[ "$PATHS" = "$ALL_PATHS" ] || exit 0
-read -r pt_med pt_min pt_max < <(ratio_rounds direct pass-through)
-read -r ap_med ap_min ap_max < <(ratio_rounds nginx appliance)
-printf "\n%s rounds of 3 s, keep-alive: pass-through / direct median %s (%s–%s); appliance / nginx median %s (%s–%s)\n" \
-  "$ROUNDS" "$pt_med" "$pt_min" "$pt_max" "$ap_med" "$ap_min" "$ap_max"
+if [ -z "${PEERS_IDLE_ONLY:-}" ]; then
+  [ "$PATHS" = "$ALL_PATHS" ] || exit 0
+  read -r pt_med pt_min pt_max < <(ratio_rounds direct pass-through)
+  read -r ap_med ap_min ap_max < <(ratio_rounds nginx appliance)
+  printf "\n%s rounds of 3 s, keep-alive: pass-through / direct median %s (%s–%s); appliance / nginx median %s (%s–%s)\n" \
+    "$ROUNDS" "$pt_med" "$pt_min" "$pt_max" "$ap_med" "$ap_min" "$ap_max"
+fi
 
 read -r before after < <(idle_conns appliance 10000)
 printf "appliance: started in %s ms; RSS fresh %s KiB, %s KiB with 10,000 idle intercepted connections (%s KiB each)\n" \
