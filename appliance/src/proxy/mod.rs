@@ -226,15 +226,20 @@ impl Proxy {
                 debug!(event = "intercepted", server_name = %name, "terminating TLS");
                 metrics::count(&METRICS.connections, &["intercepted"]);
                 let _open = OpenConnection::of("intercepted");
-                let connection = Connection {
-                    server_name: name,
+                // Built before the handshake, so that the connection's facts live once, here,
+                // and not also in every state of the task that serves it.
+                let context = Arc::new(ConnectionContext {
+                    agent,
+                    server_name: Arc::from(name),
                     upstream,
                     workload,
-                    agent,
                     netns_cookie: redirect.netns_cookie,
                     container: redirect.container,
-                };
-                self.intercept(&runtime, stream, seen, connection, shutdown)
+                    injector: Arc::clone(&self.injector),
+                    pool: Arc::clone(&runtime.pool),
+                    events: Arc::clone(&self.events),
+                });
+                self.intercept(&runtime, stream, seen, context, shutdown)
                     .await;
             }
             (_, name) => match runtime.settings.unintercepted {
@@ -251,16 +256,6 @@ impl Proxy {
             },
         }
     }
-}
-
-/// Where an intercepted connection goes, and whose it is.
-struct Connection {
-    server_name: String,
-    upstream: UpstreamAddr,
-    workload: Workload,
-    agent: Option<Arc<str>>,
-    netns_cookie: u64,
-    container: Option<Arc<str>>,
 }
 
 async fn pass_through(
@@ -294,17 +289,10 @@ impl Proxy {
         stream: TcpStream,
         // Taken by the TLS stream, which frees it once the handshake has consumed it.
         received: Vec<u8>,
-        connection: Connection,
+        context: Arc<ConnectionContext>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let Connection {
-            server_name,
-            upstream,
-            workload,
-            agent,
-            netns_cookie,
-            container,
-        } = connection;
+        let server_name = &context.server_name;
         // Boxed, as is the stream it yields: an idle connection's task then holds pointers,
         // not the TLS state twice over.
         let handshake = Box::pin(crate::tls::stream::accept(
@@ -327,17 +315,6 @@ impl Proxy {
                 return;
             }
         };
-        let context = Arc::new(ConnectionContext {
-            agent,
-            server_name: Arc::from(server_name),
-            upstream,
-            workload,
-            netns_cookie,
-            container,
-            injector: Arc::clone(&self.injector),
-            pool: Arc::clone(&runtime.pool),
-            events: Arc::clone(&self.events),
-        });
         let handler = move |request| request::serve(Arc::clone(&context), request);
         let settings = HttpSettings {
             header_read_timeout: runtime.settings.header_read_timeout,
