@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
-use rustls::unbuffered::{ConnectionState, EncryptError, InsufficientSizeError, WriteTraffic};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, WriteTraffic,
+};
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -111,12 +113,12 @@ fn room(buffer: &mut Vec<u8>, needed: usize) -> &mut [u8] {
 }
 
 /// Appends what `write` puts into a slice of the size it asks for.
-fn append_sized<E>(
+fn append_sized<E: std::error::Error + Send + Sync + 'static>(
     buffer: &mut Vec<u8>,
     mut estimate: usize,
     mut write: impl FnMut(&mut [u8]) -> Result<usize, E>,
     required: impl Fn(&E) -> Option<usize>,
-) -> Result<(), E> {
+) -> io::Result<()> {
     loop {
         let start = buffer.len();
         let result = write(room(buffer, estimate));
@@ -129,7 +131,7 @@ fn append_sized<E>(
                 buffer.truncate(start);
                 match required(&error) {
                     Some(size) if size > estimate => estimate = size,
-                    _ => return Err(error),
+                    _ => return Err(io::Error::other(error)),
                 }
             }
         }
@@ -149,7 +151,6 @@ fn encrypt_into(
         |into| traffic.encrypt(plaintext, into),
         encrypt_required,
     )
-    .map_err(|error| io::Error::other(error.to_string()))
 }
 
 fn encrypt_required(error: &EncryptError) -> Option<usize> {
@@ -161,10 +162,19 @@ fn encrypt_required(error: &EncryptError) -> Option<usize> {
     }
 }
 
+fn encode_required(error: &EncodeError) -> Option<usize> {
+    match error {
+        EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => {
+            Some(*required_size)
+        }
+        _ => None,
+    }
+}
+
 impl<IO: AsyncRead + AsyncWrite + Unpin> ServerTls<IO> {
     /// Processes every complete record received: plaintext is kept for reading, handshake
-    /// and alert records to send are queued. With `write`, encrypts that plaintext (or a
-    /// close_notify, for `Some(&[])` once closing) once the handshake allows it.
+    /// and alert records to send are queued. With `write`, encrypts that plaintext or a
+    /// close_notify once the handshake allows it.
     fn advance(&mut self, write: Option<Write<'_>>) -> io::Result<Reached> {
         let mut write = write;
         // Records already sent make room before more are queued: a socket that always takes
@@ -194,14 +204,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerTls<IO> {
                         &mut self.outgoing,
                         1024,
                         |into| encode.encode(into),
-                        |error| match error {
-                            rustls::unbuffered::EncodeError::InsufficientSize(size) => {
-                                Some(size.required_size)
-                            }
-                            _ => None,
-                        },
-                    )
-                    .map_err(|error| io::Error::other(error.to_string()))?;
+                        encode_required,
+                    )?;
                     None
                 }
                 // Queued in order behind everything queued before; sent with it.
@@ -225,8 +229,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerTls<IO> {
                             64,
                             |into| traffic.queue_close_notify(into),
                             encrypt_required,
-                        )
-                        .map_err(|error| io::Error::other(error.to_string()))?,
+                        )?,
                         None => {}
                     }
                     Some(Reached::Traffic)
@@ -264,7 +267,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerTls<IO> {
     fn queue_alert(&mut self) {
         let status = self.connection.process_tls_records(&mut []);
         if let Ok(ConnectionState::EncodeTlsData(mut encode)) = status.state {
-            let _ = append_sized(&mut self.outgoing, 64, |into| encode.encode(into), |_| None);
+            let _ = append_sized(
+                &mut self.outgoing,
+                64,
+                |into| encode.encode(into),
+                encode_required,
+            );
         }
     }
 
