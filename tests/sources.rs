@@ -344,8 +344,16 @@ fn values_from_1password_a_file_and_a_command_are_injected_and_follow_their_sour
         body.contains("503") && body.contains("sync with 1Password.com failed"),
         "{body}"
     );
-    let before = setup.upstream.seen.requests().len();
-    let (status, body) = call(&setup, "api.anthropic.com");
+    // The file's value was fetched at its own time, so its window may end a little later.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (status, body, before) = loop {
+        let before = setup.upstream.seen.requests().len();
+        let (status, body) = call(&setup, "api.anthropic.com");
+        if status != "200" || Instant::now() > deadline {
+            break (status, body, before);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
     assert_eq!(status, "502", "{body}");
     assert!(
         body.contains("secret anthropic") && body.contains(&key_path),
