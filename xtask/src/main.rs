@@ -25,8 +25,6 @@ const FUZZ_TARGETS: &[&str] = &[
     "request_head",
     "websocket_frames",
 ];
-/// How long `cargo xtask test` runs each fuzz target.
-const FUZZ_SECONDS_IN_TESTS: u64 = 5;
 
 /// A program that a test, the demo, the bench or an operator runs, and the Debian package
 /// that ships it. `cargo xtask setup` installs the package of every command it cannot find,
@@ -127,11 +125,15 @@ enum Task {
     /// (needs root).
     Test,
     /// Run the fuzz targets (cargo-fuzz, libFuzzer with AddressSanitizer), each for a while;
-    /// what they find is written to fuzz/artifacts/<target>.
+    /// a crash is minimized, and the command that adds it to the regression inputs
+    /// (fuzz/seeds/<target>) is printed.
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 300)]
         seconds: u64,
+        /// Only replay every regression input once, exactly as `cargo xtask test` does.
+        #[arg(long, conflicts_with = "seconds")]
+        ci: bool,
         /// Targets to run (all when none): secret_definition, config, request_path,
         /// redactor, request_head, websocket_frames.
         targets: Vec<String>,
@@ -209,14 +211,22 @@ fn main() -> anyhow::Result<()> {
             require_root("the demo (it attaches eBPF programs)")?;
             demo()
         }
-        Task::Fuzz { seconds, targets } => {
+        Task::Fuzz {
+            seconds,
+            ci,
+            targets,
+        } => {
             setup()?;
             let targets: Vec<&str> = if targets.is_empty() {
                 FUZZ_TARGETS.to_vec()
             } else {
                 targets.iter().map(String::as_str).collect()
             };
-            fuzz(&targets, seconds, Build::Optimized)
+            if ci {
+                replay_fuzz_inputs(&targets)
+            } else {
+                fuzz(&targets, seconds)
+            }
         }
         Task::Bench { peers: true } => {
             setup()?;
@@ -354,41 +364,142 @@ fn install_cargo_fuzz() -> anyhow::Result<()> {
 enum Build {
     /// Optimized: slow to build (12 minutes on 2 cores), fast to run; for long runs.
     Optimized,
-    /// Unoptimized: quicker to build; for the few seconds `cargo xtask test` gives them.
+    /// Unoptimized: quicker to build; for replaying the regression inputs.
     Quick,
 }
 
-/// Builds the fuzz targets, then runs each for `seconds`, starting from the seeds in
-/// fuzz/seeds/<target> and the corpus earlier runs grew in fuzz/corpus/<target>.
-fn fuzz(targets: &[&str], seconds: u64, build: Build) -> anyhow::Result<()> {
-    let root = workspace_root();
-    let nightly_cargo = |verb: &str| {
-        // `cargo +nightly` goes through rustup's proxy, not the cargo running xtask.
-        let mut command = Command::new("cargo");
-        command.current_dir(&root).args(["+nightly", "fuzz", verb]);
-        if build == Build::Quick {
-            command.arg("--dev");
-        }
-        command
-    };
-    step("building the fuzz targets (nightly, AddressSanitizer)");
-    run(&mut nightly_cargo("build"))?;
+/// `cargo +nightly fuzz VERB` in the workspace, for `build`.
+fn cargo_fuzz(verb: &str, build: Build) -> Command {
+    // `cargo +nightly` goes through rustup's proxy, not the cargo running xtask.
+    let mut command = Command::new("cargo");
+    command
+        .current_dir(workspace_root())
+        .args(["+nightly", "fuzz", verb]);
+    if build == Build::Quick {
+        command.arg("--dev");
+    }
+    command
+}
+
+fn check_fuzz_targets(targets: &[&str]) -> anyhow::Result<()> {
+    match targets.iter().find(|target| !FUZZ_TARGETS.contains(target)) {
+        Some(target) => bail!("no fuzz target {target:?}; the targets are {FUZZ_TARGETS:?}"),
+        None => Ok(()),
+    }
+}
+
+/// The fuzz step of `cargo xtask test` (and `cargo xtask fuzz --ci`): every committed input
+/// in fuzz/seeds/<target> runs once (`-runs=0`: libFuzzer executes the corpus it is given,
+/// then stops before mutating anything). Nothing random and no earlier run's corpus takes
+/// part, so the same tree always gives the same answer. Exploring is `cargo xtask fuzz`'s.
+fn replay_fuzz_inputs(targets: &[&str]) -> anyhow::Result<()> {
+    check_fuzz_targets(targets)?;
+    step("building the fuzz targets (nightly, AddressSanitizer, unoptimized)");
+    run(&mut cargo_fuzz("build", Build::Quick))?;
     for target in targets {
-        if !FUZZ_TARGETS.contains(target) {
-            bail!("no fuzz target {target:?}; the targets are {FUZZ_TARGETS:?}");
-        }
+        let seeds = workspace_root().join("fuzz/seeds").join(target);
+        step(&format!(
+            "replaying the regression inputs of {target} ({})",
+            seeds.display()
+        ));
+        run(cargo_fuzz("run", Build::Quick)
+            .arg(target)
+            .arg(&seeds)
+            .args(["--", "-runs=0"]))?;
+    }
+    Ok(())
+}
+
+/// Builds the fuzz targets optimized, then runs each for `seconds`, starting from the seeds
+/// in fuzz/seeds/<target> and the corpus earlier runs grew in fuzz/corpus/<target>. A target
+/// that crashes does not stop the others: its crash is minimized and reported at the end,
+/// with the command that makes it a regression input.
+fn fuzz(targets: &[&str], seconds: u64) -> anyhow::Result<()> {
+    check_fuzz_targets(targets)?;
+    let root = workspace_root();
+    step("building the fuzz targets (nightly, AddressSanitizer, optimized)");
+    run(&mut cargo_fuzz("build", Build::Optimized))?;
+    let mut findings = Vec::new();
+    for target in targets {
         step(&format!("fuzzing {target} for {seconds} s"));
         let corpus = root.join("fuzz/corpus").join(target);
         std::fs::create_dir_all(&corpus)
             .with_context(|| format!("creating {}", corpus.display()))?;
-        run(nightly_cargo("run")
+        let artifacts = root.join("fuzz/artifacts").join(target);
+        let before = newest_file(&artifacts, |_| true);
+        let status = cargo_fuzz("run", Build::Optimized)
             .arg(target)
             .arg(&corpus)
             .arg(root.join("fuzz/seeds").join(target))
             .arg("--")
-            .arg(format!("-max_total_time={seconds}")))?;
+            .arg(format!("-max_total_time={seconds}"))
+            .status()
+            .context("starting cargo fuzz run")?;
+        if status.success() {
+            continue;
+        }
+        let crash = newest_file(&artifacts, |name| !name.starts_with("minimized-"))
+            .filter(|crash| Some(crash) != before.as_ref())
+            .with_context(|| {
+                format!(
+                    "fuzzing {target} failed with {status} and left no new input in {}",
+                    artifacts.display()
+                )
+            })?;
+        findings.push(minimize_finding(target, &crash)?);
     }
-    Ok(())
+    if findings.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "the fuzz targets found {} fault(s); fix each, then keep its input as a regression input (cargo xtask test replays them):\n{}",
+        findings.len(),
+        findings.join("\n")
+    )
+}
+
+/// Minimizes a crash with `cargo fuzz tmin` and returns the line that reports it: where the
+/// input is and the command that adds it to the target's regression inputs.
+fn minimize_finding(target: &str, crash: &Path) -> anyhow::Result<String> {
+    step(&format!("minimizing {}", crash.display()));
+    let artifacts = crash.parent().context("an artifact lies in a directory")?;
+    // tmin's own status only says whether the input still crashes; either way the smallest
+    // input it reached (or the crash itself) is what to keep.
+    let _ = cargo_fuzz("tmin", Build::Optimized)
+        .arg(target)
+        .arg(crash)
+        .args(["--runs", "10000"])
+        .status();
+    let crash_name = crash
+        .file_name()
+        .and_then(OsStr::to_str)
+        .context("artifact names are text")?;
+    let minimized = newest_file(artifacts, |name| name.starts_with("minimized-from-"))
+        .filter(|path| path.metadata().is_ok_and(|meta| meta.len() > 0))
+        .unwrap_or_else(|| crash.to_path_buf());
+    let date = output_of("date", &["+%F"]).unwrap_or_default();
+    let seed = workspace_root()
+        .join("fuzz/seeds")
+        .join(target)
+        .join(format!("found-{}-{crash_name}", date.trim()));
+    Ok(format!(
+        "  {target}: {} (minimized from {}); add it with: cp {} {}",
+        minimized.display(),
+        crash.display(),
+        minimized.display(),
+        seed.display()
+    ))
+}
+
+/// The most recently modified file in `dir` whose name passes `wanted`.
+fn newest_file(dir: &Path, wanted: impl Fn(&str) -> bool) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_name().to_str().is_some_and(&wanted))
+        .filter_map(|entry| Some((entry.metadata().ok()?.modified().ok()?, entry.path())))
+        .max()
+        .map(|(_, path)| path)
 }
 
 fn install_bpf_linker() -> anyhow::Result<()> {
@@ -596,8 +707,8 @@ fn test() -> anyhow::Result<()> {
             leaked.join("; ")
         );
     }
-    step("running every fuzz target briefly (cargo xtask fuzz runs them longer)");
-    fuzz(FUZZ_TARGETS, FUZZ_SECONDS_IN_TESTS, Build::Quick)?;
+    step("replaying every fuzz target's regression inputs (cargo xtask fuzz explores)");
+    replay_fuzz_inputs(FUZZ_TARGETS)?;
     println!("tests: {passed} passed, {failed} failed");
     Ok(())
 }
