@@ -192,8 +192,11 @@ impl Redactor {
         forms.retain(|form| form.len() >= MIN_FORM_BYTES);
         forms.sort();
         forms.dedup();
+        // Every occurrence, overlapping ones included: a value whose end repeats its start
+        // (`ab12345ab`) can sit twice in `ab12345ab12345ab`, and masking only the leftmost
+        // would leave the second one's tail readable.
         let finder = AhoCorasickBuilder::new()
-            .match_kind(MatchKind::LeftmostLongest)
+            .match_kind(MatchKind::Standard)
             // Built for every secret at each reload: a quick build matters more than the
             // last bit of search speed.
             .kind(Some(AhoCorasickKind::ContiguousNFA))
@@ -213,14 +216,14 @@ impl Redactor {
     pub fn mask(&self, data: &mut [u8]) -> bool {
         let mut ranges: Vec<std::ops::Range<usize>> = self
             .finder
-            .find_iter(&*data)
+            .find_overlapping_iter(&*data)
             .map(|found| found.range())
             .collect();
         if has_escapes(data) {
             let canonical = Canonical::new(data);
             ranges.extend(
                 self.finder
-                    .find_iter(&canonical.bytes)
+                    .find_overlapping_iter(&canonical.bytes)
                     .map(|found| canonical.original(found.range())),
             );
         }
@@ -538,6 +541,13 @@ mod tests {
     /// Every byte as a JSON `\u00XX` escape.
     fn json_unicode_all(value: &[u8]) -> String {
         value.iter().map(|byte| format!("\\u{byte:04x}")).collect()
+    }
+
+    #[tokio::test]
+    async fn overlapping_occurrences_are_masked_whole() {
+        let value = "ab12345ab";
+        let (_, whole) = redact_chunks(vec![redactor(value)], &["ab12345ab12345ab."]).await;
+        assert_eq!(whole, format!("{}.", "*".repeat(16)));
     }
 
     #[tokio::test]
