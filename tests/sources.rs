@@ -509,5 +509,30 @@ fn sources_that_cannot_give_a_usable_value_are_refused_at_creation() {
         setup.last_request("api.openai.com").headers["authorization"],
         "Bearer sk-credential-0123456789"
     );
+
+    // A definition file that names where the value lives is enough on its own.
+    let definition = dir.join("anthropic.json");
+    std::fs::write(
+        &definition,
+        r#"{"type": "anthropic", "valueCredential": "openai-key"}"#,
+    )
+    .unwrap();
+    assert_ok(&cli(
+        daemon,
+        &[
+            "secret",
+            "create",
+            "anthropic",
+            "--definition",
+            &definition.display().to_string(),
+        ],
+        None,
+    ));
+    let (status, _) = call(&setup, "api.anthropic.com");
+    assert_eq!(status, "200");
+    assert_eq!(
+        setup.last_request("api.anthropic.com").headers["x-api-key"],
+        "sk-credential-0123456789"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -95,8 +95,9 @@ pub struct SecretFields {
     /// Bind the secret to an agent.
     #[arg(long)]
     agent: Option<String>,
-    /// A JSON file with the full definition (path templates, regexes, several rules); the
-    /// flags above override its fields.
+    /// A JSON file with the full definition (path templates, regexes, several rules, and
+    /// where the value lives: opRef, valueFile, valueCommand, valueCredential); the flags
+    /// above override its fields.
     #[arg(long)]
     definition: Option<PathBuf>,
     #[command(flatten)]
@@ -286,7 +287,9 @@ pub async fn run(client: &Client, output: Output, command: SecretCommand) -> Res
         SecretCommand::Create { name, fields } => {
             let mut definition = definition(&fields)?;
             definition.name = Some(name);
-            let from_source = fields.value.apply(&mut definition);
+            // The flags or the definition file may say where the value lives.
+            let from_source =
+                fields.value.apply(&mut definition) || definition.names_external_source();
             let value = read_value(&fields.value)?;
             if value.is_none() && !from_source {
                 return Err(local("the value is required: pass --value-stdin (and pipe it in) or --value-file FILE, or leave it where it lives with --op-ref, --value-file-ref, --value-command or --value-credential"));

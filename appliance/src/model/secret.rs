@@ -395,6 +395,20 @@ pub struct SecretInput {
     pub agent: Option<String>,
 }
 
+impl SecretInput {
+    /// Whether the input leaves the value where it lives (1Password, a file, a command, a
+    /// credential), so that it carries no value of its own.
+    pub fn names_external_source(&self) -> bool {
+        self.op_ref.is_some()
+            || self.value_file.is_some()
+            || self.value_command.is_some()
+            || self.value_credential.is_some()
+            || self
+                .value_source
+                .is_some_and(|kind| kind != SourceKind::Inline)
+    }
+}
+
 fn value_format(field: &str, text: Option<&str>) -> Result<ValueFormat, ValidationError> {
     match text {
         Some(format) => ValueFormat::parse(field, format),
