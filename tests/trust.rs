@@ -78,11 +78,13 @@ struct Sandbox<'a> {
     setup: &'a Setup,
     hosts: PathBuf,
     home: PathBuf,
+    /// Trust variables the caller's environment sets (none for a new user).
+    preset: Vec<(&'static str, &'static str)>,
 }
 
 impl Sandbox<'_> {
     /// `program args` under `appliance exec` (trusting the CA unless `no_trust`), in its own
-    /// mount namespace with the private /etc/hosts, and none of the trust variables.
+    /// mount namespace with the private /etc/hosts, and only the preset trust variables.
     fn run(&self, no_trust: bool, program: &str, args: &[&str]) -> Output {
         let daemon = &self.setup.daemon;
         let mut command = test_command(APPLIANCE);
@@ -106,6 +108,7 @@ impl Sandbox<'_> {
         for variable in TRUST_VARIABLES {
             command.env_remove(variable);
         }
+        command.envs(self.preset.iter().copied());
         command.output().unwrap()
     }
 
@@ -166,6 +169,7 @@ fn clients_of_every_common_runtime_trust_the_appliance_under_exec_without_config
         setup: &setup,
         hosts,
         home,
+        preset: Vec::new(),
     };
     let url = |path: &str| format!("https://api.openai.com{path}");
 
@@ -342,6 +346,124 @@ fn clients_of_every_common_runtime_trust_the_appliance_under_exec_without_config
     }
     // Java services take the CA from the JVM's own store (trust install), not a variable.
     assert!(!env.contains("JAVA_TOOL_OPTIONS"), "{env}");
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
+fn clients_trust_the_appliance_under_exec_when_the_environment_already_names_the_system_bundle() {
+    // As conda, many CI images and corporate hosts set them (this machine's shell too).
+    const SYSTEM: &str = "/etc/ssl/certs/ca-certificates.crt";
+    let setup = setup(46, &[]);
+    create_secret(&setup.daemon, &["openai", "--type", "openai"], REAL_KEY);
+    let hosts = setup.dir.join("hosts");
+    std::fs::write(&hosts, format!("{} api.openai.com\n", setup.upstream_ip)).unwrap();
+    let home = setup.dir.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let sandbox = Sandbox {
+        setup: &setup,
+        hosts,
+        home,
+        preset: vec![
+            ("SSL_CERT_FILE", SYSTEM),
+            ("SSL_CERT_DIR", "/etc/ssl/certs"),
+            ("REQUESTS_CA_BUNDLE", SYSTEM),
+            ("CURL_CA_BUNDLE", SYSTEM),
+            ("GIT_SSL_CAINFO", SYSTEM),
+            ("NODE_EXTRA_CA_CERTS", SYSTEM),
+            ("AWS_CA_BUNDLE", SYSTEM),
+        ],
+    };
+    let url = |path: &str| format!("https://api.openai.com{path}");
+
+    let curl = url("/curl");
+    sandbox.injected("curl", "curl", &["-sSf", &curl], "/curl");
+    let requests = format!(
+        "import requests; requests.get({:?}, headers={{'authorization': 'Bearer placeholder'}}).raise_for_status()",
+        url("/requests")
+    );
+    sandbox.injected(
+        "Python requests",
+        "/usr/bin/python3",
+        &["-c", &requests],
+        "/requests",
+    );
+    let python = sdk_python();
+    let openai =
+        "import openai; openai.OpenAI(base_url='https://api.openai.com/openai-sdk').models.list()";
+    sandbox.injected(
+        "the OpenAI SDK",
+        python.to_str().unwrap(),
+        &["-c", openai],
+        "/openai-sdk",
+    );
+    let node = format!(
+        "fetch({:?}, {{headers: {{authorization: 'Bearer placeholder'}}}}).then(r => process.exit(r.ok ? 0 : 1), e => {{ console.error(e.cause || e); process.exit(1) }})",
+        url("/node")
+    );
+    sandbox.injected("Node fetch", "node", &["-e", &node], "/node");
+    sandbox.injected(
+        "git",
+        "git",
+        &["ls-remote", &url("/git/repo.git")],
+        "/git/repo.git/info/refs",
+    );
+    let go = build_go_probe(&setup.dir);
+    sandbox.injected("Go net/http", go.to_str().unwrap(), &[&url("/go")], "/go");
+
+    // Each variable names a file with the user's roots, whole, and the appliance CA.
+    let shown = sandbox.run(
+        false,
+        "sh",
+        &[
+            "-c",
+            "echo \"$SSL_CERT_FILE $AWS_CA_BUNDLE $NODE_EXTRA_CA_CERTS\"",
+        ],
+    );
+    assert_ok(&shown);
+    let system = std::fs::read_to_string(SYSTEM).unwrap();
+    let ca = std::fs::read_to_string(&setup.appliance_ca).unwrap();
+    let named = String::from_utf8(shown.stdout).unwrap();
+    for path in named.split_whitespace() {
+        assert_ne!(path, SYSTEM);
+        let merged = std::fs::read_to_string(path).unwrap();
+        assert!(
+            merged.starts_with(&system) && merged.contains(ca.trim()),
+            "{path} lacks the user's roots or the CA"
+        );
+        assert_eq!(
+            certificates_in(Path::new(path)),
+            certificates_in(Path::new(SYSTEM)) + 1
+        );
+    }
+
+    // The doctor says what it kept, and every runtime trusts the appliance.
+    let mut doctor = test_command(APPLIANCE);
+    doctor
+        .arg("--socket")
+        .arg(&setup.daemon.socket)
+        .args(["trust", "doctor", "--agents-cgroup"])
+        .arg(&setup.daemon.agents_cgroup)
+        .env("HOME", &sandbox.home)
+        .env("TMPDIR", &sandbox.home);
+    for variable in TRUST_VARIABLES {
+        doctor.env_remove(variable);
+    }
+    let report = doctor
+        .envs(sandbox.preset.iter().copied())
+        .output()
+        .unwrap();
+    assert_ok(&report);
+    let text = String::from_utf8_lossy(&report.stdout);
+    assert!(
+        text.contains(&format!(
+            "SSL_CERT_FILE={SYSTEM} is kept: commands get its roots plus the appliance CA"
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("NOT TRUSTED"), "{text}");
 }
 
 /// How many certificates a PEM bundle holds.

@@ -137,9 +137,23 @@ fn in_cgroup<T>(
     outcome
 }
 
-/// The variables that make `command`'s runtimes trust the CA, from `trust_dir`. A variable
-/// the caller set stays as set (it is their choice); Java options are added to theirs.
-fn trust_environment(trust_dir: &Path) -> Vec<(&'static str, OsString)> {
+/// One variable `appliance exec` gives the command.
+#[derive(Debug)]
+pub struct TrustSetting {
+    /// The variable.
+    pub key: &'static str,
+    /// Its value for the command.
+    pub value: OsString,
+    /// The caller's own value, which `value` builds on: their roots with the CA added, or
+    /// their Java options with the trust store's.
+    pub theirs: Option<OsString>,
+}
+
+/// The variables that make a command's runtimes trust the CA, from `trust_dir`. Where the
+/// caller's environment already names a root bundle (conda, CI images and corporate hosts
+/// set `SSL_CERT_FILE` and the like), the command gets that bundle with the CA added, so
+/// hosts passed through verify as they did; Java options are added to theirs.
+pub fn trust_environment(trust_dir: &Path) -> Vec<TrustSetting> {
     if !trust::is_ready(trust_dir) {
         eprintln!(
             "appliance: warning: no trust files in {} (is the daemon running, with this --socket?); the command is not told to trust the appliance CA",
@@ -148,17 +162,41 @@ fn trust_environment(trust_dir: &Path) -> Vec<(&'static str, OsString)> {
         return Vec::new();
     }
     let java_store = trust::java_trust_store(trust_dir);
-    trust::environment(trust_dir, java_store.as_deref())
-        .into_iter()
-        .filter_map(|(key, value)| match std::env::var_os(key) {
-            None => Some((key, OsString::from(value))),
-            Some(theirs) if key == "JAVA_TOOL_OPTIONS" => {
-                let mut joined = theirs;
-                joined.push(" ");
-                joined.push(value);
-                Some((key, joined))
-            }
-            Some(_) => None,
+    let ours = trust::environment(trust_dir, java_store.as_deref());
+    // Bundle variables the caller set that the trust files have no variable for get their
+    // roots plus the CA too; the full bundle is their fallback.
+    let others: Vec<_> = trust::BUNDLE_VARIABLES
+        .iter()
+        .filter(|key| !ours.iter().any(|(ours, _)| ours == *key))
+        .map(|&key| (key, trust::bundle_path(trust_dir).display().to_string()))
+        .collect();
+    ours.into_iter()
+        .map(|(key, value)| (key, value, true))
+        .chain(others.into_iter().map(|(key, value)| (key, value, false)))
+        .filter_map(|(key, value, always)| {
+            let theirs = std::env::var_os(key).filter(|theirs| !theirs.is_empty());
+            let value = match &theirs {
+                None if always => OsString::from(value),
+                None => return None,
+                Some(theirs) if key == "JAVA_TOOL_OPTIONS" => {
+                    let mut joined = theirs.clone();
+                    joined.push(" ");
+                    joined.push(value);
+                    joined
+                }
+                Some(theirs) => match trust::merged_bundle(trust_dir, Path::new(theirs)) {
+                    Ok(merged) => merged.into_os_string(),
+                    Err(error) => {
+                        eprintln!(
+                            "appliance: warning: {key}={}: {:#}; the command gets the appliance's file instead",
+                            theirs.to_string_lossy(),
+                            anyhow::Error::new(error)
+                        );
+                        OsString::from(value)
+                    }
+                },
+            };
+            Some(TrustSetting { key, value, theirs })
         })
         .collect()
 }
@@ -185,7 +223,11 @@ fn prepared(
     let mut child = Command::new(program);
     child.args(args);
     if let Some(dir) = options.trust_dir {
-        child.envs(trust_environment(dir));
+        child.envs(
+            trust_environment(dir)
+                .into_iter()
+                .map(|setting| (setting.key, setting.value)),
+        );
     }
     // SAFETY: the hook only makes async-signal-safe calls (open, write, close).
     unsafe {

@@ -172,6 +172,22 @@ pub fn run(command: TrustCommand, socket: &Path) -> anyhow::Result<i32> {
             let verdicts = doctor.check(&command);
             let _ = std::fs::remove_dir_all(&work);
             let verdicts = verdicts?;
+            for setting in appliance::exec::trust_environment(&dir) {
+                let Some(theirs) = &setting.theirs else {
+                    continue;
+                };
+                let (key, theirs) = (setting.key, theirs.to_string_lossy());
+                if setting.value == *theirs {
+                    println!("{key}={theirs} is kept: it holds the appliance CA already");
+                } else if key == "JAVA_TOOL_OPTIONS" {
+                    println!("{key} is kept, with the appliance's trust store added");
+                } else {
+                    println!(
+                        "{key}={theirs} is kept: commands get its roots plus the appliance CA ({})",
+                        setting.value.to_string_lossy()
+                    );
+                }
+            }
             println!(
                 "handshakes with {host} through the appliance, as appliance exec runs commands:"
             );

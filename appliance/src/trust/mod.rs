@@ -176,12 +176,125 @@ impl TrustFiles {
     }
 }
 
+/// `$TMPDIR/appliance-trust-<uid>`, created private to this user: where `appliance exec`
+/// keeps what it builds for the user's commands. `None` when it cannot be had, or when what is
+/// there is not this user's alone (someone else's directory, or a link, in a shared /tmp).
+fn private_dir() -> Option<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let dir = std::env::temp_dir().join(format!("appliance-trust-{uid}"));
+    match fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(_) => return None,
+    }
+    let meta = fs::symlink_metadata(&dir).ok()?;
+    if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+        warn!(dir = %dir.display(), "not using a trust directory this user does not own alone");
+        return None;
+    }
+    Some(dir)
+}
+
+/// Variables that name a PEM file of roots, which a runtime uses instead of its own (Node:
+/// beside its own). When the caller's environment already sets one, `appliance exec` keeps
+/// that file's roots and adds the CA ([`merged_bundle`]); those it does not set, and that
+/// [`environment`] does not give, are left alone.
+pub const BUNDLE_VARIABLES: &[&str] = &[
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "GIT_SSL_CAINFO",
+    "NODE_EXTRA_CA_CERTS",
+    // botocore, pip, httplib2, gRPC, Nix, the gcloud CLI, Deno.
+    "AWS_CA_BUNDLE",
+    "PIP_CERT",
+    "HTTPLIB2_CA_CERTS",
+    "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
+    "NIX_SSL_CERT_FILE",
+    "CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE",
+    "DENO_CERT",
+];
+
+/// Why a caller's bundle could not be merged with the CA.
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    /// Their file or the CA could not be read.
+    #[error("reading {} failed", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// No directory private to this user could be had for the merged file.
+    #[error("no private directory for the merged bundle under {}", std::env::temp_dir().display())]
+    NoPrivateDir,
+    /// Writing the merged file failed.
+    #[error("writing {} failed", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The roots of `theirs` (a PEM file the caller's environment names) with the CA of
+/// `trust_dir` added: `theirs` itself when it already holds the CA (the caller took the trust
+/// files already), else a file in the user's [`private_dir`] named by both contents, so it is
+/// built once and built anew when either changes.
+pub fn merged_bundle(trust_dir: &Path, theirs: &Path) -> Result<PathBuf, MergeError> {
+    use ring::digest::{Context, SHA256};
+    let read = |path: &Path| {
+        fs::read(path).map_err(|source| MergeError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let ca = read(&trust_dir.join(CA_FILE))?;
+    let roots = read(theirs)?;
+    let ca_text = ca.trim_ascii();
+    if roots.windows(ca_text.len()).any(|window| window == ca_text) {
+        return Ok(theirs.to_path_buf());
+    }
+    let mut digest = Context::new(&SHA256);
+    digest.update(&roots);
+    digest.update(&ca);
+    let name: String = digest.finish().as_ref()[..12]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    let dir = private_dir().ok_or(MergeError::NoPrivateDir)?;
+    let target = dir.join(format!("bundle-{name}.pem"));
+    if target.exists() {
+        return Ok(target);
+    }
+    let mut merged = roots;
+    if !merged.is_empty() && !merged.ends_with(b"\n") {
+        merged.push(b'\n');
+    }
+    merged.extend_from_slice(&ca);
+    let partial = dir.join(format!(".bundle-{name}.{}", std::process::id()));
+    let write_error = |source| MergeError::Write {
+        path: target.clone(),
+        source,
+    };
+    fs::write(&partial, &merged).map_err(write_error)?;
+    fs::rename(&partial, &target).map_err(|source| {
+        let _ = fs::remove_file(&partial);
+        write_error(source)
+    })?;
+    Ok(target)
+}
+
 /// The JVM's trust store plus the CA of `trust_dir`, built with the JVM's `keytool` under
-/// a directory private to this user (`$TMPDIR/appliance-java-trust-<uid>`), once per CA and
-/// JVM store: `None` without a JVM, or when building fails (then Java is not told).
+/// the user's [`private_dir`], once per CA and JVM store: `None` without a JVM, or when building fails (then Java is not told).
 pub fn java_trust_store(trust_dir: &Path) -> Option<PathBuf> {
     use ring::digest::{Context, SHA256};
-    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
     let (keytool, store) = jvm_trust_store()?;
     let ca = fs::read(trust_dir.join(CA_FILE)).ok()?;
     let mut digest = Context::new(&SHA256);
@@ -198,20 +311,7 @@ pub fn java_trust_store(trust_dir: &Path) -> Option<PathBuf> {
         .iter()
         .map(|byte| format!("{byte:02x}"))
         .collect();
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    let dir = std::env::temp_dir().join(format!("appliance-java-trust-{uid}"));
-    match fs::DirBuilder::new().mode(0o700).create(&dir) {
-        Ok(()) => {}
-        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(_) => return None,
-    }
-    // Someone else's directory (or a link to one) in a shared /tmp is not ours to use.
-    let meta = fs::symlink_metadata(&dir).ok()?;
-    if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
-        warn!(dir = %dir.display(), "not using a Java trust store directory this user does not own alone");
-        return None;
-    }
+    let dir = private_dir()?;
     let target = dir.join(format!("truststore-{name}.p12"));
     if target.exists() {
         return Some(target);
@@ -275,6 +375,11 @@ pub fn env_file(dir: &Path) -> String {
         .into_iter()
         .map(|(key, value)| format!("{key}={value}\n"))
         .collect()
+}
+
+/// The bundle of `dir`: the system's roots and the CA.
+pub fn bundle_path(dir: &Path) -> PathBuf {
+    dir.join(BUNDLE_FILE)
 }
 
 /// Whether `dir` holds a trust bundle (the daemon has written it).
