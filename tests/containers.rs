@@ -589,6 +589,72 @@ fn containers_are_followed_by_events_without_waiting_for_the_rescan() {
     not(feature = "privileged-tests"),
     ignore = "needs root; `cargo xtask test` runs it"
 )]
+fn a_containers_first_process_is_served_before_the_daemon_has_seen_its_namespace() {
+    let setup = setup_with(31, "tproxy", "container_rescan_seconds = 3600\n");
+    let network = &setup.network;
+    setup.wait_for_event("ready", 1);
+    // curl is the first selected process of each namespace: it connects some milliseconds
+    // after it starts, while the daemon serves a namespace tens of milliseconds after its
+    // cgroup is populated. A bridged container over IPv4, a routed one over IPv6.
+    for (container, external, name) in [
+        (&network.a, network.external_v4, "a"),
+        (&network.c, network.external_v6, "c"),
+    ] {
+        let cgroup = setup.selected.join(name);
+        fs::create_dir(&cgroup).unwrap();
+        assert_status(&setup.curl(container, &cgroup, external), "200");
+        assert_eq!(
+            setup.authorizations(external).last().cloned().flatten(),
+            Some(format!("Bearer {REAL}")),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
+fn a_process_joining_a_new_agents_empty_cgroup_is_followed_without_the_rescan() {
+    // The periodic rescan is out of reach: only events can make the daemon look.
+    let setup = setup_with(33, "tproxy", "container_rescan_seconds = 3600\n");
+    let network = &setup.network;
+    setup.wait_for_event("ready", 1);
+    // An agent's own cgroup, outside every tree the daemon watched so far, empty when the
+    // agent is made (removed with the unselected tree it lies in).
+    let agent_cgroup = setup.unselected.join("agent");
+    fs::create_dir(&agent_cgroup).unwrap();
+    // Let the daemon finish the look that the setup's own cgroups caused: a look after the
+    // agent is made would watch its cgroup by chance.
+    std::thread::sleep(Duration::from_millis(500));
+    let created = cli(
+        &setup.daemon,
+        &[
+            "agent",
+            "create",
+            "research",
+            "--cgroup",
+            agent_cgroup.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(created.status.success(), "{created:?}");
+    let _init = Running::spawn(network.a.command(&agent_cgroup, "sleep").arg("600"));
+    // Well before the bridge's ports change state (its 15 s forward delay), whose link
+    // announcements would make the daemon look anyway.
+    setup.wait_for_event_within("container_served", 1, Duration::from_secs(5));
+    assert_status(
+        &setup.curl(&network.a, &agent_cgroup, network.external_v4),
+        "200",
+    );
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn selecting_one_cgroup_of_a_shared_namespace_leaves_its_sidecars_direct() {
     let setup = setup_with(30, "tproxy", "container_selection = \"cgroup\"\n");
     let network = &setup.network;
@@ -859,6 +925,49 @@ fn a_podman_container_under_an_agents_cgroup_gets_its_secret() {
     podman(&["network", "create", "--subnet", &subnet, &objects.network]);
     // The container's cgroup lies below the daemon's agents cgroup, so it is selected.
     let parent = Path::new("/").join(setup.selected.strip_prefix(cgroup2_mount()).unwrap());
+    let external = setup.network.external_v4;
+    let curl_args = |name: &str| {
+        vec![
+            "/usr/bin/curl".to_owned(),
+            "-sS".to_owned(),
+            "--max-time".to_owned(),
+            "10".to_owned(),
+            "-w".to_owned(),
+            "\n%{http_code}".to_owned(),
+            "--cacert".to_owned(),
+            "/trusted.pem".to_owned(),
+            "--resolve".to_owned(),
+            format!("{HOST}:443:{external}"),
+            "-H".to_owned(),
+            "Authorization: Bearer placeholder".to_owned(),
+            format!("https://{HOST}/v1/{name}"),
+        ]
+    };
+    // A container whose first act is the API call: served although its namespace is new.
+    let first = test_command("podman")
+        .args(["run", "--rm", "--runtime", "runc"])
+        .args([
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1000:1000",
+        ])
+        .args(["--network", &objects.network, "--cgroup-parent"])
+        .arg(&parent)
+        .arg("--volume")
+        .arg(format!("{}:/trusted.pem:ro", setup.trusted.display()))
+        .arg(&objects.image)
+        .args(curl_args("first"))
+        .output()
+        .unwrap();
+    assert_status(&first, "200");
+    assert_eq!(
+        setup.authorizations(external).last().cloned().flatten(),
+        Some(format!("Bearer {REAL}"))
+    );
+    // The first container may be gone before its namespace was served, or not.
+    let served_before = setup.daemon.lines_with("event", "container_served").len();
+
     // runc, because crun refuses hosts with cgroup v1 and v2 side by side; limits no higher
     // than the test's own, which it may not raise.
     let id = podman(&[
@@ -882,28 +991,11 @@ fn a_podman_container_under_an_agents_cgroup_gets_its_secret() {
         "/bin/sleep",
         "600",
     ]);
-    setup.wait_for_event("container_served", 1);
+    setup.wait_for_event("container_served", served_before + 1);
 
-    let external = setup.network.external_v4;
     let output = test_command("podman")
-        .args([
-            "exec",
-            &objects.container,
-            "/usr/bin/curl",
-            "-sS",
-            "--max-time",
-            "10",
-        ])
-        .args([
-            "-w",
-            "\n%{http_code}",
-            "--cacert",
-            "/trusted.pem",
-            "--resolve",
-        ])
-        .arg(format!("{HOST}:443:{external}"))
-        .args(["-H", "Authorization: Bearer placeholder"])
-        .arg(format!("https://{HOST}/v1/models"))
+        .args(["exec", &objects.container])
+        .args(curl_args("models"))
         .output()
         .unwrap();
     assert_status(&output, "200");

@@ -70,6 +70,9 @@ pub const DELIVERY_LOCAL: u16 = 0;
 pub const DELIVERY_TPROXY: u16 = 1;
 /// From a foreign namespace: its connect was rewritten to the engine's container address.
 pub const DELIVERY_REDIRECT: u16 = 2;
+/// `FOREIGN` value of a namespace the daemon found it cannot serve (no veth to the host, or
+/// its setup failed): its connects are refused, even under `FLAG_REDIRECT_UNSERVED_NETNS`.
+pub const DELIVERY_REFUSED: u16 = 3;
 
 /// Names of the eBPF programs in the object, in the order the loader attaches them.
 pub const PROGRAM_NAMES: [&str; 7] = [
@@ -110,6 +113,12 @@ pub const MAX_INTERCEPTED_PORTS: u32 = 64;
 /// namespace other than the engine's that the daemon has not set up (absent from `FOREIGN`):
 /// they cannot reach the engine. Without it such connections go out unredirected.
 pub const FLAG_REFUSE_FOREIGN_NETNS: u32 = 1;
+
+/// `ProgramSettings::flags` bit, beside [`FLAG_REFUSE_FOREIGN_NETNS`]: instead of refusing
+/// them, redirect connections from a foreign namespace the daemon has not set up yet to the
+/// engine's container address, as `DELIVERY_REDIRECT` does. A container's first process may
+/// connect before the daemon has seen its namespace; this serves that connection.
+pub const FLAG_REDIRECT_UNSERVED_NETNS: u32 = 2;
 
 /// Runtime configuration of the eBPF programs, written by the loader.
 #[repr(C)]

@@ -29,9 +29,9 @@
 use appliance_common::{
     ipv4_mapped, is_ipv4_mapped, refusals, ConnectionKey, CoveredSource, ProgramSettings,
     Redirection, CLOSED_CONNECTIONS_CAPACITY, DELIVERY_LOCAL, DELIVERY_REDIRECT, DELIVERY_TPROXY,
-    ENGINE_LISTENER_V4, ENGINE_LISTENER_V6, FLAG_REFUSE_FOREIGN_NETNS, GUARD_SELECTED_CGROUPS,
-    GUARD_WHOLE_NAMESPACE, MAX_COVERED_NAMESPACES, MAX_GUARDED_SOURCES, MAX_INTERCEPTED_PORTS,
-    TRACKED_SOCKETS_CAPACITY,
+    ENGINE_LISTENER_V4, ENGINE_LISTENER_V6, FLAG_REDIRECT_UNSERVED_NETNS,
+    FLAG_REFUSE_FOREIGN_NETNS, GUARD_SELECTED_CGROUPS, GUARD_WHOLE_NAMESPACE,
+    MAX_COVERED_NAMESPACES, MAX_GUARDED_SOURCES, MAX_INTERCEPTED_PORTS, TRACKED_SOCKETS_CAPACITY,
 };
 use aya_ebpf::{
     bindings::{
@@ -188,17 +188,22 @@ fn decide(ctx: &SockAddrContext) -> AddrDecision {
             delivery: DELIVERY_LOCAL,
         }
     } else {
+        let container_engine = AddrDecision::Redirect {
+            target: Target {
+                ip4: config.container_ip4,
+                ip6: config.container_ip6,
+                port: config.engine_port,
+            },
+            delivery: DELIVERY_REDIRECT,
+        };
         // SAFETY: map value copied out at once.
         match unsafe { FOREIGN.get(&netns_cookie).copied() } {
             Some(delivery) if delivery == u32::from(DELIVERY_TPROXY) => AddrDecision::Observe,
-            Some(delivery) if delivery == u32::from(DELIVERY_REDIRECT) => AddrDecision::Redirect {
-                target: Target {
-                    ip4: config.container_ip4,
-                    ip6: config.container_ip6,
-                    port: config.engine_port,
-                },
-                delivery: DELIVERY_REDIRECT,
-            },
+            Some(delivery) if delivery == u32::from(DELIVERY_REDIRECT) => container_engine,
+            // Not set up yet: a container whose first process connects at once. Its guard
+            // comes with the setup, so raw packets are no better held back by a refusal
+            // meanwhile than by this.
+            None if config.flags & FLAG_REDIRECT_UNSERVED_NETNS != 0 => container_engine,
             // A namespace the daemon has not set up (or is tearing down) cannot reach the
             // engine.
             _ if config.flags & FLAG_REFUSE_FOREIGN_NETNS != 0 => {

@@ -466,13 +466,13 @@ impl Config {
         ]
     }
 
-    /// The addresses the daemon adds to `lo`: the container addresses, under `redirect`
-    /// delivery.
-    pub fn redirect_addresses(&self) -> Vec<std::net::IpAddr> {
-        if self.capture.foreign_netns == ForeignNetns::Redirect {
-            self.container_addresses()
-        } else {
-            Vec::new()
+    /// The addresses the daemon adds to `lo` and listens on: the container addresses,
+    /// whenever containers are served. `redirect` delivers every connection there; under
+    /// `tproxy` a namespace's connections go there until its rules are in place.
+    pub fn container_listen_addresses(&self) -> Vec<std::net::IpAddr> {
+        match self.capture.foreign_netns {
+            ForeignNetns::Tproxy | ForeignNetns::Redirect => self.container_addresses(),
+            ForeignNetns::Refuse | ForeignNetns::Allow => Vec::new(),
         }
     }
 

@@ -43,8 +43,8 @@ pub struct DaemonSettings {
     pub containers: Option<ContainerSettings>,
     /// Engine listener addresses.
     pub listen: Vec<std::net::SocketAddr>,
-    /// Addresses the daemon adds to `lo` before listening (the engine's container addresses
-    /// under `redirect` delivery).
+    /// Addresses the daemon adds to `lo` before listening (the engine's container addresses,
+    /// when containers are served).
     pub local_addresses: Vec<std::net::IpAddr>,
     /// Proxy limits and policies.
     pub proxy: ProxySettings,
@@ -85,6 +85,7 @@ impl DaemonSettings {
             intercepted_ports: config.capture.intercept_ports.clone(),
             own_mark: config.capture.mark,
             refuse_foreign_netns: config.capture.foreign_netns != ForeignNetns::Allow,
+            redirect_unserved_netns: !config.container_listen_addresses().is_empty(),
             container_v4: config.listen.containers_ipv4,
             container_v6: config.listen.containers_ipv6,
             container_mark: config.capture.container_mark,
@@ -127,7 +128,7 @@ impl DaemonSettings {
             SocketAddr::new(config.listen.ipv4.into(), config.listen.port),
             SocketAddr::new(config.listen.ipv6.into(), config.listen.port),
         ];
-        let local_addresses = config.redirect_addresses();
+        let local_addresses = config.container_listen_addresses();
         listen.extend(
             local_addresses
                 .iter()
@@ -438,9 +439,9 @@ const RECENT_EVENTS: usize = 10_000;
 const EVENT_SETTLE: Duration = Duration::from_millis(20);
 
 /// Serves container namespaces as they come and go: at once when a link or cgroup
-/// event says something changed, and every `rescan` for what no event announces. Until a
-/// new namespace is set up its connections are refused, so the delay bounds how long a new
-/// container waits, never what escapes.
+/// event says something changed (the intercepted cgroups too: the new ones are watched from
+/// then on), and every `rescan` for what no event announces. Until a new namespace is set up
+/// its connections reach the engine at its container address, without a guard on its veth.
 async fn follow_containers(
     control: Arc<Control>,
     rescan: Duration,
@@ -462,6 +463,13 @@ async fn follow_containers(
             _ = stop.changed() => return,
             _ = ticks.tick() => {}
             () = changed => {}
+            () = control.selection_changed() => {
+                // Watched before the look below, so a process joining a new cgroup is seen
+                // by one or the other.
+                if let Some(events) = &events {
+                    events.watch_cgroups(&control.selected_paths());
+                }
+            }
         }
         let refreshing = Arc::clone(&control);
         let refreshed = tokio::task::spawn_blocking(move || refreshing.refresh_containers()).await;

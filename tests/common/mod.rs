@@ -249,7 +249,11 @@ impl Daemon {
                 .join(unique(slot, "run"))
                 .join("admin.sock"),
             config: std::env::temp_dir().join(format!("{}.toml", unique(slot, "config"))),
-            config_text: config_text.to_owned(),
+            // Container addresses of the slot's own: a daemon removes its addresses from lo
+            // when it stops, and the tests' daemons run side by side.
+            config_text: format!(
+                "[listen]\ncontainers_ipv4 = \"169.254.77.{slot}\"\ncontainers_ipv6 = \"fd61:7070:6c69::{slot:x}\"\n{config_text}"
+            ),
             extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
             extra_env: env
                 .iter()

@@ -587,7 +587,12 @@ pub fn setup_with(slot: u8, mode: &str, capture_settings: &str) -> Setup {
 impl Setup {
     /// Waits until the daemon logged `count` events `event`.
     pub fn wait_for_event(&self, event: &str, count: usize) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        self.wait_for_event_within(event, count, Duration::from_secs(15))
+    }
+
+    /// [`Setup::wait_for_event`], failing after `limit`.
+    pub fn wait_for_event_within(&self, event: &str, count: usize, limit: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + limit;
         loop {
             let events = self.daemon.lines_with("event", event);
             if events.len() >= count {

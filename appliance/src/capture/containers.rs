@@ -12,7 +12,12 @@
 //!   for any destination), narrowed by the container's addresses when the interface is a
 //!   bridge other containers share;
 //! - `COVERED` entries, so the sk_lookup program gives exactly that traffic to the engine;
-//! - last, its `FOREIGN` entry, which is what lets its connects through at all.
+//! - last, its `FOREIGN` entry, which delivers its connects as set up.
+//!
+//! Until then a namespace's connects go to the engine's container address, as `redirect`
+//! delivers them: a container's first process may connect before the daemon has seen it. A
+//! namespace that cannot be set up (no veth to the host) is refused by a `FOREIGN` entry of
+//! its own.
 //!
 //! The guard comes first and `FOREIGN` last; teardown runs in the reverse order, so a
 //! namespace is refused before anything it relies on goes away. Rules and routes are added and deleted through iproute2 (`ip`), with every
@@ -193,16 +198,24 @@ pub struct Containers {
     own_netns: u64,
     /// By namespace inode.
     served: HashMap<u64, Served>,
-    /// Namespaces that could not be set up, with the reason last logged: they are retried
-    /// (a runtime may add the veth after the first process), and logged again only when the
-    /// reason changes.
-    unservable: HashMap<u64, String>,
+    /// Namespaces that could not be set up: they are retried (a runtime may add the veth
+    /// after the first process), and logged again only when the reason changes.
+    unservable: HashMap<u64, Unservable>,
+}
+
+/// A namespace that could not be set up.
+struct Unservable {
+    /// The reason last logged.
+    reason: String,
+    /// Its cookie, once read: its connects are refused under it (`FOREIGN`), rather than
+    /// sent to a container address it cannot reach or that leads elsewhere (slirp, pasta).
+    refused: Option<u64>,
 }
 
 impl Containers {
     /// Takes over the host side: removes what an earlier daemon left (rules with our
-    /// preference and table, `FOREIGN` and `COVERED` entries), so every namespace is refused
-    /// until this daemon has set it up again.
+    /// preference and table, `FOREIGN` and `COVERED` entries), so every namespace's connects
+    /// go to the engine's container address until this daemon has set it up again.
     pub fn start(
         settings: ContainerSettings,
         capture: &mut Capture,
@@ -247,8 +260,17 @@ impl Containers {
         selected: &[Cgroup],
     ) -> Result<(), ContainerError> {
         let wanted = foreign_namespaces(selected, self.own_netns);
-        self.unservable
-            .retain(|inode, _| wanted.contains_key(inode));
+        let gone: Vec<u64> = self
+            .unservable
+            .keys()
+            .filter(|inode| !wanted.contains_key(inode))
+            .copied()
+            .collect();
+        for inode in gone {
+            if let Some(cookie) = self.unservable.remove(&inode).and_then(|gone| gone.refused) {
+                capture.forget_refused(cookie)?;
+            }
+        }
         let host_links = host_links()?;
         let stale: Vec<u64> = self
             .served
@@ -276,7 +298,9 @@ impl Containers {
             if self.served.contains_key(&inode) {
                 continue;
             }
-            match self.set_up(capture, pid, &host_links) {
+            let inside = inspect_namespace(pid);
+            let cookie = inside.as_ref().ok().map(|inside| inside.cookie);
+            match inside.and_then(|inside| self.set_up(capture, pid, inside, &host_links)) {
                 Ok(served) => {
                     tracing::info!(
                         event = "container_served",
@@ -291,14 +315,23 @@ impl Containers {
                 }
                 Err(error) => {
                     let reason = error_chain(&error);
-                    if self.unservable.get(&inode) != Some(&reason) {
+                    if let Some(cookie) = cookie {
+                        capture.refuse(cookie)?;
+                    }
+                    if self.unservable.get(&inode).map(|known| &known.reason) != Some(&reason) {
                         tracing::warn!(
                             pid,
                             error = %reason,
                             "cannot serve a container network namespace; its intercepted connections stay refused"
                         );
-                        self.unservable.insert(inode, reason);
                     }
+                    self.unservable.insert(
+                        inode,
+                        Unservable {
+                            reason,
+                            refused: cookie,
+                        },
+                    );
                 }
             }
         }
@@ -320,9 +353,9 @@ impl Containers {
         &self,
         capture: &mut Capture,
         pid: u32,
+        inside: Inside,
         host_links: &[Link],
     ) -> Result<Served, ContainerError> {
-        let inside = inspect_namespace(pid)?;
         let mut served = Served {
             cookie: inside.cookie,
             host_interfaces: BTreeSet::new(),

@@ -30,7 +30,8 @@ use std::path::{Path, PathBuf};
 
 use appliance_common::{
     ipv4_mapped, map_names, CoveredSource, ProgramSettings, ENGINE_LISTENER_V4, ENGINE_LISTENER_V6,
-    FLAG_REFUSE_FOREIGN_NETNS, GUARD_PROGRAM, PROGRAM_NAMES, STEERING_PROGRAM,
+    FLAG_REDIRECT_UNSERVED_NETNS, FLAG_REFUSE_FOREIGN_NETNS, GUARD_PROGRAM, PROGRAM_NAMES,
+    STEERING_PROGRAM,
 };
 use aya::maps::{Array, HashMap, MapError, SockMap};
 use aya::programs::tc::TcAttachOptions;
@@ -135,7 +136,11 @@ pub struct CaptureSettings {
     /// Refuse intercepted connections from other network namespaces that are not set up for
     /// delivery, instead of letting them go out unredirected.
     pub refuse_foreign_netns: bool,
-    /// Engine addresses that containers in `redirect` namespaces connect to.
+    /// Redirect those connections to the container addresses instead, until the daemon has
+    /// set their namespace up (containers are served, and the engine listens there).
+    pub redirect_unserved_netns: bool,
+    /// Engine addresses that containers in `redirect` namespaces, and namespaces not set up
+    /// yet, connect to.
     pub container_v4: Ipv4Addr,
     /// Same, IPv6.
     pub container_v6: Ipv6Addr,
@@ -411,7 +416,8 @@ impl Capture {
 
     /// Serves the foreign namespace `netns_cookie`: its traffic in `covered` goes to the
     /// engine, then its connects are delivered as `delivery`. The order matters: until the
-    /// namespace's entry exists its connects are refused, so nothing leaves uncaptured.
+    /// namespace's entry exists its connects go to the engine's container address, so
+    /// nothing leaves uncaptured.
     pub fn cover(
         &mut self,
         netns_cookie: u64,
@@ -434,6 +440,29 @@ impl Capture {
             .map_err(map_error(name))
     }
 
+    /// Refuses the connects of the foreign namespace `netns_cookie`, which the daemon cannot
+    /// serve, instead of sending them to the container address until it is served.
+    pub fn refuse(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
+        let name = map_names::FOREIGN_NAMESPACES;
+        let mut namespaces: HashMap<_, u64, u32> =
+            HashMap::try_from(self.map_by_name(name)?).map_err(map_error(name))?;
+        namespaces
+            .insert(
+                netns_cookie,
+                u32::from(appliance_common::DELIVERY_REFUSED),
+                0,
+            )
+            .map_err(map_error(name))
+    }
+
+    /// Forgets a namespace [`Capture::refuse`] refused (it is gone).
+    pub fn forget_refused(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
+        let name = map_names::FOREIGN_NAMESPACES;
+        let mut namespaces: HashMap<_, u64, u32> =
+            HashMap::try_from(self.map_by_name(name)?).map_err(map_error(name))?;
+        ignore_missing(namespaces.remove(&netns_cookie)).map_err(map_error(name))
+    }
+
     /// Forgets every served namespace (a restarted daemon sets them up afresh).
     pub fn uncover_all(&mut self) -> Result<(), CaptureError> {
         let name = map_names::FOREIGN_NAMESPACES;
@@ -454,7 +483,7 @@ impl Capture {
     }
 
     /// Stops serving `netns_cookie`, in the reverse order of [`Capture::cover`]: its connects
-    /// are refused before its traffic stops reaching the engine.
+    /// go to the container address again before its traffic stops reaching the engine.
     pub fn uncover(
         &mut self,
         netns_cookie: u64,
@@ -568,10 +597,13 @@ impl Capture {
             engine_ip4: u32::from_ne_bytes(settings.engine_v4.octets()),
             engine_port: u32::from(settings.engine_port.to_be()),
             own_mark: settings.own_mark,
-            flags: if settings.refuse_foreign_netns {
-                FLAG_REFUSE_FOREIGN_NETNS
-            } else {
-                0
+            flags: match (
+                settings.refuse_foreign_netns,
+                settings.redirect_unserved_netns,
+            ) {
+                (true, true) => FLAG_REFUSE_FOREIGN_NETNS | FLAG_REDIRECT_UNSERVED_NETNS,
+                (true, false) => FLAG_REFUSE_FOREIGN_NETNS,
+                (false, _) => 0,
             },
             container_ip6: crate::addr::to_kernel_words(settings.container_v6.into()),
             container_ip4: u32::from_ne_bytes(settings.container_v4.octets()),

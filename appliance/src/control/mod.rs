@@ -157,6 +157,9 @@ pub struct Control {
     sources: Arc<Sources>,
     trust: Arc<TrustFiles>,
     live: Mutex<LiveSet>,
+    /// Told when the intercepted cgroups change, so the container follower watches the new
+    /// ones at once (a process may join an agent's cgroup right after the agent is made).
+    selection_changed: tokio::sync::Notify,
 }
 
 /// What is live in the injection layer, kept here so that a change touches only what it
@@ -230,7 +233,13 @@ impl Control {
             sources: parts.sources,
             trust: parts.trust,
             live: Mutex::new(LiveSet::default()),
+            selection_changed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Completes once the intercepted cgroups have changed since the last time it did.
+    pub async fn selection_changed(&self) {
+        self.selection_changed.notified().await;
     }
 
     fn capture(&self) -> MutexGuard<'_, Box<dyn Interception>> {
@@ -454,7 +463,14 @@ impl Control {
         let mount = cgroup2_mount()?;
         self.injector
             .replace_agents(AgentDirectory::new(mount, owners));
+        // A permit is kept when the follower is busy, so no change goes unwatched.
+        self.selection_changed.notify_one();
         Ok(capture.selected())
+    }
+
+    /// The intercepted cgroups' paths.
+    pub fn selected_paths(&self) -> Vec<PathBuf> {
+        self.capture().selected_paths()
     }
 
     /// Serves container namespaces as they are now; returns the intercepted cgroups' paths
