@@ -63,6 +63,7 @@ fn control(dir: &std::path::Path) -> (Control, Arc<SecretInjector>) {
         max_stale: Duration::from_secs(3600),
         timeout: Duration::from_secs(10),
         allow_commands: false,
+        file_dirs: vec![std::env::temp_dir()],
         onepassword: None,
         credentials_dir: None,
         own_mark: 0,

@@ -312,6 +312,9 @@ pub struct ValuesConfig {
     pub timeout_seconds: u64,
     /// Whether secrets may take their value from a command run as the daemon's user.
     pub allow_commands: bool,
+    /// The directories `valueFile` sources may read from (the daemon reads them as root,
+    /// and whoever may create secrets chooses the path).
+    pub file_dirs: Vec<PathBuf>,
 }
 
 impl Default for ValuesConfig {
@@ -321,6 +324,10 @@ impl Default for ValuesConfig {
             max_stale_seconds: 3600,
             timeout_seconds: 10,
             allow_commands: false,
+            file_dirs: vec![
+                PathBuf::from("/etc/appliance/values"),
+                PathBuf::from("/run/keys"),
+            ],
         }
     }
 }
@@ -586,6 +593,20 @@ impl Config {
                 format!(
                     "is {}; give 1-86400 (values are refreshed at three quarters of it)",
                     self.values.ttl_seconds
+                ),
+            ));
+        }
+        if let Some(dir) = self
+            .values
+            .file_dirs
+            .iter()
+            .find(|dir| !dir.is_absolute() || dir == &Path::new("/"))
+        {
+            return Err(invalid(
+                "values.file_dirs",
+                format!(
+                    "holds {}; give absolute directories that hold value files only, such as /etc/appliance/values",
+                    dir.display()
                 ),
             ));
         }

@@ -304,6 +304,7 @@ pub async fn run(
         max_stale: Duration::from_secs(settings.values.max_stale_seconds),
         timeout: Duration::from_secs(settings.values.timeout_seconds),
         allow_commands: settings.values.allow_commands,
+        file_dirs: settings.values.file_dirs.clone(),
         onepassword: connect_settings(&settings.onepassword, settings.credentials_dir.as_deref())?,
         credentials_dir: settings.credentials_dir.clone(),
         own_mark: settings.proxy.own_mark,

@@ -51,6 +51,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("timeout", "coreutils"),
     ("true", "coreutils"),
     ("sleep", "coreutils"),
+    ("mkfifo", "coreutils"),
     ("setpriv", "util-linux"),
     ("unshare", "util-linux"),
     ("mount", "mount"),

@@ -58,6 +58,7 @@ fn test_sources() -> Arc<Sources> {
         max_stale: std::time::Duration::from_millis(200),
         timeout: std::time::Duration::from_secs(5),
         allow_commands: true,
+        file_dirs: vec![std::env::temp_dir()],
         onepassword: None,
         credentials_dir: None,
         own_mark: 0,

@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 
 use super::agents::AgentDirectory;
 use super::apply::apply;
-use super::live::{LiveValue, ValueState};
+use super::live::LiveValue;
 use super::redact::Redactor;
 use super::{Injector, Verdict, Workload};
 use crate::audit::SecretUse;
@@ -349,13 +349,21 @@ impl Injector for SecretInjector {
         for (secret, rule, _) in HostTable::matching(&candidates, &path, decoded.as_deref()) {
             let rule = &secret.spec.rules[rule];
             let state = secret.value.state();
-            let ValueState::Ready(ready) = &*state else {
-                let reason = secret.value.unavailable(&state).unwrap_or_default();
-                warn!(secret = %secret.spec.name, %reason, "secret has no usable value; refusing the request");
-                return Verdict::Unavailable {
-                    secret: secret.usage.clone(),
-                    reason: format!("secret {}: {reason}", secret.spec.name),
-                };
+            let ready = match secret.value.ready(&state) {
+                Ok(ready) => ready,
+                Err(reason) => {
+                    warn!(secret = %secret.spec.name, %reason, "secret has no usable value; refusing the request");
+                    // The agent gets a fixed text: a source's own error may quote what the
+                    // agent must not see (a server echoing its token, a parser quoting the
+                    // value).
+                    return Verdict::Unavailable {
+                        secret: secret.usage.clone(),
+                        reason: format!(
+                            "secret {name}: its value is not available now; `appliance secret check {name}` and the appliance's log say why",
+                            name = secret.spec.name
+                        ),
+                    };
+                }
             };
             match apply(&rule.injection, &ready.value, request) {
                 Ok(true) => {

@@ -2,6 +2,7 @@
 //! the value sources, each version with the redactor that masks its echoes.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::redact::Redactor;
 use crate::model::{Injection, Rule, SecretValue};
@@ -13,6 +14,9 @@ pub struct Ready {
     pub value: SecretValue,
     /// Masks it (and its encoded forms) in answers.
     pub redactor: Arc<Redactor>,
+    /// When a fetched value becomes too old to use, whether or not the refresher got to
+    /// it by then (a source may hang); `None` for values that never age (inline).
+    pub usable_until: Option<Instant>,
 }
 
 /// Where a secret's value stands.
@@ -50,11 +54,23 @@ impl LiveValue {
         }
     }
 
-    /// Makes `value` current.
+    /// Makes `value` current for good.
     pub fn set(&self, value: SecretValue) {
+        self.store(value, None);
+    }
+
+    /// Makes a fetched `value` current, until `usable_until`.
+    pub fn set_until(&self, value: SecretValue, usable_until: Instant) {
+        self.store(value, Some(usable_until));
+    }
+
+    fn store(&self, value: SecretValue, usable_until: Option<Instant>) {
         let redactor = Arc::new(Redactor::new(&value, &self.injections));
-        self.state
-            .store(ValueState::Ready(Ready { value, redactor }));
+        self.state.store(ValueState::Ready(Ready {
+            value,
+            redactor,
+            usable_until,
+        }));
     }
 
     /// Marks the value unusable, saying why (never with the value).
@@ -67,18 +83,33 @@ impl LiveValue {
         self.state.load()
     }
 
-    /// Why the value cannot be used now, when it cannot.
-    pub fn unavailable(&self, state: &ValueState) -> Option<String> {
+    /// The value of `state` when it can be used now, else why not.
+    pub fn ready<'a>(&self, state: &'a ValueState) -> Result<&'a Ready, String> {
         match state {
-            ValueState::Ready(_) => None,
-            ValueState::Pending => Some(format!(
+            ValueState::Ready(ready)
+                if ready
+                    .usable_until
+                    .is_some_and(|until| Instant::now() >= until) =>
+            {
+                Err(format!(
+                    "its last value from {} is too old to use, and no newer one came",
+                    self.source
+                ))
+            }
+            ValueState::Ready(ready) => Ok(ready),
+            ValueState::Pending => Err(format!(
                 "its value has not been fetched from {} yet",
                 self.source
             )),
-            ValueState::Failed(reason) => Some(format!(
+            ValueState::Failed(reason) => Err(format!(
                 "its value cannot be fetched from {}: {reason}",
                 self.source
             )),
         }
+    }
+
+    /// Why the value cannot be used now, when it cannot.
+    pub fn unavailable(&self, state: &ValueState) -> Option<String> {
+        self.ready(state).err()
     }
 }

@@ -47,9 +47,27 @@ pub enum CommandError {
     },
 }
 
-/// Runs `argv` (an absolute program path first) with an empty environment but for `PATH`,
-/// no input, and `timeout`; returns its standard output. The daemon's environment (which may
-/// hold a 1Password token) is not handed down.
+/// Kills every process left in the process group `group` when dropped: what a command
+/// started in the background must not outlive it, nor hold its output open.
+struct GroupKiller {
+    group: Option<i32>,
+}
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        if let Some(group) = self.group {
+            // SAFETY: kill(2) on a process group this command leads; ESRCH when it is empty.
+            unsafe {
+                libc::kill(-group, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Runs `argv` (an absolute program path first) in a process group of its own, with an
+/// empty environment but for `PATH`, no input, and `timeout`; returns its standard output.
+/// The daemon's environment (which may hold a 1Password token) is not handed down. When the
+/// program exits, or the time is up, whatever it left running in its group is killed.
 pub async fn run(argv: &[String], timeout: Duration) -> Result<Vec<u8>, CommandError> {
     let program = argv[0].clone();
     let mut child = tokio::process::Command::new(&program)
@@ -59,29 +77,35 @@ pub async fn run(argv: &[String], timeout: Duration) -> Result<Vec<u8>, CommandE
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| CommandError::Start {
             program: program.clone(),
             source,
         })?;
+    let mut group = GroupKiller {
+        group: child.id().and_then(|pid| i32::try_from(pid).ok()),
+    };
     let mut stdout = child.stdout.take().expect("stdout is piped");
+    let output_error = |source| CommandError::Output {
+        program: program.clone(),
+        source,
+    };
     let finished = async {
         let mut output = Vec::new();
         // One byte over the limit is enough to tell that it is too long.
-        (&mut stdout)
-            .take((MAX_VALUE_BYTES + 3) as u64)
-            .read_to_end(&mut output)
-            .await
-            .map_err(|source| CommandError::Output {
-                program: program.clone(),
-                source,
-            })?;
-        let status = child.wait().await.map_err(|source| CommandError::Output {
-            program: program.clone(),
-            source,
-        })?;
-        Ok::<_, CommandError>((output, status))
+        let mut limited = (&mut stdout).take((MAX_VALUE_BYTES + 3) as u64);
+        let reading = limited.read_to_end(&mut output);
+        let waiting = async {
+            let status = child.wait().await;
+            // A background child may still hold the output open: the program is done.
+            drop(std::mem::replace(&mut group, GroupKiller { group: None }));
+            status
+        };
+        let (read, status) = tokio::join!(reading, waiting);
+        read.map_err(output_error)?;
+        Ok::<_, CommandError>((output, status.map_err(output_error)?))
     };
     let (output, status) = tokio::time::timeout(timeout, finished)
         .await

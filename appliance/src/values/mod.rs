@@ -4,6 +4,7 @@
 //! after that, requests that need it are refused (fail closed) until the source answers.
 
 mod command;
+mod file;
 mod onepassword;
 
 use std::collections::{HashMap, HashSet};
@@ -34,6 +35,8 @@ pub struct SourceSettings {
     pub timeout: Duration,
     /// Whether secrets may take their value from a command (run as the daemon's user).
     pub allow_commands: bool,
+    /// The directories `file` sources may read from.
+    pub file_dirs: Vec<PathBuf>,
     /// 1Password Connect, when configured.
     pub onepassword: Option<ConnectSettings>,
     /// systemd's `$CREDENTIALS_DIRECTORY`.
@@ -47,14 +50,16 @@ pub struct SourceSettings {
 /// Why a source gave no value. Never carries the value.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    /// A file (or credential) could not be read.
-    #[error("reading {} failed", path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
+    /// A file (or credential) cannot be read, or may not be.
+    #[error(transparent)]
+    File(#[from] file::FileError),
+    /// The source did not answer in time.
+    #[error("{what} did not answer within {seconds} s")]
+    Timeout {
+        /// What was asked.
+        what: String,
+        /// The limit.
+        seconds: u64,
     },
     /// The source gave nothing.
     #[error("{what} is empty")]
@@ -119,17 +124,8 @@ fn value_from_bytes(mut bytes: Vec<u8>, what: &str) -> Result<SecretValue, Sourc
     SecretValue::new(bytes).map_err(|_| SourceError::Empty { what: what.into() })
 }
 
-async fn read_file(path: &Path, what: &str) -> Result<SecretValue, SourceError> {
-    let read = |source| SourceError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
-    let length = tokio::fs::metadata(path).await.map_err(read)?.len();
-    if length > (MAX_VALUE_BYTES + 2) as u64 {
-        return Err(SourceError::TooLong { what: what.into() });
-    }
-    value_from_bytes(tokio::fs::read(path).await.map_err(read)?, what)
-}
+/// How many values are fetched at once.
+const CONCURRENT_FETCHES: usize = 16;
 
 /// What the cache knows of one secret's fetched value.
 struct Entry {
@@ -147,8 +143,12 @@ struct Entry {
 /// The value sources: fetching, and the in-memory cache of fetched values.
 pub struct Sources {
     settings: SourceSettings,
+    /// `settings.file_dirs` as real paths.
+    file_dirs: Vec<PathBuf>,
     connect: Option<onepassword::Connect>,
     entries: Mutex<HashMap<String, Entry>>,
+    /// Value files found readable by every user, warned about once each.
+    readable_by_all: Mutex<HashSet<PathBuf>>,
     wake: Notify,
 }
 
@@ -164,9 +164,11 @@ impl Sources {
             )
         });
         Self {
+            file_dirs: file::real_directories(&settings.file_dirs),
             settings,
             connect,
             entries: Mutex::new(HashMap::new()),
+            readable_by_all: Mutex::new(HashSet::new()),
             wake: Notify::new(),
         }
     }
@@ -177,36 +179,87 @@ impl Sources {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Fetches the value of `source` now, bypassing the cache.
+    /// Reads a value file off the reactor: inside the allowed directories when `confined`
+    /// (a credential lies in systemd's directory for the daemon), under the checks of
+    /// [`file::read`].
+    async fn read_file(
+        &self,
+        path: &Path,
+        confined: bool,
+        what: &str,
+    ) -> Result<SecretValue, SourceError> {
+        let allowed = confined.then(|| self.file_dirs.clone());
+        let owned = path.to_path_buf();
+        let read = tokio::task::spawn_blocking(move || file::read(&owned, allowed.as_deref()))
+            .await
+            .map_err(|error| {
+                SourceError::File(file::FileError::Read {
+                    path: path.to_path_buf(),
+                    source: io::Error::other(error.to_string()),
+                })
+            })??;
+        if read.world_readable
+            && self
+                .readable_by_all
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .insert(path.to_path_buf())
+        {
+            warn!(path = %path.display(), "a value file is readable by every user; chmod o-r it");
+        }
+        value_from_bytes(read.bytes, what)
+    }
+
+    /// Fetches the value of `source` now, bypassing the cache, within the configured
+    /// timeout: a source that hangs (a FIFO, a hung network file system, a stuck server)
+    /// fails instead of holding the others up.
     pub async fn fetch(&self, source: &ValueSource) -> Result<SecretValue, SourceError> {
         let what = source.describe();
-        let fetched = match source {
+        // A moment past the limit that commands and 1Password keep themselves, so that
+        // theirs, which says more, comes first.
+        let limit = self.settings.timeout + Duration::from_secs(1);
+        let fetched = tokio::time::timeout(limit, self.fetch_now(source, &what))
+            .await
+            .unwrap_or_else(|_| {
+                Err(SourceError::Timeout {
+                    what: what.clone(),
+                    seconds: limit.as_secs(),
+                })
+            });
+        let result = if fetched.is_ok() { "ok" } else { "failed" };
+        metrics::count(&METRICS.value_fetches, &[source.kind().as_str(), result]);
+        fetched
+    }
+
+    async fn fetch_now(
+        &self,
+        source: &ValueSource,
+        what: &str,
+    ) -> Result<SecretValue, SourceError> {
+        match source {
             ValueSource::Inline => Err(SourceError::Inline),
-            ValueSource::File(path) => read_file(path, &what).await,
+            ValueSource::File(path) => self.read_file(path, true, what).await,
             ValueSource::Credential(name) => {
                 let dir = self
                     .settings
                     .credentials_dir
                     .as_deref()
                     .ok_or(SourceError::NoCredentials)?;
-                read_file(&dir.join(name), &what).await
+                self.read_file(&dir.join(name), false, what).await
             }
             ValueSource::Command(argv) => {
                 if !self.settings.allow_commands {
                     return Err(SourceError::CommandsDisabled);
                 }
                 let output = command::run(argv, self.settings.timeout).await?;
-                value_from_bytes(output, &what)
+                value_from_bytes(output, what)
             }
             ValueSource::OnePassword(reference) => {
                 let connect = self.connect.as_ref().ok_or(SourceError::NoConnect)?;
                 let text = connect.resolve(reference).await?;
-                value_from_bytes(text.as_bytes().to_vec(), &what)
+                value_from_bytes(text.as_bytes().to_vec(), what)
             }
-        };
-        let result = if fetched.is_ok() { "ok" } else { "failed" };
-        metrics::count(&METRICS.value_fetches, &[source.kind().as_str(), result]);
-        fetched
+        }
     }
 
     /// Keeps `value`, just fetched from `source` for the secret `id`, so that the next host
@@ -224,6 +277,11 @@ impl Sources {
             },
         );
         self.wake.notify_one();
+    }
+
+    /// When a value fetched at `fetched` becomes too old to use.
+    fn usable_until(&self, fetched: Instant) -> Instant {
+        fetched + self.settings.ttl + self.settings.max_stale
     }
 
     fn refresh_after(&self) -> Duration {
@@ -256,10 +314,8 @@ impl Sources {
         }
         entry.live = Some(Arc::clone(&live));
         match (&entry.good, &entry.failing) {
-            (Some((value, fetched)), _)
-                if now < *fetched + self.settings.ttl + self.settings.max_stale =>
-            {
-                live.set(value.clone());
+            (Some((value, fetched)), _) if now < self.usable_until(*fetched) => {
+                live.set_until(value.clone(), self.usable_until(*fetched));
             }
             (_, Some(reason)) => live.fail(reason.clone()),
             _ => {}
@@ -281,10 +337,12 @@ impl Sources {
         self.entries().retain(|id, _| ids.contains(id.as_str()));
     }
 
-    /// Fetches every value that is due, and applies the results: a fresh value is used at
-    /// once; a failure keeps the last good value until `ttl + max_stale` after it was
-    /// fetched, then makes requests that need it fail.
-    pub async fn refresh_due(&self) {
+    /// Fetches every value that is due, several at once (each within the timeout, so one
+    /// source that hangs holds no other up), and applies the results: a fresh value is used
+    /// at once; a failure keeps the last good value until `ttl + max_stale` after it was
+    /// fetched, then makes requests that need it fail. Requests check that age themselves
+    /// too, so a value is never used longer, whatever the refresher is doing.
+    pub async fn refresh_due(self: &Arc<Self>) {
         let now = Instant::now();
         let due: Vec<(String, ValueSource)> = self
             .entries()
@@ -292,44 +350,63 @@ impl Sources {
             .filter(|(_, entry)| entry.due <= now)
             .map(|(id, entry)| (id.clone(), entry.source.clone()))
             .collect();
+        let at_once = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_FETCHES));
+        let mut fetches = tokio::task::JoinSet::new();
         for (id, source) in due {
-            let fetched = self.fetch(&source).await;
-            let now = Instant::now();
-            let mut entries = self.entries();
-            // Deleted or changed while fetching: the next round deals with it.
-            let Some(entry) = entries.get_mut(&id).filter(|entry| entry.source == source) else {
-                continue;
-            };
-            match fetched {
-                Ok(value) => {
-                    if entry.failing.take().is_some() {
-                        info!(secret_id = %id, source = %source.describe(), "value source answers again");
-                    }
+            let sources = Arc::clone(self);
+            let at_once = Arc::clone(&at_once);
+            fetches.spawn(async move {
+                let _permit = at_once.acquire_owned().await;
+                let fetched = sources.fetch(&source).await;
+                (id, source, fetched)
+            });
+        }
+        while let Some(done) = fetches.join_next().await {
+            match done {
+                Ok((id, source, fetched)) => self.apply(&id, &source, fetched),
+                // Its entry stays due: the next round fetches it again.
+                Err(error) => warn!(%error, "fetching a secret's value panicked"),
+            }
+        }
+    }
+
+    /// Applies what fetching `source` for the secret `id` gave.
+    fn apply(&self, id: &str, source: &ValueSource, fetched: Result<SecretValue, SourceError>) {
+        let now = Instant::now();
+        let mut entries = self.entries();
+        // Deleted or changed while fetching: the next round deals with it.
+        let Some(entry) = entries.get_mut(id).filter(|entry| entry.source == *source) else {
+            return;
+        };
+        match fetched {
+            Ok(value) => {
+                if entry.failing.take().is_some() {
+                    info!(secret_id = %id, source = %source.describe(), "value source answers again");
+                }
+                if let Some(live) = &entry.live {
+                    live.set_until(value.clone(), self.usable_until(now));
+                }
+                entry.good = Some((value, now));
+                entry.due = now + self.refresh_after();
+            }
+            Err(error) => {
+                let reason = error.chain();
+                let usable_until = entry
+                    .good
+                    .as_ref()
+                    .map(|(_, fetched)| self.usable_until(*fetched));
+                let stale = usable_until.is_none_or(|until| now >= until);
+                if entry.failing.as_deref() != Some(reason.as_str()) {
+                    warn!(secret_id = %id, source = %source.describe(), error = %reason, using_last_good = !stale, "fetching a secret's value failed");
+                }
+                if stale {
                     if let Some(live) = &entry.live {
-                        live.set(value.clone());
+                        live.fail(reason.clone());
                     }
-                    entry.good = Some((value, now));
-                    entry.due = now + self.refresh_after();
+                    entry.good = None;
                 }
-                Err(error) => {
-                    let reason = error.chain();
-                    let usable_until = entry
-                        .good
-                        .as_ref()
-                        .map(|(_, fetched)| *fetched + self.settings.ttl + self.settings.max_stale);
-                    let stale = usable_until.is_none_or(|until| now >= until);
-                    if entry.failing.as_deref() != Some(reason.as_str()) {
-                        warn!(secret_id = %id, source = %source.describe(), error = %reason, using_last_good = !stale, "fetching a secret's value failed");
-                    }
-                    if stale {
-                        if let Some(live) = &entry.live {
-                            live.fail(reason.clone());
-                        }
-                        entry.good = None;
-                    }
-                    entry.failing = Some(reason);
-                    entry.due = now + self.retry_after();
-                }
+                entry.failing = Some(reason);
+                entry.due = now + self.retry_after();
             }
         }
     }

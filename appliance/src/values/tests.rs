@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use super::*;
-use crate::injection::ValueState;
 use crate::model::SecretSpec;
 use crate::test_support::temp_dir;
 
@@ -13,6 +12,7 @@ fn settings(ttl_ms: u64, stale_ms: u64) -> SourceSettings {
         max_stale: Duration::from_millis(stale_ms),
         timeout: Duration::from_secs(2),
         allow_commands: true,
+        file_dirs: vec![std::env::temp_dir()],
         onepassword: None,
         credentials_dir: None,
         own_mark: 0,
@@ -29,10 +29,9 @@ fn spec(source: serde_json::Value) -> SecretSpec {
 }
 
 fn current(live: &LiveValue) -> Result<String, String> {
-    match &*live.state() {
-        ValueState::Ready(ready) => Ok(String::from_utf8(ready.value.expose().to_vec()).unwrap()),
-        state => Err(live.unavailable(state).unwrap()),
-    }
+    let state = live.state();
+    live.ready(&state)
+        .map(|ready| String::from_utf8(ready.value.expose().to_vec()).unwrap())
 }
 
 #[tokio::test]
@@ -40,7 +39,7 @@ async fn a_file_is_read_again_within_its_ttl_and_its_last_good_value_outlives_it
     let dir = temp_dir("values-file");
     let file = dir.join("key");
     std::fs::write(&file, "sk-first\n").unwrap();
-    let sources = Sources::new(settings(300, 300));
+    let sources = Arc::new(Sources::new(settings(300, 300)));
     let spec = spec(serde_json::json!({"valueFile": file}));
     let live = sources.live("sec_1", &spec);
     assert!(current(&live).unwrap_err().contains("not been fetched"));
@@ -133,6 +132,84 @@ async fn commands_run_without_a_shell_or_the_daemons_environment() {
             .await,
         Err(SourceError::CommandsDisabled)
     ));
+}
+
+#[tokio::test]
+async fn a_commands_background_children_are_killed_when_it_exits() {
+    let dir = temp_dir("values-background");
+    let pid_file = dir.join("pid");
+    let sources = Sources::new(SourceSettings {
+        timeout: Duration::from_secs(30),
+        ..settings(1000, 1000)
+    });
+    // The background sleep holds the output open: without the group kill, the fetch would
+    // wait for it until the timeout and fail.
+    let script = format!(
+        "/bin/sleep 60 & echo $! > {}; echo sk-background",
+        pid_file.display()
+    );
+    let value = sources
+        .fetch(&ValueSource::Command(vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            script,
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(value.expose(), b"sk-background");
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    let stat = format!("/proc/{}/stat", pid.trim());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    // Gone, or a zombie waiting for init to reap it.
+    while std::fs::read_to_string(&stat).is_ok_and(|stat| !stat.contains(") Z ")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the background child outlived its command"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_value_is_not_used_past_its_age_even_when_the_refresher_does_not_come() {
+    let dir = temp_dir("values-age");
+    let file = dir.join("key");
+    std::fs::write(&file, "sk-aging").unwrap();
+    let sources = Arc::new(Sources::new(settings(100, 100)));
+    let live = sources.live("sec_1", &spec(serde_json::json!({"valueFile": file})));
+    sources.refresh_due().await;
+    assert_eq!(current(&live).unwrap(), "sk-aging");
+    // No refresh runs: a refresher held up by a hanging source.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refused = current(&live).unwrap_err();
+    assert!(refused.contains("too old to use"), "{refused}");
+}
+
+#[tokio::test]
+async fn value_files_are_read_only_inside_the_configured_directories() {
+    let dir = temp_dir("values-directories");
+    let allowed = dir.join("allowed");
+    std::fs::create_dir_all(&allowed).unwrap();
+    std::fs::write(allowed.join("key"), "sk-allowed").unwrap();
+    let sources = Sources::new(SourceSettings {
+        file_dirs: vec![allowed.clone()],
+        ..settings(1000, 1000)
+    });
+    let fetch = |path: PathBuf| {
+        let sources = &sources;
+        async move { sources.fetch(&ValueSource::File(path)).await }
+    };
+    assert_eq!(
+        fetch(allowed.join("key")).await.unwrap().expose(),
+        b"sk-allowed"
+    );
+    for outside in ["/etc/shadow", "/proc/self/environ"] {
+        let refused = fetch(PathBuf::from(outside)).await.unwrap_err().chain();
+        assert!(
+            refused.contains("outside the directories") && refused.contains("values.file_dirs"),
+            "{refused}"
+        );
+    }
 }
 
 #[tokio::test]
