@@ -62,6 +62,17 @@ pub struct TrustError {
     source: io::Error,
 }
 
+/// Why the trust directory is not the daemon's own.
+#[derive(Debug, thiserror::Error)]
+enum NotOwnDirectory {
+    #[error("it is a symbolic link, not a directory; remove it")]
+    Link,
+    #[error("it is not a directory; remove it")]
+    NotADirectory,
+    #[error("it belongs to uid {0}, not to the daemon's user; remove it (another user made it in a directory they may write)")]
+    Owner(u32),
+}
+
 /// The trust directory, as the daemon keeps it.
 pub struct TrustFiles {
     dir: PathBuf,
@@ -127,21 +138,63 @@ impl TrustFiles {
         }
     }
 
-    /// Writes `contents` to `name` in the directory, world-readable, replacing it whole.
+    /// Writes `contents` to `name` in the directory, world-readable, replacing it whole. The
+    /// partial file is made anew (`O_EXCL`, so never through a link someone left in its
+    /// place), and its mode set on the open file.
     fn publish(&self, name: &str, contents: &[u8]) -> Result<(), TrustError> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
         let path = self.dir.join(name);
         let partial = self.dir.join(format!(".{name}.partial"));
-        fs::write(&partial, contents).map_err(Self::error("writing", &partial))?;
-        fs::set_permissions(&partial, fs::Permissions::from_mode(0o644))
+        match fs::remove_file(&partial) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => return Err(Self::error("removing", &partial)(error)),
+        }
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&partial)
+            .map_err(Self::error("creating", &partial))?;
+        file.write_all(contents)
+            .map_err(Self::error("writing", &partial))?;
+        file.set_permissions(fs::Permissions::from_mode(0o644))
             .map_err(Self::error("setting permissions of", &partial))?;
         fs::rename(&partial, &path).map_err(Self::error("replacing", &path))
     }
 
+    /// Creates the directory, or checks that the one there is the daemon's own: the socket
+    /// may live in a directory others can write, where another user could have made it, or
+    /// put a link there, to have root write and chmod files where they choose.
+    fn own_directory(&self) -> Result<(), TrustError> {
+        use std::os::unix::fs::MetadataExt as _;
+        fs::create_dir_all(&self.dir).map_err(Self::error("creating", &self.dir))?;
+        let meta = fs::symlink_metadata(&self.dir).map_err(Self::error("inspecting", &self.dir))?;
+        // SAFETY: geteuid has no preconditions.
+        let own_uid = unsafe { libc::geteuid() };
+        let wrong = if meta.file_type().is_symlink() {
+            Some(NotOwnDirectory::Link)
+        } else if !meta.is_dir() {
+            Some(NotOwnDirectory::NotADirectory)
+        } else if meta.uid() != own_uid {
+            Some(NotOwnDirectory::Owner(meta.uid()))
+        } else {
+            None
+        };
+        if let Some(wrong) = wrong {
+            return Err(Self::error("using the trust directory", &self.dir)(
+                io::Error::new(io::ErrorKind::PermissionDenied, wrong),
+            ));
+        }
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o755))
+            .map_err(Self::error("setting permissions of", &self.dir))
+    }
+
     /// Builds every file for the CA certificate `ca_pem`.
     pub fn write(&self, ca_pem: &str) -> Result<(), TrustError> {
-        fs::create_dir_all(&self.dir).map_err(Self::error("creating", &self.dir))?;
-        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o755))
-            .map_err(Self::error("setting permissions of", &self.dir))?;
+        self.own_directory()?;
         self.publish(CA_FILE, ca_pem.as_bytes())?;
         let system = system_bundle();
         let mut bundle = match &system {
@@ -391,6 +444,40 @@ pub fn is_ready(dir: &Path) -> bool {
 mod tests {
     use super::*;
     use crate::test_support::temp_dir;
+
+    #[test]
+    fn links_in_the_trust_directory_are_never_written_through() {
+        let dir = temp_dir("trust-links");
+        let victim = dir.join("victim");
+        fs::write(&victim, "untouched").unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
+        let ca = "-----BEGIN CERTIFICATE-----\nAPPLIANCE\n-----END CERTIFICATE-----\n";
+
+        // A trust directory that is a link to another directory is refused.
+        let elsewhere = dir.join("elsewhere");
+        fs::create_dir_all(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.join("linked")).unwrap();
+        let error = TrustFiles::new(dir.join("linked")).write(ca).unwrap_err();
+        assert!(
+            format!("{:#}", anyhow::Error::new(error)).contains("symbolic link"),
+            "refused"
+        );
+        assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0);
+
+        // Links left where the partial files go are replaced, not followed.
+        let trust = dir.join("trust");
+        fs::create_dir_all(&trust).unwrap();
+        for name in [CA_FILE, BUNDLE_FILE, ENV_FILE] {
+            std::os::unix::fs::symlink(&victim, trust.join(format!(".{name}.partial"))).unwrap();
+        }
+        TrustFiles::new(trust.clone()).write(ca).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "untouched");
+        assert_eq!(
+            fs::metadata(&victim).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(fs::read_to_string(trust.join(CA_FILE)).unwrap(), ca);
+    }
 
     #[test]
     fn the_bundle_keeps_the_system_roots_and_adds_the_ca() {
