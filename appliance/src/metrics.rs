@@ -32,6 +32,8 @@ pub struct Metrics {
     pub injections: IntCounterVec,
     /// Occurrences of a secret (in any of its forms) masked in responses.
     pub redactions: IntCounter,
+    /// Audit events the durable log could not write (a full disk), each lost whole.
+    pub audit_events_lost: IntCounter,
     /// Connections the engine accepted, by what it did with them.
     pub connections: IntCounterVec,
     /// Connections the engine closed at once: no capture record, or the lookup failed.
@@ -95,7 +97,15 @@ impl Metrics {
                 "Occurrences of a secret, in any of its forms, masked in responses.",
             ),
         );
+        let audit_events_lost = registered(
+            &registry,
+            IntCounter::new(
+                "appliance_audit_events_lost_total",
+                "Audit events the durable log could not write (a full disk), each lost whole.",
+            ),
+        );
         Self {
+            audit_events_lost,
             requests: counter(
                 "appliance_requests_total",
                 "Intercepted requests, by agent, host, secrets injected and outcome.",

@@ -195,6 +195,25 @@ struct SecretLine<'a> {
     name: &'a str,
 }
 
+/// The most of a request's path an audit event keeps: the agent chooses the path, and
+/// whatever it sends is kept in memory, on disk and in every `/v1/events` answer.
+const MAX_AUDITED_PATH: usize = 1024;
+
+/// Cuts `path` to [`MAX_AUDITED_PATH`] bytes (at a character boundary), saying how long it
+/// was.
+fn cap_path(path: &mut String) {
+    if path.len() <= MAX_AUDITED_PATH {
+        return;
+    }
+    let length = path.len();
+    let mut end = MAX_AUDITED_PATH;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    path.truncate(end);
+    path.push_str(&format!("…[{length} bytes]"));
+}
+
 /// A bounded log of recent events with increasing sequence numbers. Events are rendered as
 /// JSON only when read, or by the durable log's own thread: recording one stays cheap.
 pub struct EventLog {
@@ -203,6 +222,8 @@ pub struct EventLog {
     latest: watch::Sender<u64>,
     last_used: Arc<file::LastUsed>,
     durable: Mutex<Option<file::Writer>>,
+    /// Where the durable log reserves sequence numbers, and up to which it has.
+    reserved: Option<(std::path::PathBuf, std::sync::atomic::AtomicU64)>,
 }
 
 /// The durable log could not be opened.
@@ -223,6 +244,7 @@ impl EventLog {
             latest: watch::Sender::new(0),
             last_used: Arc::default(),
             durable: Mutex::new(None),
+            reserved: None,
         }
     }
 
@@ -232,10 +254,15 @@ impl EventLog {
     pub fn open(capacity: usize, settings: AuditFileSettings) -> Result<Self, AuditLogError> {
         let dir = settings.dir.clone();
         let (writer, last_used, recent) =
-            file::open(settings).map_err(|source| AuditLogError { dir, source })?;
+            file::open(settings, capacity).map_err(|source| AuditLogError {
+                dir: dir.clone(),
+                source,
+            })?;
+        let reserved = file::reserved_sequence(&dir);
         let log = Self {
             last_used,
             durable: Mutex::new(Some(writer)),
+            reserved: Some((dir, std::sync::atomic::AtomicU64::new(reserved))),
             ..Self::new(capacity)
         };
         let mut entries = log.lock();
@@ -247,10 +274,34 @@ impl EventLog {
                 .filter_map(Recorded::from_json)
                 .map(Arc::new),
         );
-        let latest = entries.back().map_or(0, |recorded| recorded.sequence);
+        // Past what an earlier run reserved: its last events may never have reached the
+        // files (a full disk, a crash), and their numbers must not come again.
+        let latest = entries
+            .back()
+            .map_or(0, |recorded| recorded.sequence)
+            .max(reserved);
         drop(entries);
         log.latest.send_replace(latest);
+        log.reserve_past(latest);
         Ok(log)
+    }
+
+    /// Reserves sequence numbers past `sequence` when the reservation does not cover it.
+    fn reserve_past(&self, sequence: u64) {
+        use std::sync::atomic::Ordering;
+        let Some((dir, until)) = &self.reserved else {
+            return;
+        };
+        if sequence < until.load(Ordering::Relaxed) {
+            return;
+        }
+        let next = sequence + file::SEQUENCE_BLOCK;
+        match file::reserve_sequence(dir, next) {
+            Ok(()) => until.store(next, Ordering::Relaxed),
+            Err(error) => {
+                tracing::warn!(%error, dir = %dir.display(), "cannot reserve audit sequence numbers; after a restart some may be used again")
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Recorded>>> {
@@ -278,7 +329,8 @@ impl EventLog {
     }
 
     /// Records `event`, writes it as a log line and counts it in the metrics.
-    pub fn record(&self, event: AuditEvent) {
+    pub fn record(&self, mut event: AuditEvent) {
+        cap_path(&mut event.path);
         let secrets: Vec<&str> = event.secrets.iter().map(|s| &*s.name).collect();
         crate::metrics::count_request(
             event.agent.as_deref().unwrap_or(""),
@@ -313,6 +365,8 @@ impl EventLog {
             .back()
             .map_or_else(|| self.latest(), |last| last.sequence)
             + 1;
+        // Under the entries' lock: one reservation at a time, before the number is used.
+        self.reserve_past(sequence);
         let recorded = Arc::new(Recorded {
             sequence,
             time,
@@ -405,6 +459,43 @@ mod tests {
         assert_eq!(read.time, recorded.time);
         assert_eq!(read.event, recorded.event);
         assert!(Recorded::from_json(&json!({"seq": 1})).is_none());
+    }
+
+    #[test]
+    fn sequence_numbers_are_never_used_twice_across_restarts_even_when_lines_were_lost() {
+        let settings = AuditFileSettings {
+            dir: crate::test_support::temp_dir("audit-sequence").join("audit"),
+            max_file_bytes: 1 << 20,
+            keep_files: 1,
+        };
+        let log = EventLog::open(10, settings.clone()).unwrap();
+        for path in ["/1", "/2", "/3"] {
+            log.record(event(path));
+        }
+        log.close();
+        assert_eq!(log.latest(), 3);
+        // The lines never reached the disk (it was full, or the machine crashed).
+        std::fs::remove_file(settings.dir.join("events.jsonl")).unwrap();
+        let log = EventLog::open(10, settings).unwrap();
+        log.record(event("/4"));
+        log.close();
+        let after = log.latest();
+        assert!(after > 3, "sequence number {after} used again");
+        // A follower at after=3 sees the new event.
+        assert_eq!(log.since(3).len(), 1);
+    }
+
+    #[test]
+    fn an_agents_long_path_is_kept_cut_to_size() {
+        let log = EventLog::new(2);
+        let long = format!("/{}", "é".repeat(30_000));
+        log.record(event(&long));
+        let kept = log.since(0)[0]["path"].as_str().unwrap().to_owned();
+        assert!(kept.len() < MAX_AUDITED_PATH + 32, "{} bytes", kept.len());
+        assert!(
+            kept.starts_with("/éé") && kept.ends_with("…[60001 bytes]"),
+            "{kept}"
+        );
     }
 
     #[test]
