@@ -55,9 +55,10 @@ impl Injector for TestInjector {
         &self,
         _host: &str,
         _agent: Option<&str>,
+        path: &appliance::request_path::Readings,
         request: &mut http::request::Parts,
     ) -> Verdict {
-        if request.uri.path() == "/blocked" {
+        if path.normalized() == "/blocked" {
             return Verdict::Block {
                 reason: "blocked by test rule".into(),
             };
@@ -659,7 +660,7 @@ async fn status_of(fixture: &Fixture, path: &str, extra: &[&str]) -> String {
 }
 
 #[tokio::test]
-async fn rules_see_and_the_upstream_gets_one_normalized_path_over_http1_and_http2() {
+async fn rules_see_every_reading_and_the_upstream_gets_the_path_as_sent_over_http1_and_http2() {
     let fixture = start("paths").await;
     for version in ["--http1.1", "--http2"] {
         // Every spelling of /blocked is blocked, and never reaches the upstream.
@@ -684,11 +685,16 @@ async fn rules_see_and_the_upstream_gets_one_normalized_path_over_http1_and_http
                 "{path} {version}"
             );
         }
-        // The upstream receives the path that was decided on; the query stays as sent.
-        assert_eq!(
-            status_of(&fixture, "/x/./y//../echo?a=%2e%2E", &[version]).await,
-            "200"
-        );
+        // The upstream receives the path as the client sent it: an object store's key with
+        // `//`, a URL inside a path, a signature over the path all arrive unchanged.
+        for path in [
+            "/x/./y//../echo?a=%2e%2E",
+            "/bucket/logs//2024/a",
+            "/https://example.com/page",
+            "/kv/app/%2e",
+        ] {
+            assert_eq!(status_of(&fixture, path, &[version]).await, "200", "{path}");
+        }
     }
     let targets: Vec<String> = fixture
         .seen
@@ -696,7 +702,13 @@ async fn rules_see_and_the_upstream_gets_one_normalized_path_over_http1_and_http
         .into_iter()
         .map(|request| request.target)
         .collect();
-    assert_eq!(targets, ["/x/echo?a=%2e%2E", "/x/echo?a=%2e%2E"]);
+    let sent = [
+        "/x/./y//../echo?a=%2e%2E",
+        "/bucket/logs//2024/a",
+        "/https://example.com/page",
+        "/kv/app/%2e",
+    ];
+    assert_eq!(targets, [sent, sent].concat());
     let outcomes: Vec<String> = fixture
         .events
         .since(0)

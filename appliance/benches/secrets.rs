@@ -143,8 +143,9 @@ fn main() {
                     .unwrap()
                     .into_parts()
                     .0;
+                let readings = appliance::request_path::Readings::of("/v1/x").unwrap();
                 assert!(matches!(
-                    injector.prepare(&host, None, &mut parts),
+                    injector.prepare(&host, None, &readings, &mut parts),
                     Verdict::Forward { .. }
                 ));
             }

@@ -1,7 +1,10 @@
-//! One path per request. Secrets' path patterns and access rules are matched against the
-//! normalized path, and that same path is forwarded, so what was checked is what the upstream
-//! resolves: `/allowed/../other`, `//admin`, `/./admin` and `/%61dmin` are decided as the
-//! `/other` and `/admin` they are.
+//! Every reading of a request path, for decisions. Upstreams resolve a path in different
+//! ways: most normalize it (`/allowed/../other`, `//admin`, `/./admin` and `/%61dmin` are the
+//! `/other` and `/admin` they are), object stores keep `//` and `..` as parts of a key, and
+//! some decode `%2F` before routing. Secrets' path patterns must match every reading and a
+//! block rule holds when it matches any ([`Readings`]); the request itself is forwarded as
+//! the client sent it, so a signature over that path, a key with `//` or a URL in a path
+//! arrive unchanged.
 //!
 //! Normalization (RFC 3986 §6.2.2): percent-escapes of unreserved characters are decoded and
 //! the others upper-cased, dot segments are removed (§5.2.4), and runs of `/` become one.
@@ -138,6 +141,47 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     remove_dot_segments(&escaped).map(Cow::Owned)
 }
 
+/// The readings of one request path that decisions hold for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readings {
+    normalized: String,
+    /// The others, each differing from the normalized path and from each other.
+    others: Vec<String>,
+}
+
+impl Readings {
+    /// The readings of `path` (as sent, without its query): the normalized path; the path as
+    /// sent with its escapes made canonical (what an upstream that keeps `//` and `..`
+    /// resolves); and the normalized path with its encoded slashes decoded. Refused when one
+    /// of them cannot be made without guessing.
+    pub fn of(path: &str) -> Result<Self, PathError> {
+        let normalized = normalize(path)?.into_owned();
+        let mut others = Vec::new();
+        if normalized != path {
+            let as_sent = normalize_escapes(path)?;
+            if as_sent != normalized {
+                others.push(as_sent);
+            }
+        }
+        if let Some(decoded) = with_slashes_decoded(&normalized)? {
+            if decoded != normalized && !others.contains(&decoded) {
+                others.push(decoded);
+            }
+        }
+        Ok(Self { normalized, others })
+    }
+
+    /// The normalized path: the one logs and the audit name.
+    pub fn normalized(&self) -> &str {
+        &self.normalized
+    }
+
+    /// Every reading, the normalized one first.
+    pub fn all(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.normalized.as_str()).chain(self.others.iter().map(String::as_str))
+    }
+}
+
 /// The normalized path read with every `%2F` as `/`, when it has one: how an upstream that
 /// decodes slashes before routing sees it. Decoding makes new segments, which may be dot
 /// segments to remove, or ones that cannot be read without guessing (`..;`): then the path
@@ -152,6 +196,34 @@ pub fn with_slashes_decoded(normalized: &str) -> Result<Option<String>, PathErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_is_read_as_sent_normalized_and_with_its_slashes_decoded() {
+        let all = |path: &str| -> Vec<String> {
+            Readings::of(path)
+                .unwrap()
+                .all()
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(all("/v1/messages"), ["/v1/messages"]);
+        // An object store keeps `//` and `..`: the key as sent is a reading of its own.
+        assert_eq!(
+            all("/bucket/logs//2024/a"),
+            ["/bucket/logs/2024/a", "/bucket/logs//2024/a"]
+        );
+        assert_eq!(
+            all("/bucket/private/../public/x"),
+            ["/bucket/public/x", "/bucket/private/../public/x"]
+        );
+        // Escapes of unreserved characters read the same either way.
+        assert_eq!(all("/%61dmin/x"), ["/admin/x"]);
+        assert_eq!(
+            all("/a/group%2f..%2Fadmin"),
+            ["/a/group%2F..%2Fadmin", "/a/admin"]
+        );
+        assert_eq!(Readings::of("/a\\b"), Err(PathError::Backslash));
+    }
 
     #[test]
     fn paths_resolve_the_way_upstreams_resolve_them() {

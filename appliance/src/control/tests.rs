@@ -99,7 +99,8 @@ fn injected(injector: &SecretInjector, host: &str, path: &str) -> Option<String>
         .unwrap()
         .into_parts()
         .0;
-    match injector.prepare(host, None, &mut parts) {
+    let readings = crate::request_path::Readings::of(parts.uri.path()).unwrap();
+    match injector.prepare(host, None, &readings, &mut parts) {
         Verdict::Forward { .. } => parts
             .headers
             .get("authorization")

@@ -257,12 +257,11 @@ impl HostTable {
 
     /// The secret rules among `candidates` that apply to `path`, least specific first, so
     /// that the most specific one is applied last and wins any conflict. An agent's own
-    /// secrets for a host replace the global ones. A rule's path pattern must match `path`
-    /// and, when the path has encoded slashes, its `decoded` reading too.
+    /// secrets for a host replace the global ones. A rule's path pattern must match every
+    /// reading of the path.
     fn matching<'a>(
         candidates: &[Candidate<'a>],
-        path: &str,
-        decoded: Option<&str>,
+        path: &request_path::Readings,
     ) -> Vec<(&'a LoadedSecret, usize, bool)> {
         let mut matched: Vec<(&LoadedSecret, usize, bool)> = candidates
             .iter()
@@ -272,9 +271,9 @@ impl HostTable {
             })
             .filter(|&(secret, rule, _)| {
                 let rule = &secret.spec.rules[rule];
-                rule.path.as_ref().is_none_or(|pattern| {
-                    pattern.matches(path) && decoded.is_none_or(|decoded| pattern.matches(decoded))
-                })
+                rule.path
+                    .as_ref()
+                    .is_none_or(|pattern| path.all().all(|reading| pattern.matches(reading)))
             })
             .collect();
         let agent_bound =
@@ -324,18 +323,17 @@ impl Injector for SecretInjector {
         self.table.load().candidates(host, agent).next().is_some()
     }
 
-    fn prepare(&self, host: &str, agent: Option<&str>, request: &mut Parts) -> Verdict {
-        // The proxy hands over the normalized path; an upstream may also read its encoded
-        // slashes as separators, so a block holds for either reading.
-        let path = request.uri.path().to_owned();
-        let Ok(decoded) = request_path::with_slashes_decoded(&path) else {
-            return Verdict::Block {
-                reason: "the path cannot be read unambiguously".into(),
-            };
-        };
+    fn prepare(
+        &self,
+        host: &str,
+        agent: Option<&str>,
+        path: &request_path::Readings,
+        request: &mut Parts,
+    ) -> Verdict {
         let table = self.table.load();
         let candidates: Vec<Candidate> = table.candidates(host, agent).collect();
-        for reading in std::iter::once(path.as_str()).chain(decoded.as_deref()) {
+        // Upstreams read a path in different ways: a block holds for any reading.
+        for reading in path.all() {
             if let Some((rule, Action::Block)) =
                 HostTable::decide(&candidates, reading, &request.method)
             {
@@ -346,7 +344,7 @@ impl Injector for SecretInjector {
         }
         let mut injected = Vec::new();
         let mut redactors: Vec<Arc<Redactor>> = Vec::new();
-        for (secret, rule, _) in HostTable::matching(&candidates, &path, decoded.as_deref()) {
+        for (secret, rule, _) in HostTable::matching(&candidates, path) {
             let rule = &secret.spec.rules[rule];
             let state = secret.value.state();
             let ready = match secret.value.ready(&state) {
@@ -367,7 +365,7 @@ impl Injector for SecretInjector {
             };
             match apply(&rule.injection, &ready.value, request) {
                 Ok(true) => {
-                    debug!(secret_id = %secret.id, secret = %secret.spec.name, %host, %path, "secret injected");
+                    debug!(secret_id = %secret.id, secret = %secret.spec.name, %host, path = path.normalized(), "secret injected");
                     if !injected
                         .iter()
                         .any(|used: &SecretUse| *used.id == *secret.id)
@@ -431,7 +429,12 @@ mod tests {
     fn prepared(injector: &SecretInjector, host: &str, target: &str) -> Parts {
         let mut parts = request_to(target);
         assert!(matches!(
-            injector.prepare(host, injector.agent(&WORKLOAD).as_deref(), &mut parts),
+            injector.prepare(
+                host,
+                injector.agent(&WORKLOAD).as_deref(),
+                &request_path::Readings::of(target).unwrap(),
+                &mut parts
+            ),
             Verdict::Forward { .. }
         ));
         parts
@@ -566,7 +569,8 @@ mod tests {
         ));
         let prepare = |target: &str| {
             let mut parts = request_to(target);
-            let verdict = injector.prepare("api.example.com", None, &mut parts);
+            let readings = request_path::Readings::of(parts.uri.path()).unwrap();
+            let verdict = injector.prepare("api.example.com", None, &readings, &mut parts);
             (verdict, parts)
         };
         // An id with an encoded slash is data: the secret is injected.
@@ -581,6 +585,15 @@ mod tests {
         let (verdict, _) = prepare("/public%2F..%2Fadmin%2Fx");
         assert!(matches!(verdict, Verdict::Block { .. }), "{verdict:?}");
         let (verdict, _) = prepare("/admin%2Fx");
+        assert!(matches!(verdict, Verdict::Block { .. }), "{verdict:?}");
+        // An upstream that keeps `..` (an object store) reads the key as sent, under
+        // /other/: the secret scoped to /allowed/ stays out, and the path is not rewritten.
+        let (verdict, parts) = prepare("/other/../allowed/x");
+        assert!(matches!(verdict, Verdict::Forward { .. }));
+        assert!(!parts.headers.contains_key("authorization"));
+        assert_eq!(parts.uri.path(), "/other/../allowed/x");
+        // A block rule holds for the path as sent too.
+        let (verdict, _) = prepare("/admin//x");
         assert!(matches!(verdict, Verdict::Block { .. }), "{verdict:?}");
     }
 

@@ -69,11 +69,12 @@ pub trait Injector: Send + Sync + 'static {
     fn intercepts(&self, host: &str, agent: Option<&str>) -> bool;
 
     /// Rewrites `request` (to a host [`Injector::intercepts`] accepted) from a workload of
-    /// `agent` and decides its fate.
+    /// `agent` and decides its fate, for every reading of its path (`path`).
     fn prepare(
         &self,
         host: &str,
         agent: Option<&str>,
+        path: &crate::request_path::Readings,
         request: &mut http::request::Parts,
     ) -> Verdict;
 }

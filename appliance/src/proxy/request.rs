@@ -1,7 +1,6 @@
 //! One intercepted request: check its target, let the injection layer rewrite it, forward it
 //! upstream, stream the answer back.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -22,7 +21,7 @@ use crate::injection::{
     RedactingBody, Redactor, Verdict, Workload,
 };
 use crate::metrics::METRICS;
-use crate::request_path::{self, PathError};
+use crate::request_path::Readings;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// Body of responses the proxy returns to clients.
@@ -187,7 +186,8 @@ async fn respond(
         Some((host, port))
             if host == *context.server_name && port.unwrap_or(default_port) == default_port => {}
         _ => {
-            warn!(server_name = %context.server_name, uri = %request.uri(), "request for another host than the TLS server name");
+            // Host and path only: an agent's own key may sit in the query.
+            warn!(server_name = %context.server_name, host = ?request_host(request.uri(), request.headers()), path = %request.uri().path(), "request for another host than the TLS server name");
             return (
                 plain(
                     StatusCode::MISDIRECTED_REQUEST,
@@ -206,41 +206,45 @@ async fn respond(
     };
     let (mut parts, body) = request.into_parts();
     let method = parts.method.clone();
-    // Decide on, and forward, one normalized path: what the rules see is what the upstream
-    // resolves.
-    let path = match normalized_target(&mut parts.uri) {
-        Ok(path) => path,
+    // Decide on every reading of the path, and forward it as sent: what the rules saw
+    // covers however the upstream resolves it, and a signature over it stays valid.
+    let readings = match Readings::of(parts.uri.path()) {
+        Ok(readings) => readings,
         Err(error) => {
-            info!(%method, uri = %parts.uri, %error, "request refused: its path cannot be normalized");
+            // The path only: an agent's own key may sit in the query.
+            info!(%method, path = %parts.uri.path(), %error, "request refused: its path cannot be read unambiguously");
             return (
                 plain(StatusCode::BAD_REQUEST, &error.to_string()),
                 Outcome::new(Disposition::Rejected, parts.uri.path(), Vec::new()),
             );
         }
     };
-    let (injected, redactors) =
-        match context
-            .injector
-            .prepare(&context.server_name, context.agent.as_deref(), &mut parts)
-        {
-            Verdict::Forward {
-                injected,
-                redactors,
-            } => (injected, redactors),
-            Verdict::Block { reason } => {
-                info!(%method, %path, %reason, "request blocked");
-                return (
-                    plain(StatusCode::FORBIDDEN, &reason),
-                    Outcome::new(Disposition::Blocked, &path, Vec::new()),
-                );
-            }
-            Verdict::Unavailable { secret, reason } => {
-                return (
-                    plain(StatusCode::BAD_GATEWAY, &reason),
-                    Outcome::new(Disposition::Failed, &path, vec![secret]),
-                );
-            }
-        };
+    let path = readings.normalized().to_owned();
+    let (injected, redactors) = match context.injector.prepare(
+        &context.server_name,
+        context.agent.as_deref(),
+        &readings,
+        &mut parts,
+    ) {
+        Verdict::Forward {
+            injected,
+            redactors,
+        } => (injected, redactors),
+        Verdict::Block { reason } => {
+            // Without the path: the agent chooses it, and the audit keeps it, cut to size.
+            info!(%method, %reason, "request blocked");
+            return (
+                plain(StatusCode::FORBIDDEN, &reason),
+                Outcome::new(Disposition::Blocked, &path, Vec::new()),
+            );
+        }
+        Verdict::Unavailable { secret, reason } => {
+            return (
+                plain(StatusCode::BAD_GATEWAY, &reason),
+                Outcome::new(Disposition::Failed, &path, vec![secret]),
+            );
+        }
+    };
     strip_hop_by_hop(&mut parts.headers, upgrade);
     if upgrade && !redactors.is_empty() {
         // Compressed messages (permessage-deflate) would hide an echoed secret.
@@ -376,29 +380,6 @@ fn inspected_body(
     headers.remove(header::CONTENT_ENCODING);
     headers.remove(header::CONTENT_LENGTH);
     Ok(RedactingBody::new(decoded, redactors).boxed())
-}
-
-/// Rewrites `uri` to carry its normalized path (the query is kept as sent) and returns that
-/// path.
-fn normalized_target(uri: &mut Uri) -> Result<String, PathError> {
-    let normalized = request_path::normalize(uri.path())?;
-    // The injection layer also decides on the slash-decoded reading: it must be readable.
-    request_path::with_slashes_decoded(&normalized)?;
-    let normalized = match normalized {
-        Cow::Borrowed(path) => return Ok(path.to_owned()),
-        Cow::Owned(path) => path,
-    };
-    let target = match uri.query() {
-        Some(query) => format!("{normalized}?{query}"),
-        None => normalized.clone(),
-    };
-    let mut parts = std::mem::take(uri).into_parts();
-    // A normalized path of a valid one is valid: it only loses characters and decodes
-    // unreserved ones.
-    parts.path_and_query =
-        Some(PathAndQuery::try_from(target).expect("a normalized path is a valid request target"));
-    *uri = Uri::from_parts(parts).expect("only the path changed");
-    Ok(normalized)
 }
 
 fn upstream_request(
