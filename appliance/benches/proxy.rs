@@ -250,6 +250,10 @@ async fn run(placement: Placement, appliance_runtime: Option<tokio::runtime::Han
         handshake_timeout: Duration::from_secs(5),
         header_read_timeout: Duration::from_secs(30),
         max_header_bytes: 64 * 1024,
+        limits: appliance::proxy::admission::Limits {
+            total: 100_000,
+            per_cgroup: 20_000,
+        },
         unintercepted: Unintercepted::PassThrough,
     };
     let proxy = Proxy::new(

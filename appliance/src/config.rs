@@ -227,6 +227,11 @@ pub struct ProxyConfig {
     pub client_timeout_seconds: u64,
     /// Largest request header block, bytes.
     pub max_header_bytes: usize,
+    /// Intercepted connections held at once, in all (each holds two descriptors).
+    pub max_connections: usize,
+    /// Intercepted connections held at once from one cgroup, so that one workload cannot
+    /// use up what the others need.
+    pub max_connections_per_cgroup: usize,
     /// Time open connections get to finish at shutdown, seconds.
     pub drain_seconds: u64,
 }
@@ -237,6 +242,8 @@ impl Default for ProxyConfig {
             unintercepted: UninterceptedConfig::PassThrough,
             client_timeout_seconds: 15,
             max_header_bytes: 64 * 1024,
+            max_connections: 100_000,
+            max_connections_per_cgroup: 20_000,
             drain_seconds: 10,
         }
     }
@@ -647,6 +654,17 @@ impl Config {
                     "is 0; give a number of seconds, such as 10".into(),
                 ));
             }
+        }
+        if self.proxy.max_connections_per_cgroup == 0
+            || self.proxy.max_connections_per_cgroup > self.proxy.max_connections
+        {
+            return Err(invalid(
+                "proxy.max_connections_per_cgroup",
+                format!(
+                    "is {}; give 1 to proxy.max_connections ({})",
+                    self.proxy.max_connections_per_cgroup, self.proxy.max_connections
+                ),
+            ));
         }
         if self.proxy.max_header_bytes < 1024 {
             return Err(invalid(

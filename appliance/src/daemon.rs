@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::api::{self, ApiSettings};
 use crate::audit::{AuditFileSettings, EventLog};
@@ -102,6 +102,10 @@ impl DaemonSettings {
             handshake_timeout: client_timeout,
             header_read_timeout: client_timeout,
             max_header_bytes: config.proxy.max_header_bytes,
+            limits: crate::proxy::admission::Limits {
+                total: config.proxy.max_connections,
+                per_cgroup: config.proxy.max_connections_per_cgroup,
+            },
             unintercepted: match config.proxy.unintercepted {
                 UninterceptedConfig::PassThrough => Unintercepted::PassThrough,
                 UninterceptedConfig::Refuse => Unintercepted::Refuse,
@@ -235,6 +239,7 @@ pub async fn run(
     reload: impl Fn() -> anyhow::Result<DaemonSettings>,
     ready: impl FnOnce(),
 ) -> anyhow::Result<()> {
+    raise_descriptor_limit();
     let (key, key_source) =
         MasterKey::load_or_create(settings.credentials_dir.as_deref(), &settings.state_dir)
             .context("loading the master key")?;
@@ -432,6 +437,30 @@ pub async fn run(
     Ok(())
 }
 
+/// Raises the soft limit on open descriptors to the hard one: every intercepted connection
+/// holds two, and the usual soft limit of 1024 is soon reached.
+fn raise_descriptor_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit with a valid rlimit.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    if raised {
+        info!(
+            open_files = limit.rlim_cur,
+            "descriptor limit raised to the hard limit"
+        );
+    } else {
+        warn!(error = %std::io::Error::last_os_error(), "cannot raise the descriptor limit; the daemon may run out of descriptors under load");
+    }
+}
+
 /// Events kept in memory for `/v1/events` (and read back from the audit log at start).
 const RECENT_EVENTS: usize = 10_000;
 
@@ -520,12 +549,20 @@ async fn follow_system_roots(
 }
 
 /// Serves `GET /metrics` to scrapers until `stop`.
+/// Metrics connections open at once.
+const METRICS_CONNECTIONS: usize = 32;
+/// How long one metrics connection may stay open (Prometheus reconnects as it needs).
+const METRICS_CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+
 async fn serve_metrics(
     listener: tokio::net::TcpListener,
     control: Arc<Control>,
     mut stop: watch::Receiver<bool>,
 ) {
     use http_body_util::Full;
+    // A scraper needs one connection and a second: idle or slow connections cannot pile up
+    // until the daemon runs out of descriptors.
+    let open = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             _ = stop.changed() => return,
@@ -533,6 +570,10 @@ async fn serve_metrics(
         };
         let Ok((stream, _)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
+            debug!("metrics connection limit reached; closing a new connection");
             continue;
         };
         let control = Arc::clone(&control);
@@ -557,9 +598,10 @@ async fn serve_metrics(
                 }
             });
         tokio::spawn(async move {
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
+            let served = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(METRICS_CONNECTION_LIFETIME, served).await;
+            drop(permit);
         });
     }
 }

@@ -34,6 +34,10 @@ pub fn test_proxy() -> Arc<Proxy> {
         handshake_timeout: Duration::from_secs(5),
         header_read_timeout: Duration::from_secs(5),
         max_header_bytes: 64 * 1024,
+        limits: crate::proxy::admission::Limits {
+            total: 100_000,
+            per_cgroup: 20_000,
+        },
         unintercepted: Unintercepted::PassThrough,
     };
     let leaves = Arc::new(LeafCache::new(ca, 16));

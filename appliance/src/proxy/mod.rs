@@ -6,6 +6,7 @@
 //! [`connection::serve`] (HTTP on the client connection), [`request::serve`] (one request),
 //! [`upstream::UpstreamPool`] (verified upstream connections).
 
+pub mod admission;
 pub mod connection;
 pub mod headers;
 pub mod request;
@@ -61,6 +62,8 @@ pub struct ProxySettings {
     pub max_header_bytes: usize,
     /// Policy for connections not intercepted.
     pub unintercepted: Unintercepted,
+    /// How many connections are held at once, in all and per cgroup.
+    pub limits: admission::Limits,
 }
 
 /// How a connection opened.
@@ -120,6 +123,7 @@ pub struct Proxy {
     server_config: Arc<ServerConfig>,
     events: Arc<EventLog>,
     runtime: Swappable<Runtime>,
+    admission: admission::Admission,
 }
 
 /// What a reload may replace. A connection keeps the runtime it started with, so a reload
@@ -161,6 +165,7 @@ impl Proxy {
             server_config: crate::tls::server_config(leaves)?,
             events,
             runtime: Swappable::new(Runtime::new(upstream_tls, settings)),
+            admission: admission::Admission::default(),
         })
     }
 
@@ -177,8 +182,24 @@ impl Proxy {
         redirect: Redirect,
         shutdown: watch::Receiver<bool>,
     ) {
-        let _ = stream.set_nodelay(true);
         let runtime = self.runtime.load();
+        let _admitted = match self
+            .admission
+            .admit(redirect.cgroup_id, runtime.settings.limits)
+        {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                // Counted, not logged one by one: a flood of them would flood the journal.
+                debug!(
+                    cgroup_id = redirect.cgroup_id.0,
+                    reason = refusal.reason(),
+                    "connection limit reached; closing"
+                );
+                metrics::count(&METRICS.refused_connections, &[refusal.reason()]);
+                return;
+            }
+        };
+        let _ = stream.set_nodelay(true);
         let workload = Workload {
             cgroup_id: redirect.cgroup_id,
             pid: redirect.pid,
