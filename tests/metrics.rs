@@ -147,6 +147,22 @@ fn prometheus_scrapes_the_requests_and_injections_an_agent_made() {
         "{udp:?}"
     );
 
+    // The metrics name every agent, secret and host: an agent cannot read them.
+    let scraped_by_agent = test_command(APPLIANCE)
+        .arg("exec")
+        .arg("--agents-cgroup")
+        .arg(&fixture.daemon.agents_cgroup)
+        .args(["--", "curl", "-sS", "--max-time", "5"])
+        .arg(format!("http://{metrics}/metrics"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        scraped_by_agent.status.code(),
+        Some(7),
+        "{scraped_by_agent:?}"
+    );
+    assert!(scraped_by_agent.stdout.is_empty(), "{scraped_by_agent:?}");
+
     // The exposition passes promtool's checks.
     let exposition = test_command("curl")
         .args(["-sS", "--max-time", "5"])
@@ -160,6 +176,10 @@ fn prometheus_scrapes_the_requests_and_injections_an_agent_made() {
         .find_map(|line| line.strip_prefix("appliance_capture_refusals_total{reason=\"udp\"} "))
         .and_then(|count| count.parse::<u64>().ok());
     assert!(udp_refusals >= Some(1), "{text}");
+    assert!(
+        text.contains("appliance_capture_refusals_total{reason=\"private_listener\"} 1"),
+        "{text}"
+    );
     assert!(
         !text.contains("sk-proj-REAL-METRICS"),
         "a value in the metrics"

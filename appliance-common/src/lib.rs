@@ -99,8 +99,10 @@ pub mod refusals {
     pub const UNRECORDED: u32 = 2;
     /// Packets the guard dropped on a served container's veth.
     pub const GUARD: u32 = 3;
+    /// Connects to the daemon's private listener (metrics) from intercepted cgroups.
+    pub const PRIVATE_LISTENER: u32 = 4;
     /// How many there are.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Capacity of `CLOSED`, an LRU map: it only has to outlive a closed socket's last answers.
@@ -143,6 +145,12 @@ pub struct ProgramSettings {
     /// Mark bits the guard sets on packets of selected cgroups' connections in namespaces
     /// captured per cgroup; the policy rules match them.
     pub container_mark: u32,
+    /// A listener of the daemon's that intercepted cgroups may not connect to (metrics,
+    /// which name every agent, secret and host): its address as `engine_ip6` is spelled
+    /// (all zeros: any address), and its port in host order; port 0: none.
+    pub private_ip6: [u32; 4],
+    /// See `private_ip6`.
+    pub private_port: u32,
 }
 
 /// The original destination of a redirected connection, and who made it.

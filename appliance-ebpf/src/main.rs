@@ -268,10 +268,39 @@ fn record_or_refuse(ctx: &SockAddrContext, original: [u32; 4], delivery: u16) ->
     }
 }
 
+/// Whether a connect to `destination` is one to the daemon's private listener (metrics)
+/// from the daemon's own namespace, which intercepted cgroups may not make. Other namespaces
+/// cannot reach the daemon's loopback at all.
+fn to_private_listener(ctx: &SockAddrContext, destination: &[u32; 4]) -> bool {
+    let Some(config) = CONFIG.get(0) else {
+        return false;
+    };
+    if config.private_port == 0 || u32::from(destination_port(ctx)) != config.private_port {
+        return false;
+    }
+    // SAFETY: helper valid for cgroup_sock_addr programs since Linux 5.7.
+    if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != config.netns_cookie {
+        return false;
+    }
+    let any = config.private_ip6 == [0; 4] || config.private_ip6 == ipv4_mapped(0);
+    if !any && *destination != config.private_ip6 {
+        return false;
+    }
+    info!(
+        ctx,
+        "refused a connect to the daemon's private port {}", config.private_port
+    );
+    count_refusal(refusals::PRIVATE_LISTENER);
+    true
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: valid context; user_ip4 is readable in connect4.
     let original = ipv4_mapped(unsafe { (*ctx.sock_addr).user_ip4 });
+    if to_private_listener(&ctx, &original) {
+        return REFUSE;
+    }
     match decide(&ctx) {
         AddrDecision::Ignore => PROCEED,
         AddrDecision::Refuse => REFUSE,
@@ -294,6 +323,9 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
     let original = user_ip6(&ctx);
+    if to_private_listener(&ctx, &original) {
+        return REFUSE;
+    }
     match decide(&ctx) {
         AddrDecision::Ignore => PROCEED,
         AddrDecision::Refuse => REFUSE,

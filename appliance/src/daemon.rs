@@ -89,6 +89,7 @@ impl DaemonSettings {
             container_v4: config.listen.containers_ipv4,
             container_v6: config.listen.containers_ipv6,
             container_mark: config.capture.container_mark,
+            private_listener: config.metrics.enabled.then_some(config.metrics.listen),
             ebpf_log_level: if tracing::enabled!(target: "appliance_ebpf", tracing::Level::DEBUG) {
                 4
             } else {

@@ -147,6 +147,9 @@ pub struct CaptureSettings {
     /// Mark bits that select container packets for `tproxy` delivery when only some cgroups
     /// of a namespace are captured ([`ContainerSelection::Cgroups`]).
     pub container_mark: u32,
+    /// A listener of the daemon's that intercepted cgroups may not connect to: the metrics,
+    /// which name every agent, secret and host.
+    pub private_listener: Option<std::net::SocketAddr>,
     /// Most verbose level the eBPF programs emit (aya-log: 1 error … 5 trace).
     pub ebpf_log_level: u8,
 }
@@ -608,6 +611,16 @@ impl Capture {
             container_ip6: crate::addr::to_kernel_words(settings.container_v6.into()),
             container_ip4: u32::from_ne_bytes(settings.container_v4.octets()),
             container_mark: settings.container_mark,
+            private_ip6: settings.private_listener.map_or([0; 4], |listener| {
+                if listener.ip().is_unspecified() {
+                    [0; 4]
+                } else {
+                    crate::addr::to_kernel_words(listener.ip())
+                }
+            }),
+            private_port: settings
+                .private_listener
+                .map_or(0, |listener| u32::from(listener.port())),
         };
         let config_map = self
             .ebpf
@@ -941,6 +954,7 @@ impl CaptureControl {
             ("udp", refusals::UDP),
             ("unrecorded", refusals::UNRECORDED),
             ("guard", refusals::GUARD),
+            ("private_listener", refusals::PRIVATE_LISTENER),
         ]
         .into_iter()
         .filter_map(|(reason, index)| {
