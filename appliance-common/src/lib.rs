@@ -151,6 +151,9 @@ pub struct ProgramSettings {
     pub private_ip6: [u32; 4],
     /// See `private_ip6`.
     pub private_port: u32,
+    /// Zero: keeps the size a multiple of eight with no implicit padding, which `Pod`
+    /// forbids.
+    pub reserved: u32,
 }
 
 /// The original destination of a redirected connection, and who made it.
@@ -228,7 +231,10 @@ mod tests {
 
     #[test]
     fn shared_types_have_no_implicit_padding() {
-        assert_eq!(size_of::<ProgramSettings>(), 8 + 16 + 4 * 4 + 16 + 4 + 4);
+        assert_eq!(
+            size_of::<ProgramSettings>(),
+            8 + 16 + 4 * 4 + 16 + 4 + 4 + 16 + 4 + 4
+        );
         assert_eq!(size_of::<Redirection>(), 8 + 8 + 16 + 4 + 2 + 2);
         assert_eq!(size_of::<CoveredSource>(), 4 + 16);
         assert_eq!(size_of::<ConnectionKey>(), 16 + 16 + 4 + 4);

@@ -621,6 +621,7 @@ impl Capture {
             private_port: settings
                 .private_listener
                 .map_or(0, |listener| u32::from(listener.port())),
+            reserved: 0,
         };
         let config_map = self
             .ebpf
