@@ -20,7 +20,9 @@ use serde_json::Value;
 
 /// Python that sends one packet to port 443 of `dst` from `src` the way a container with
 /// `CAP_NET_RAW` can: `syn`, a TCP SYN written on a raw socket (so no connect hook runs),
-/// with any source address; `udp`, a datagram from an ordinary socket bound to `src`.
+/// with any source address; `fragments`, that SYN cut in two IP fragments (the policy rules,
+/// which match ports, never match a fragment); `udp`, a datagram from an ordinary socket
+/// bound to `src`.
 const RAW_PROBE: &str = r#"
 import socket, struct, sys
 kind, src, dst = sys.argv[1:4]
@@ -45,6 +47,21 @@ if v6:
 else:
     pseudo = source + destination + struct.pack("!xBH", 6, len(segment))
 segment = segment[:16] + struct.pack("!H", checksum(pseudo + segment)) + segment[18:]
+if kind == "fragments":
+    pieces = [(0, 1, segment[:8]), (1, 0, segment[8:])]
+    if v6:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, 44)
+        s.setsockopt(socket.IPPROTO_IPV6, 78, 1)  # IPV6_FREEBIND
+        s.bind((src, 0))
+        for offset, more, piece in pieces:
+            s.sendto(struct.pack("!BBHI", 6, 0, offset << 3 | more, 0x4242) + piece, (dst, 0))
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        for offset, more, piece in pieces:
+            header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(piece), 0x4242, more << 13 | offset, 64, 6, 0, source, destination)
+            header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
+            s.sendto(header + piece, (dst, 0))
+    sys.exit(0)
 if v6:
     s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP)
     s.setsockopt(socket.IPPROTO_IPV6, 78, 1)  # IPV6_FREEBIND: any source address
@@ -286,6 +303,24 @@ print(failures)
         }
     }
 
+    /// Packets the guards dropped so far, as the daemon counts them.
+    fn guard_refusals(&self) -> u64 {
+        let output = test_command("curl")
+            .args(["-sS", "--max-time", "5", "--unix-socket"])
+            .arg(&self.daemon.socket)
+            .arg("http://localhost/v1/metrics")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix("appliance_capture_refusals_total{reason=\"guard\"} ")
+            })
+            .and_then(|count| count.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Sends [`RAW_PROBE`]'s packet `kind` from `container`, by a process in `cgroup`.
     fn send_raw(&self, container: &Container, cgroup: &Path, kind: &str, src: IpAddr, dst: IpAddr) {
         let output = container
@@ -493,6 +528,16 @@ fn raw_and_udp_packets_from_a_served_container_cannot_go_around_the_engine() {
     let setup = setup(28, "tproxy");
     let network = &setup.network;
     let arrivals = Arrivals::count_in(&network.upstream_netns);
+    // Fragments, whole or in part, and B's marker datagram.
+    let fragment_arrivals = Arrivals::counting(
+        &network.upstream_netns,
+        "appliance_test_fragments",
+        &[
+            "ip frag-off & 0x3fff != 0",
+            "exthdr frag exists",
+            "udp dport 443",
+        ],
+    );
     let _a_init = setup.start_container_init(&network.a, 0);
     let _c_init = setup.start_container_init(&network.c, 1);
     let families = [
@@ -536,6 +581,33 @@ fn raw_and_udp_packets_from_a_served_container_cannot_go_around_the_engine() {
         assert_eq!(
             from_c, 0,
             "C's packets to {external} went around the engine"
+        );
+        // A SYN in fragments, from A's and C's own addresses: the policy rules cannot match
+        // a fragment, so the guard drops them (a host that reassembles would deliver them).
+        let dropped_before = setup.guard_refusals();
+        let fragments = setup.arrivals_of(&fragment_arrivals, external, || {
+            setup.send_raw(
+                a,
+                &setup.selected,
+                "fragments",
+                a.v4_or_v6(external),
+                external,
+            );
+            setup.send_raw(
+                c,
+                &setup.selected,
+                "fragments",
+                c.v4_or_v6(external),
+                external,
+            );
+        });
+        assert_eq!(
+            fragments, 0,
+            "fragments to {external} went around the engine"
+        );
+        assert!(
+            setup.guard_refusals() >= dropped_before + 4,
+            "the guard did not drop the fragments to {external}"
         );
     }
     // The guard does not get in the way of A's ordinary clients.

@@ -559,9 +559,12 @@ const IPV6_DESTINATION_OPTIONS: u8 = 60;
 const MAX_IPV6_EXTENSION_HEADERS: usize = 4;
 
 /// What the guard read of a packet: its transport protocol, source, and where the transport
-/// header starts. `None` for what carries no ports to judge (not IP, or a later fragment).
+/// header starts. `None` for what is not IP.
 struct Transport {
     protocol: u8,
+    /// A fragment: its ports may be missing (a later fragment), and the policy rules, which
+    /// match ports, never match it.
+    fragment: bool,
     /// Whether the addresses are IPv4 (stored mapped).
     ipv4: bool,
     source: [u32; 4],
@@ -575,16 +578,13 @@ fn transport(ctx: &TcContext) -> Result<Option<Transport>, ()> {
         ETH_P_IP => {
             let version_and_length: u8 = ctx.load(ETH_HEADER_LEN).map_err(|_| ())?;
             let fragment: u16 = u16::from_be(ctx.load(ETH_HEADER_LEN + 6).map_err(|_| ())?);
-            // A later fragment carries no transport header; the first one always holds the
-            // ports (a fragment carries at least 8 bytes).
-            if fragment & 0x1fff != 0 {
-                return Ok(None);
-            }
             let protocol: u8 = ctx.load(ETH_HEADER_LEN + 9).map_err(|_| ())?;
             let source: u32 = ctx.load(ETH_HEADER_LEN + 12).map_err(|_| ())?;
             let destination: u32 = ctx.load(ETH_HEADER_LEN + 16).map_err(|_| ())?;
             Ok(Some(Transport {
                 protocol,
+                // More fragments follow, or this is a later one.
+                fragment: fragment & 0x3fff != 0,
                 ipv4: true,
                 source: ipv4_mapped(source),
                 destination: ipv4_mapped(destination),
@@ -596,6 +596,7 @@ fn transport(ctx: &TcContext) -> Result<Option<Transport>, ()> {
             let source: [u32; 4] = ctx.load(ETH_HEADER_LEN + 8).map_err(|_| ())?;
             let destination: [u32; 4] = ctx.load(ETH_HEADER_LEN + 24).map_err(|_| ())?;
             let mut offset = ETH_HEADER_LEN + 40;
+            let mut fragment = false;
             for _ in 0..MAX_IPV6_EXTENSION_HEADERS {
                 match next {
                     IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DESTINATION_OPTIONS => {
@@ -605,23 +606,28 @@ fn transport(ctx: &TcContext) -> Result<Option<Transport>, ()> {
                     }
                     IPV6_FRAGMENT => {
                         let header: [u8; 4] = ctx.load(offset).map_err(|_| ())?;
-                        if u16::from_be_bytes([header[2], header[3]]) >> 3 != 0 {
-                            return Ok(None);
-                        }
+                        fragment = true;
                         next = header[0];
                         offset += 8;
+                        // A later fragment: what follows is data, not headers.
+                        if u16::from_be_bytes([header[2], header[3]]) >> 3 != 0 {
+                            break;
+                        }
                     }
                     _ => break,
                 }
             }
-            if matches!(
-                next,
-                IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_FRAGMENT | IPV6_DESTINATION_OPTIONS
-            ) {
+            if !fragment
+                && matches!(
+                    next,
+                    IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_FRAGMENT | IPV6_DESTINATION_OPTIONS
+                )
+            {
                 return Err(());
             }
             Ok(Some(Transport {
                 protocol: next,
+                fragment,
                 ipv4: false,
                 source,
                 destination,
@@ -653,6 +659,13 @@ fn guard_verdict(ctx: &TcContext) -> i32 {
     };
     if packet.protocol != IPPROTO_TCP && packet.protocol != IPPROTO_UDP {
         return TC_ACT_OK;
+    }
+    // A TCP or UDP fragment cannot be judged: a later one has no ports, and the policy rules,
+    // which match ports, let none of them through to the engine. The container's own stack
+    // does not fragment TCP (path MTU discovery) and sends QUIC unfragmented; what does
+    // fragment is a raw socket or a tiny locked MTU, which is what this guard is for.
+    if packet.fragment {
+        return TC_ACT_SHOT;
     }
     // A packet too short for its ports cannot be delivered by anyone; let the stack drop it.
     let Ok(ports) = ctx.load::<[u16; 2]>(packet.offset) else {
