@@ -661,6 +661,77 @@ fn containers_are_followed_by_events_without_waiting_for_the_rescan() {
     not(feature = "privileged-tests"),
     ignore = "needs root; `cargo xtask test` runs it"
 )]
+fn a_restarting_daemon_keeps_its_containers_rules_until_it_serves_them_again() {
+    let mut setup = setup(35, "tproxy");
+    let _a_init = setup.start_container_init(&setup.network.a, 0);
+    let _c_init = setup.start_container_init(&setup.network.c, 1);
+    let served_rules = setup.policy_rules();
+    assert!(!served_rules.is_empty());
+    // Without its rule, a process of A outside the selected cgroups would go out directly
+    // while the new daemon starts. Watch the rules all through the restart.
+    let table = setup.table.to_string();
+    let watching = std::sync::atomic::AtomicBool::new(true);
+    let fewest = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            let mut fewest = usize::MAX;
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                let shown: usize = ["-4", "-6"]
+                    .iter()
+                    .map(|family| {
+                        ip(&[family, "rule", "show", "pref", &table])
+                            .lines()
+                            .count()
+                    })
+                    .sum();
+                fewest = fewest.min(shown);
+            }
+            fewest
+        });
+        setup.daemon.stop();
+        setup.daemon.spawn();
+        setup.wait_for_event("container_served", 4);
+        watching.store(false, std::sync::atomic::Ordering::Relaxed);
+        watcher.join().unwrap()
+    });
+    assert_eq!(
+        fewest,
+        served_rules.len(),
+        "rules went missing during the restart"
+    );
+    assert_eq!(setup.policy_rules(), served_rules);
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
+fn a_restart_into_redirect_keeps_nothing_that_tproxy_allowed() {
+    let mut setup = setup(34, "tproxy");
+    let arrivals = Arrivals::count_in(&setup.network.upstream_netns);
+    let a = &setup.network.a;
+    let _a_init = setup.start_container_init(a, 0);
+    // Under tproxy the guard lets A's own TCP through, for the policy rule to deliver.
+    setup.daemon.stop();
+    setup.daemon.set_arg("--foreign-netns", "redirect");
+    setup.daemon.spawn();
+    setup.wait_for_event("container_served", 2);
+    // Under redirect no rule delivers raw TCP: the guard must drop it, whatever the earlier
+    // daemon allowed.
+    for external in [setup.network.external_v4, setup.network.external_v6] {
+        let a = &setup.network.a;
+        let sent = setup.arrivals_of(&arrivals, external, || {
+            setup.send_raw(a, &setup.selected, "syn", a.v4_or_v6(external), external)
+        });
+        assert_eq!(sent, 0, "A's raw SYN to {external} went around the engine");
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "privileged-tests"),
+    ignore = "needs root; `cargo xtask test` runs it"
+)]
 fn a_containers_first_process_is_served_before_the_daemon_has_seen_its_namespace() {
     let setup = setup_with(31, "tproxy", "container_rescan_seconds = 3600\n");
     let network = &setup.network;

@@ -328,6 +328,17 @@ impl Daemon {
         }
     }
 
+    /// Gives the next [`Daemon::spawn`] `value` after the argument `flag` instead of the one
+    /// it had.
+    pub fn set_arg(&mut self, flag: &str, value: &str) {
+        let index = self
+            .extra_args
+            .iter()
+            .position(|arg| arg == flag)
+            .unwrap_or_else(|| panic!("the daemon has no {flag}"));
+        self.extra_args[index + 1] = value.to_owned();
+    }
+
     /// Stops the daemon with SIGTERM and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -154,7 +154,8 @@ impl Rule {
             self.interface.clone(),
         ];
         if let Some(source) = self.source {
-            args.extend(["from".into(), source.to_string()]);
+            // As `ip rule show` spells it, so that a rule shown compares equal to ours.
+            args.extend(["from".into(), host_prefix(source)]);
         }
         if let Some(mark) = self.mark {
             args.extend(["fwmark".into(), format!("{mark:#x}/{mark:#x}")]);
@@ -201,6 +202,9 @@ pub struct Containers {
     /// Namespaces that could not be set up: they are retried (a runtime may add the veth
     /// after the first process), and logged again only when the reason changes.
     unservable: HashMap<u64, Unservable>,
+    /// Whether an earlier daemon's policy rules (and routes) may still be in place: the first
+    /// reconcile removes those it did not set up again.
+    predecessors_rules: bool,
 }
 
 /// A namespace that could not be set up.
@@ -227,7 +231,10 @@ impl Containers {
             }
         })?;
         capture.uncover_all()?;
-        remove_host_side(settings.routing_table, settings.rule_preference)?;
+        // An earlier daemon's policy rules stay until the first reconcile has set up the
+        // namespaces again: without them a process outside the selected cgroups of a served
+        // namespace would go out directly meanwhile (with them, and no COVERED entry yet, its
+        // connection is refused).
         if settings.delivery == Delivery::Tproxy {
             for family in [Family::V4, Family::V6] {
                 ip(&[
@@ -248,6 +255,7 @@ impl Containers {
             own_netns,
             served: HashMap::new(),
             unservable: HashMap::new(),
+            predecessors_rules: true,
         })
     }
 
@@ -333,6 +341,22 @@ impl Containers {
                         },
                     );
                 }
+            }
+        }
+        if std::mem::take(&mut self.predecessors_rules) {
+            let ours: Vec<Vec<String>> = self
+                .served
+                .values()
+                .flat_map(|served| served.rules.iter())
+                .map(|rule| rule.args("del", &self.settings))
+                .collect();
+            remove_rules_except(
+                self.settings.routing_table,
+                self.settings.rule_preference,
+                &ours,
+            )?;
+            if self.settings.delivery != Delivery::Tproxy {
+                remove_local_routes(self.settings.routing_table)?;
             }
         }
         // Last, so that a restarted daemon's guards stay on until it serves their containers
@@ -501,6 +525,18 @@ fn tear_down(
 /// of selectors it has, then the table's `local` default routes. Used at start, at stop and
 /// by `--detach-all`.
 pub fn remove_host_side(table: u32, preference: u32) -> Result<(), ContainerError> {
+    remove_rules_except(table, preference, &[])?;
+    remove_local_routes(table)
+}
+
+/// Removes every rule with `preference` that looks up `table`, each deleted with the full set
+/// of selectors it has, but those whose deletion would be one of `keep` (as
+/// [`Rule::args`] spells them for `del`).
+fn remove_rules_except(
+    table: u32,
+    preference: u32,
+    keep: &[Vec<String>],
+) -> Result<(), ContainerError> {
     #[derive(Deserialize)]
     struct ShownRule {
         table: Option<String>,
@@ -534,7 +570,12 @@ pub fn remove_host_side(table: u32, preference: u32) -> Result<(), ContainerErro
             if let Some(iif) = rule.iif {
                 args.extend(["iif".into(), iif]);
             }
-            if let (Some(src), Some(len)) = (rule.src, rule.srclen) {
+            // `ip -j` leaves the length out for a single address, and shows no source as
+            // `all`.
+            if let Some(src) = rule.src.filter(|src| src != "all") {
+                let len = rule
+                    .srclen
+                    .unwrap_or(if src.contains(':') { 128 } else { 32 });
                 args.extend(["from".into(), format!("{src}/{len}")]);
             }
             if let Some(mark) = rule.fwmark {
@@ -551,8 +592,18 @@ pub fn remove_host_side(table: u32, preference: u32) -> Result<(), ContainerErro
                 args.extend(["dport".into(), port.to_string()]);
             }
             args.extend(["lookup".into(), table_text.clone()]);
-            ip(&args)?;
+            if !keep.contains(&args) {
+                ip(&args)?;
+            }
         }
+    }
+    Ok(())
+}
+
+/// Removes the `local` default routes of `table`, both families.
+fn remove_local_routes(table: u32) -> Result<(), ContainerError> {
+    let table_text = table.to_string();
+    for family in [Family::V4, Family::V6] {
         let route = [
             family.flag(),
             "route",
@@ -866,7 +917,7 @@ mod tests {
         };
         assert_eq!(
             rule.args("del", &settings).join(" "),
-            "-6 rule del pref 1501 iif br0 from fd00::2 fwmark 0x1000000/0x1000000 ipproto tcp dport 443 lookup 1500"
+            "-6 rule del pref 1501 iif br0 from fd00::2/128 fwmark 0x1000000/0x1000000 ipproto tcp dport 443 lookup 1500"
         );
     }
 }

@@ -524,6 +524,17 @@ impl Capture {
                 .insert(traffic.key(), selection.guard_value(), 0)
                 .map_err(map_error(name))?;
         }
+        // The interface's entries are replaced, not added to: what an earlier daemon (another
+        // delivery, or the container's old address) allowed must not stay allowed.
+        let wanted: Vec<CoveredSource> = sources.iter().map(|traffic| traffic.key()).collect();
+        let stale: Vec<CoveredSource> = guarded
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.ifindex == ifindex && !wanted.contains(key))
+            .collect();
+        for key in stale {
+            ignore_missing(guarded.remove(&key)).map_err(map_error(name))?;
+        }
         let pin = self.layout.guard_link(ifindex);
         let parent = self.layout.guard_links();
         fs::create_dir_all(&parent).map_err(io_error("creating", &parent))?;
