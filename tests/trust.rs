@@ -82,7 +82,40 @@ struct Sandbox<'a> {
     preset: Vec<(&'static str, &'static str)>,
 }
 
-impl Sandbox<'_> {
+impl<'a> Sandbox<'a> {
+    /// A sandbox for `setup`'s daemon with a secret for api.openai.com, whose /etc/hosts
+    /// sends that host to the loopback upstream, and whose callers set `preset`.
+    fn new(setup: &'a Setup, preset: Vec<(&'static str, &'static str)>) -> Self {
+        create_secret(&setup.daemon, &["openai", "--type", "openai"], REAL_KEY);
+        let hosts = setup.dir.join("hosts");
+        std::fs::write(&hosts, format!("{} api.openai.com\n", setup.upstream_ip)).unwrap();
+        let home = setup.dir.join("home");
+        std::fs::create_dir_all(&home).unwrap();
+        Self {
+            setup,
+            hosts,
+            home,
+            preset,
+        }
+    }
+
+    /// `appliance trust doctor ARGS` as the sandbox's caller runs it.
+    fn doctor(&self, args: &[&str]) -> Output {
+        let mut command = test_command(APPLIANCE);
+        command
+            .arg("--socket")
+            .arg(&self.setup.daemon.socket)
+            .args(["trust", "doctor", "--agents-cgroup"])
+            .arg(&self.setup.daemon.agents_cgroup)
+            .args(args)
+            .env("HOME", &self.home)
+            .env("TMPDIR", &self.home);
+        for variable in TRUST_VARIABLES {
+            command.env_remove(variable);
+        }
+        command.envs(self.preset.iter().copied()).output().unwrap()
+    }
+
     /// `program args` under `appliance exec` (trusting the CA unless `no_trust`), in its own
     /// mount namespace with the private /etc/hosts, and only the preset trust variables.
     fn run(&self, no_trust: bool, program: &str, args: &[&str]) -> Output {
@@ -134,6 +167,25 @@ impl Sandbox<'_> {
     }
 }
 
+/// Python requests calling `url` with a placeholder key.
+fn requests_call(url: &str) -> String {
+    format!(
+        "import requests; requests.get({url:?}, headers={{'authorization': 'Bearer placeholder'}}).raise_for_status()"
+    )
+}
+
+/// Node's fetch calling `url` with a placeholder key.
+fn node_fetch(url: &str) -> String {
+    format!(
+        "fetch({url:?}, {{headers: {{authorization: 'Bearer placeholder'}}}}).then(r => process.exit(r.ok ? 0 : 1), e => {{ console.error(e.cause || e); process.exit(1) }})"
+    )
+}
+
+/// The OpenAI SDK listing models at `base_url`.
+fn openai_sdk_call(base_url: &str) -> String {
+    format!("import openai; openai.OpenAI(base_url={base_url:?}).models.list()")
+}
+
 fn build_go_probe(dir: &Path) -> PathBuf {
     let source = dir.join("probe.go");
     std::fs::write(&source, GO_PROBE).unwrap();
@@ -160,17 +212,7 @@ fn build_go_probe(dir: &Path) -> PathBuf {
 )]
 fn clients_of_every_common_runtime_trust_the_appliance_under_exec_without_configuration() {
     let setup = setup(44, &[]);
-    create_secret(&setup.daemon, &["openai", "--type", "openai"], REAL_KEY);
-    let hosts = setup.dir.join("hosts");
-    std::fs::write(&hosts, format!("{} api.openai.com\n", setup.upstream_ip)).unwrap();
-    let home = setup.dir.join("home");
-    std::fs::create_dir_all(&home).unwrap();
-    let sandbox = Sandbox {
-        setup: &setup,
-        hosts,
-        home,
-        preset: Vec::new(),
-    };
+    let sandbox = Sandbox::new(&setup, Vec::new());
     let url = |path: &str| format!("https://api.openai.com{path}");
 
     // Without the trust files the same client fails: they are what makes it work.
@@ -201,10 +243,7 @@ fn clients_of_every_common_runtime_trust_the_appliance_under_exec_without_config
         &["-c", &urllib],
         "/urllib",
     );
-    let requests = format!(
-        "import requests; requests.get({:?}, headers={{'authorization': 'Bearer placeholder'}}).raise_for_status()",
-        url("/requests")
-    );
+    let requests = requests_call(&url("/requests"));
     sandbox.injected(
         "Python requests",
         "/usr/bin/python3",
@@ -223,9 +262,8 @@ fn clients_of_every_common_runtime_trust_the_appliance_under_exec_without_config
     );
     let python = sdk_python();
     let python = python.to_str().unwrap();
-    let openai =
-        "import openai; openai.OpenAI(base_url='https://api.openai.com/openai-sdk').models.list()";
-    sandbox.injected("the OpenAI SDK", python, &["-c", openai], "/openai-sdk");
+    let openai = openai_sdk_call("https://api.openai.com/openai-sdk");
+    sandbox.injected("the OpenAI SDK", python, &["-c", &openai], "/openai-sdk");
     // Whatever the answer's shape, the request must reach the upstream with the key.
     let anthropic = "import anthropic\ntry:\n    anthropic.Anthropic(base_url='https://api.openai.com/anthropic-sdk', default_headers={'authorization': 'Bearer placeholder'}, max_retries=0).models.list()\nexcept anthropic.APIStatusError:\n    pass";
     sandbox.injected(
@@ -234,10 +272,7 @@ fn clients_of_every_common_runtime_trust_the_appliance_under_exec_without_config
         &["-c", anthropic],
         "/anthropic-sdk",
     );
-    let node = format!(
-        "fetch({:?}, {{headers: {{authorization: 'Bearer placeholder'}}}}).then(r => process.exit(r.ok ? 0 : 1), e => {{ console.error(e.cause || e); process.exit(1) }})",
-        url("/node")
-    );
+    let node = node_fetch(&url("/node"));
     sandbox.injected("Node fetch", "node", &["-e", &node], "/node");
     let git = sandbox.run(false, "git", &["ls-remote", &url("/git/repo.git")]);
     assert!(
@@ -273,21 +308,7 @@ fn clients_of_every_common_runtime_trust_the_appliance_under_exec_without_config
     );
 
     // The doctor shakes hands with each runtime the same way and says so.
-    let doctor = |args: &[&str]| {
-        let mut command = test_command(APPLIANCE);
-        command
-            .arg("--socket")
-            .arg(&setup.daemon.socket)
-            .args(["trust", "doctor", "--agents-cgroup"])
-            .arg(&setup.daemon.agents_cgroup)
-            .args(args)
-            .env("HOME", &sandbox.home)
-            .env("TMPDIR", &sandbox.home);
-        for variable in TRUST_VARIABLES {
-            command.env_remove(variable);
-        }
-        command.output().unwrap()
-    };
+    let doctor = |args: &[&str]| sandbox.doctor(args);
     let report = doctor(&[]);
     assert_ok(&report);
     let text = String::from_utf8_lossy(&report.stdout);
@@ -357,16 +378,9 @@ fn clients_trust_the_appliance_under_exec_when_the_environment_already_names_the
     // As conda, many CI images and corporate hosts set them (this machine's shell too).
     const SYSTEM: &str = "/etc/ssl/certs/ca-certificates.crt";
     let setup = setup(46, &[]);
-    create_secret(&setup.daemon, &["openai", "--type", "openai"], REAL_KEY);
-    let hosts = setup.dir.join("hosts");
-    std::fs::write(&hosts, format!("{} api.openai.com\n", setup.upstream_ip)).unwrap();
-    let home = setup.dir.join("home");
-    std::fs::create_dir_all(&home).unwrap();
-    let sandbox = Sandbox {
-        setup: &setup,
-        hosts,
-        home,
-        preset: vec![
+    let sandbox = Sandbox::new(
+        &setup,
+        vec![
             ("SSL_CERT_FILE", SYSTEM),
             ("SSL_CERT_DIR", "/etc/ssl/certs"),
             ("REQUESTS_CA_BUNDLE", SYSTEM),
@@ -375,15 +389,12 @@ fn clients_trust_the_appliance_under_exec_when_the_environment_already_names_the
             ("NODE_EXTRA_CA_CERTS", SYSTEM),
             ("AWS_CA_BUNDLE", SYSTEM),
         ],
-    };
+    );
     let url = |path: &str| format!("https://api.openai.com{path}");
 
     let curl = url("/curl");
     sandbox.injected("curl", "curl", &["-sSf", &curl], "/curl");
-    let requests = format!(
-        "import requests; requests.get({:?}, headers={{'authorization': 'Bearer placeholder'}}).raise_for_status()",
-        url("/requests")
-    );
+    let requests = requests_call(&url("/requests"));
     sandbox.injected(
         "Python requests",
         "/usr/bin/python3",
@@ -391,18 +402,14 @@ fn clients_trust_the_appliance_under_exec_when_the_environment_already_names_the
         "/requests",
     );
     let python = sdk_python();
-    let openai =
-        "import openai; openai.OpenAI(base_url='https://api.openai.com/openai-sdk').models.list()";
+    let openai = openai_sdk_call("https://api.openai.com/openai-sdk");
     sandbox.injected(
         "the OpenAI SDK",
         python.to_str().unwrap(),
-        &["-c", openai],
+        &["-c", &openai],
         "/openai-sdk",
     );
-    let node = format!(
-        "fetch({:?}, {{headers: {{authorization: 'Bearer placeholder'}}}}).then(r => process.exit(r.ok ? 0 : 1), e => {{ console.error(e.cause || e); process.exit(1) }})",
-        url("/node")
-    );
+    let node = node_fetch(&url("/node"));
     sandbox.injected("Node fetch", "node", &["-e", &node], "/node");
     sandbox.injected(
         "git",
@@ -440,21 +447,7 @@ fn clients_trust_the_appliance_under_exec_when_the_environment_already_names_the
     }
 
     // The doctor says what it kept, and every runtime trusts the appliance.
-    let mut doctor = test_command(APPLIANCE);
-    doctor
-        .arg("--socket")
-        .arg(&setup.daemon.socket)
-        .args(["trust", "doctor", "--agents-cgroup"])
-        .arg(&setup.daemon.agents_cgroup)
-        .env("HOME", &sandbox.home)
-        .env("TMPDIR", &sandbox.home);
-    for variable in TRUST_VARIABLES {
-        doctor.env_remove(variable);
-    }
-    let report = doctor
-        .envs(sandbox.preset.iter().copied())
-        .output()
-        .unwrap();
+    let report = sandbox.doctor(&[]);
     assert_ok(&report);
     let text = String::from_utf8_lossy(&report.stdout);
     assert!(
